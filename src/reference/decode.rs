@@ -1,0 +1,163 @@
+//! Reference paged attention (decode and multi-token decode), f64 throughout.
+
+use super::HostKvCache;
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::layout::BatchMetadata;
+use crate::scales::KvScales;
+
+/// Options of paged attention. `Default` is plain causal softmax attention with scale `1/√d`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AttentionOptions {
+    /// Softmax scale applied to `q · k`; `None` means `1 / sqrt(head_dim_k)`.
+    pub sm_scale: Option<f32>,
+    /// Sliding window: a query at position `p` sees keys `j` with `p - window < j ≤ p`
+    /// (the window counts the query's own position). `None`: no window.
+    pub window: Option<usize>,
+    /// Logit softcap `c`: scores become `c · tanh(s / c)` (Gemma-2 style). Must be > 0.
+    pub softcap: Option<f32>,
+    /// Attention sinks: one logit per query head that joins the softmax denominator only
+    /// (gpt-oss style).
+    pub sinks: Option<Vec<f32>>,
+    /// ALiBi slopes, one per query head: scores get `slope · (j - p)` added (after softcap).
+    pub alibi_slopes: Option<Vec<f32>>,
+}
+
+impl AttentionOptions {
+    /// Checks the options against the query head count.
+    pub fn validate(&self, num_heads: usize) -> Result<()> {
+        if let Some(s) = self.sm_scale {
+            if !s.is_finite() || s <= 0.0 {
+                return Err(Fp8KvError::InvalidOption(format!(
+                    "sm_scale must be finite and > 0, got {s}"
+                )));
+            }
+        }
+        if self.window == Some(0) {
+            return Err(Fp8KvError::InvalidOption(
+                "window must be >= 1 (it counts the query's own position)".into(),
+            ));
+        }
+        if let Some(c) = self.softcap {
+            if !c.is_finite() || c <= 0.0 {
+                return Err(Fp8KvError::InvalidOption(format!(
+                    "softcap must be finite and > 0, got {c}"
+                )));
+            }
+        }
+        for (what, v) in [("sinks", &self.sinks), ("alibi_slopes", &self.alibi_slopes)] {
+            if let Some(v) = v {
+                if v.len() != num_heads {
+                    return Err(Fp8KvError::ShapeMismatch {
+                        what,
+                        expected: format!("{num_heads} (one per query head)"),
+                        actual: format!("{}", v.len()),
+                    });
+                }
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(Fp8KvError::InvalidOption(format!("{what} must be finite")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Attention of `q` (`[num_tokens, num_heads, head_dim_k]`, row-major, packed as `meta` says)
+/// over the paged cache. Query `i` of sequence `b` sits at position `p = kv_len - q_len + i`
+/// and sees keys `j ≤ p` (causal among the new tokens), limited by the window. GQA: head `h`
+/// reads KV head `h / (num_heads / num_kv_heads)`.
+///
+/// `s_j = (q · f32(K_j)) · k_scale · sm_scale`, then softcap, then ALiBi; `p = softmax(s)`
+/// with the sink in the denominator; `o = Σ_j (p_j · v_scale) · f32(V_j)`. Returns
+/// `[num_tokens, num_heads, head_dim_v]` in f64; rows that belong to no sequence stay 0, and a
+/// query that sees no key gets 0.
+pub fn paged_decode(
+    q: &[f32],
+    num_heads: usize,
+    cache: &HostKvCache,
+    scales: &KvScales,
+    meta: &BatchMetadata,
+    num_tokens: usize,
+    opts: &AttentionOptions,
+) -> Result<Vec<f64>> {
+    let layout = *cache.layout();
+    let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
+    let kv_heads = layout.num_kv_heads();
+    if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
+        return Err(Fp8KvError::HeadRatio {
+            num_heads,
+            num_kv_heads: kv_heads,
+        });
+    }
+    if q.len() != num_tokens * num_heads * dk {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "q",
+            expected: format!("[{num_tokens}, {num_heads}, {dk}]"),
+            actual: format!("{} elements", q.len()),
+        });
+    }
+    opts.validate(num_heads)?;
+    meta.validate(&layout, num_tokens)?;
+    let group = num_heads / kv_heads;
+    let sm_scale = opts.sm_scale.map_or(1.0 / (dk as f64).sqrt(), f64::from);
+    // Unquantized caches ignore the scales (see HostKvCache::dequant); pass 1 for the raw value.
+    let raw = |side, page, slot, h, d| cache.dequant(side, 1.0, page, slot, h, d) as f64;
+    let (k_scale, v_scale) = match cache.policy() {
+        crate::policy::QuantPolicy::None => (1.0, 1.0),
+        _ => (scales.k() as f64, scales.v() as f64),
+    };
+    let mut out = vec![0f64; num_tokens * num_heads * dv];
+    let mut scores = Vec::new();
+    for b in 0..meta.batch() {
+        let q_len = meta.q_seq_length()[b] as usize;
+        let kv_len = meta.kv_seqlens()[b] as usize;
+        for i in 0..q_len {
+            let tok = meta.q_start_loc()[b] as usize + i;
+            let p = kv_len - q_len + i;
+            let first = opts.window.map_or(0, |w| (p + 1).saturating_sub(w));
+            for h in 0..num_heads {
+                let g = h / group;
+                let qv = &q[(tok * num_heads + h) * dk..][..dk];
+                scores.clear();
+                for j in first..=p {
+                    let (page, slot) = meta.locate(b, j, layout.page_size());
+                    let dot: f64 = (0..dk)
+                        .map(|d| qv[d] as f64 * raw(KvSide::K, page, slot, g, d))
+                        .sum();
+                    let mut s = dot * k_scale * sm_scale;
+                    if let Some(c) = opts.softcap {
+                        let c = c as f64;
+                        s = c * (s / c).tanh();
+                    }
+                    if let Some(sl) = &opts.alibi_slopes {
+                        s += sl[h] as f64 * (j as f64 - p as f64);
+                    }
+                    scores.push(s);
+                }
+                let sink = opts.sinks.as_ref().map(|s| s[h] as f64);
+                let m = scores
+                    .iter()
+                    .copied()
+                    .chain(sink)
+                    .fold(f64::NEG_INFINITY, f64::max);
+                if scores.is_empty() {
+                    continue;
+                }
+                let denom: f64 = scores
+                    .iter()
+                    .chain(sink.iter())
+                    .map(|s| (s - m).exp())
+                    .sum();
+                let o = &mut out[(tok * num_heads + h) * dv..][..dv];
+                for (jj, s) in scores.iter().enumerate() {
+                    let w = (s - m).exp() / denom * v_scale;
+                    let (page, slot) = meta.locate(b, first + jj, layout.page_size());
+                    for (d, od) in o.iter_mut().enumerate() {
+                        *od += w * raw(KvSide::V, page, slot, g, d);
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,77 @@
+//! Reference flatten: paged cache to contiguous, dequantized K/V.
+
+use super::HostKvCache;
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::layout::BatchMetadata;
+use crate::policy::Dtype;
+use crate::scales::KvScales;
+
+/// Order of a flattened output tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum FlattenLayout {
+    /// `[num_kv_heads, total_tokens, head_dim]` (LMDeploy's flatten output).
+    #[default]
+    Hsd,
+    /// `[total_tokens, num_kv_heads, head_dim]` (varlen flash-attention input).
+    Shd,
+}
+
+/// Where each sequence starts in the flattened token dimension: the exclusive prefix sum of
+/// `kv_seqlens`, plus the total as last element (`batch + 1` entries).
+pub fn flatten_start_loc(meta: &BatchMetadata) -> Vec<usize> {
+    let mut out = Vec::with_capacity(meta.batch() + 1);
+    let mut acc = 0usize;
+    out.push(0);
+    for &l in meta.kv_seqlens() {
+        acc += l.max(0) as usize;
+        out.push(acc);
+    }
+    out
+}
+
+/// Gathers every sequence's `kv_seqlens[b]` cached tokens into contiguous K and V tensors in
+/// `out_layout`, sequences concatenated in batch order (see [`flatten_start_loc`]), values
+/// `f32(q) * scale` rounded to `out_dtype`. Returns `(k, v)` as f32 values of `out_dtype`.
+pub fn flatten(
+    cache: &HostKvCache,
+    scales: &KvScales,
+    meta: &BatchMetadata,
+    out_layout: FlattenLayout,
+    out_dtype: Dtype,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if !out_dtype.is_activation() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "flatten output must be f32, f16 or bf16, got {out_dtype}"
+        )));
+    }
+    let layout = *cache.layout();
+    meta.validate_reads(&layout)?;
+    let starts = flatten_start_loc(meta);
+    let total = starts[meta.batch()];
+    let heads = layout.num_kv_heads();
+    let mut out = Vec::with_capacity(2);
+    for (side, scale) in [(KvSide::K, scales.k()), (KvSide::V, scales.v())] {
+        let d_len = layout.head_dim(side);
+        let mut o = vec![0f32; heads * total * d_len];
+        for (b, &seq_start) in starts[..meta.batch()].iter().enumerate() {
+            for pos in 0..meta.kv_seqlens()[b] as usize {
+                let (page, slot) = meta.locate(b, pos, layout.page_size());
+                let tok = seq_start + pos;
+                for h in 0..heads {
+                    let row = match out_layout {
+                        FlattenLayout::Hsd => h * total + tok,
+                        FlattenLayout::Shd => tok * heads + h,
+                    };
+                    for d in 0..d_len {
+                        let x = cache.dequant(side, scale, page, slot, h, d);
+                        o[row * d_len + d] = out_dtype.round_trip(x);
+                    }
+                }
+            }
+        }
+        out.push(o);
+    }
+    let v = out.pop().unwrap_or_default();
+    let k = out.pop().unwrap_or_default();
+    Ok((k, v))
+}

@@ -1,0 +1,5 @@
+//! Project tasks (`cargo xtask ...`).
+
+fn main() {
+    eprintln!("xtask: no tasks yet");
+}
