@@ -1,5 +1,73 @@
-//! Project tasks (`cargo xtask ...`).
+//! fp8kv project tooling, run as `cargo xtask <command>` (alias in `.cargo/config.toml`).
+//!
+//! Commands:
+//!
+//! - `cargo xtask gpu-pack` builds the release test and bench binaries of `fp8kv`, strips them
+//!   and copies them into the git-ignored `gpu-pack/` folder (at most 64 MiB) with a `run.sh`.
+//!   On a GPU machine that has no Rust toolchain, from a copy of the repository root:
+//!   - `bash gpu-pack/run.sh tests [ARGS..]` runs every test binary with `--test-threads=1`
+//!     (plus ARGS, e.g. a name filter) and `FP8KV_REQUIRE_GPU=1`, so GPU tests fail instead of
+//!     skipping when no device is found. It prints each binary's name and ends with
+//!     `GPU suite: N passed, M failed`; the exit status is non-zero on any failure.
+//!   - `bash gpu-pack/run.sh bench [FILTER]` runs every bench binary with `--bench [FILTER]`.
+//! - `cargo xtask codegen [--ptx] [--verbose] [--out DIR] [--nvrtc DIR]` compiles every kernel
+//!   instantiation to CUDA C++ (into `target/codegen/`) without a GPU, through an offline cubecl
+//!   runtime that mimics an H100. With `--ptx` it also compiles each source to PTX for `sm_90a`
+//!   with NVRTC from PyPI (installed in `.nvrtc/` by
+//!   `pip install --target .nvrtc nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79`,
+//!   or `--nvrtc DIR` / `FP8KV_NVRTC_DIR`) and prints registers and spills per kernel. Exits
+//!   non-zero if any kernel fails to generate or compile.
+//! - `cargo xtask demo [ARGS..]` runs the end-to-end demo.
+//! - `cargo xtask ci` runs `.ci/run` (fmt, clippy, tests, codegen --ptx).
 
-fn main() {
-    eprintln!("xtask: no tasks yet");
+mod codegen;
+mod demo;
+mod gpu_pack;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent folder")
+        .to_path_buf()
+}
+
+const USAGE: &str = "usage: cargo xtask <gpu-pack | codegen [--ptx] | demo | ci>";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    let result = match args.first().map(String::as_str) {
+        Some("gpu-pack") => gpu_pack::run(&args[1..], &root),
+        Some("codegen") => codegen::run(&args[1..], &root),
+        Some("demo") => demo::run(&args[1..]),
+        Some("ci") => run_ci(&root),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_ci(root: &Path) -> Result<(), String> {
+    let status = std::process::Command::new("bash")
+        .arg(root.join(".ci/run"))
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("running .ci/run: {e}"))?;
+    status
+        .success()
+        .then_some(())
+        .ok_or_else(|| format!(".ci/run failed ({status})"))
 }

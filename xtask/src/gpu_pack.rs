@@ -1,0 +1,200 @@
+//! `cargo xtask gpu-pack`: release test and bench binaries, stripped, for a GPU machine that
+//! has no Rust toolchain (see the crate docs for `gpu-pack/run.sh`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// The device machine takes the folder along with the repository; keep it small.
+const MAX_PACK_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A built executable and the name it gets in the pack.
+struct Artifact {
+    name: String,
+    path: PathBuf,
+}
+
+/// Builds and packs; `root` is the workspace root.
+pub fn run(args: &[String], root: &Path) -> Result<(), String> {
+    if let Some(a) = args.first() {
+        return Err(format!("gpu-pack takes no arguments (got `{a}`)"));
+    }
+    let tests = build(root, "test", &["test", "--release"], &["lib", "test"])?;
+    let benches = build(root, "bench", &["bench"], &["bench"])?;
+    if tests.is_empty() {
+        return Err("cargo built no test binary".into());
+    }
+
+    let pack = root.join("gpu-pack");
+    if pack.exists() {
+        std::fs::remove_dir_all(&pack).map_err(|e| format!("{}: {e}", pack.display()))?;
+    }
+    let mut total = 0;
+    for (sub, list) in [("tests", &tests), ("benches", &benches)] {
+        let dir = pack.join(sub);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for a in list.iter() {
+            let dst = dir.join(&a.name);
+            strip_copy(&a.path, &dst)?;
+            let size = std::fs::metadata(&dst).map_err(|e| e.to_string())?.len();
+            total += size;
+            println!("  {sub}/{:<32} {:>6.1} MiB", a.name, mib(size));
+        }
+    }
+    let script = pack.join("run.sh");
+    std::fs::write(&script, RUN_SH).map_err(|e| format!("{}: {e}", script.display()))?;
+    println!(
+        "gpu-pack: {} test and {} bench binaries, {:.1} MiB in {}",
+        tests.len(),
+        benches.len(),
+        mib(total),
+        pack.display()
+    );
+    if total > MAX_PACK_BYTES {
+        return Err(format!(
+            "gpu-pack is {:.1} MiB, over the {:.0} MiB limit",
+            mib(total),
+            mib(MAX_PACK_BYTES)
+        ));
+    }
+    Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Runs `cargo <cargo_args> --no-run --message-format=json -p fp8kv` and returns the
+/// executables of the targets whose kind is in `kinds`.
+fn build(
+    root: &Path,
+    what: &str,
+    cargo_args: &[&str],
+    kinds: &[&str],
+) -> Result<Vec<Artifact>, String> {
+    println!("gpu-pack: building {what} binaries (release)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(cargo_args)
+        .args([
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+            "--package",
+            "fp8kv",
+        ])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("running cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo {} --no-run failed ({})",
+            cargo_args.join(" "),
+            out.status
+        ));
+    }
+    let mut found: Vec<Artifact> = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        let target = &msg["target"];
+        let Some(kind) = target["kind"][0].as_str().filter(|k| kinds.contains(k)) else {
+            continue;
+        };
+        let name = match kind {
+            // The library's unit tests: the target name alone would be just the crate name.
+            "lib" => format!("unit-{}", target["name"].as_str().unwrap_or("lib")),
+            _ => target["name"].as_str().unwrap_or("unnamed").to_string(),
+        };
+        if !found.iter().any(|a| a.name == name) {
+            found.push(Artifact {
+                name,
+                path: PathBuf::from(exe),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// Copies `src` to `dst` without symbols (`strip`, else `objcopy --strip-all`).
+fn strip_copy(src: &Path, dst: &Path) -> Result<(), String> {
+    let ok = |cmd: &mut Command| matches!(cmd.status(), Ok(s) if s.success());
+    if ok(Command::new("strip")
+        .arg("--strip-all")
+        .arg("-o")
+        .arg(dst)
+        .arg(src))
+        || ok(Command::new("objcopy").arg("--strip-all").arg(src).arg(dst))
+    {
+        Ok(())
+    } else {
+        Err(format!(
+            "could not strip {} (need `strip` or `objcopy`)",
+            src.display()
+        ))
+    }
+}
+
+/// The script that runs the pack on the device machine.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# Generated by `cargo xtask gpu-pack`. Runs fp8kv's packed release binaries on a machine
+# without cargo, from a copy of the repository root:
+#   bash gpu-pack/run.sh tests [ARGS..]   every test binary, --test-threads=1, GPU required
+#   bash gpu-pack/run.sh bench [FILTER]   every bench binary with --bench
+set -uo pipefail
+shopt -s nullglob
+pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# Binaries expect to run from the repository root, as under `cargo test`.
+cd "$pack/.."
+mode="${1:-tests}"
+shift || true
+
+case "$mode" in
+tests)
+  # GPU tests fail instead of skipping when no CUDA device is found.
+  export FP8KV_REQUIRE_GPU=1
+  passed=0 failed=0
+  log="$(mktemp)"
+  trap 'rm -f "$log"' EXIT
+  bins=("$pack"/tests/*)
+  [ "${#bins[@]}" -gt 0 ] || { echo "no test binaries in the pack"; exit 1; }
+  for bin in "${bins[@]}"; do
+    echo "=== $(basename "$bin")"
+    "$bin" --test-threads=1 "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    # libtest: "test result: ok. 12 passed; 0 failed; 1 ignored; ..."
+    read -r p f < <(awk '/^test result:/ {
+        for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
+      } END { print p + 0, f + 0 }' "$log")
+    passed=$((passed + p)) failed=$((failed + f))
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+      # Crashed (signal, abort) before libtest could count a failure: count the binary.
+      echo "!!! $(basename "$bin") exited with status $rc"
+      failed=$((failed + 1))
+    fi
+  done
+  echo "GPU suite: $passed passed, $failed failed"
+  [ "$failed" -eq 0 ]
+  ;;
+bench)
+  status=0
+  bins=("$pack"/benches/*)
+  [ "${#bins[@]}" -gt 0 ] || { echo "no bench binaries in the pack"; exit 1; }
+  for bin in "${bins[@]}"; do
+    echo "=== $(basename "$bin")"
+    "$bin" --bench "$@" || { echo "!!! $(basename "$bin") failed"; status=1; }
+  done
+  exit "$status"
+  ;;
+*)
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER]" >&2
+  exit 2
+  ;;
+esac
+"#;
