@@ -4,8 +4,10 @@
 
 #![warn(missing_docs)]
 
+pub mod device;
 pub mod error;
 pub mod fp8;
+pub mod kernels;
 pub mod layout;
 pub mod policy;
 pub mod reference;

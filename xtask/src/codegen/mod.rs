@@ -8,7 +8,6 @@
 
 pub mod nvrtc;
 pub mod offline;
-mod toy;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -35,10 +34,20 @@ fn hook<E: Display>(r: Result<(), E>) -> Result<(), String> {
 
 /// Every family `codegen` covers. New kernel families add one line here.
 fn families() -> Vec<Family> {
-    vec![Family {
-        name: "toy",
-        launch: |c| hook(toy::launch_all(c)),
-    }]
+    vec![
+        Family {
+            name: "fill",
+            launch: |c| hook(fp8kv::kernels::fill::launch_codegen_samples(c)),
+        },
+        Family {
+            name: "flatten",
+            launch: |c| hook(fp8kv::kernels::flatten::launch_codegen_samples(c)),
+        },
+        Family {
+            name: "decode",
+            launch: |c| hook(fp8kv::kernels::decode::launch_codegen_samples(c)),
+        },
+    ]
 }
 
 /// Options of the `codegen` subcommand.

@@ -1,0 +1,266 @@
+//! Paged decode attention throughput (Llama-3-8B attention shape: 32 query heads, 8 KV heads,
+//! head dim 128, bf16 queries), FP8 e4m3 vs the unquantized bf16 cache, page 64 (and 16).
+//!
+//! Work is declared from the problem alone: bytes = the K and V cache bytes every sequence's
+//! context occupies (what decode must read at least). Time is device time (CubeCL's profiler:
+//! device events around a run of back-to-back calls) after warm-up, median of several runs;
+//! caches are rotated among copies so that each call's cache is at least 8 × the L2 away.
+//! Every line also prints the fraction of a device-to-device copy's bandwidth measured in the
+//! same run (a vectorised copy kernel, bytes read + written).
+//!
+//! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
+
+use cubecl::prelude::*;
+
+use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::decode::{paged_decode, AttentionOptions};
+use fp8kv::testing::Rng;
+use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+
+/// The H100's L2 is 50 MB: rotated caches span at least 8 times that.
+const ROTATE_BYTES: usize = 400 << 20;
+/// Timed runs per shape (the median is reported).
+const RUNS: usize = 9;
+/// Device time one timed run aims for.
+const RUN_TARGET_US: f64 = 3000.0;
+
+/// A vectorised copy: each thread moves `unroll` 16-byte vectors, loads before stores.
+#[cube(launch_unchecked)]
+fn copy_kernel(
+    src: &Array<Vector<u32, Const<4>>>,
+    dst: &mut Array<Vector<u32, Const<4>>>,
+    #[comptime] unroll: u32,
+) {
+    let base = CUBE_POS as u32 * CUBE_DIM * unroll + UNIT_POS;
+    let mut v = Array::<Vector<u32, Const<4>>>::new(comptime![unroll as usize]);
+    #[unroll]
+    for u in 0..unroll {
+        v[u as usize] = src[(base + u * CUBE_DIM) as usize];
+    }
+    #[unroll]
+    for u in 0..unroll {
+        dst[(base + u * CUBE_DIM) as usize] = v[u as usize];
+    }
+}
+
+/// Device microseconds of `f` per call: `calls` back-to-back calls inside one profile.
+fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sync)) -> f64 {
+    let (_, dur) = client
+        .profile(
+            || {
+                for i in 0..calls {
+                    f(i);
+                }
+            },
+            "bench",
+        )
+        .expect("profile");
+    let ticks = cubecl::future::block_on(dur.resolve());
+    ticks.duration().as_secs_f64() * 1e6 / calls as f64
+}
+
+/// Median device µs per call after warm-up, choosing the calls per run from a first estimate.
+fn median_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> f64 {
+    let first = device_us(client, 3, f);
+    let calls = ((RUN_TARGET_US / first).ceil() as usize).clamp(3, 2000);
+    let mut t: Vec<f64> = (0..RUNS).map(|_| device_us(client, calls, f)).collect();
+    t.sort_by(f64::total_cmp);
+    t[RUNS / 2]
+}
+
+/// Copy bandwidth in TB/s (bytes read + written) over 1 GiB.
+fn copy_tbps(client: &ComputeClient<Cuda>) -> f64 {
+    let bytes = 1usize << 30;
+    let (threads, unroll) = (256u32, 4u32);
+    let vecs = bytes / 16;
+    let src = client.empty(bytes);
+    let dst = client.empty(bytes);
+    let cubes = (vecs / (threads * unroll) as usize) as u32;
+    let f = |_: usize| unsafe {
+        copy_kernel::launch_unchecked::<Cuda>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(threads),
+            ArrayArg::from_raw_parts(src.clone(), vecs),
+            ArrayArg::from_raw_parts(dst.clone(), vecs),
+            unroll,
+        )
+    };
+    let us = median_us(client, &f);
+    2.0 * bytes as f64 / (us * 1e-6) / 1e12
+}
+
+struct Shape {
+    batch: usize,
+    context: usize,
+    page_size: usize,
+    policy: QuantPolicy,
+    target_us: Option<f64>,
+}
+
+const HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const HEAD_DIM: usize = 128;
+
+fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64, String> {
+    let e = |x: fp8kv::Fp8KvError| x.to_string();
+    let pages_per_seq = s.context.div_ceil(s.page_size);
+    let num_pages = s.batch * pages_per_seq;
+    let layout = PagedKvLayout::new(
+        num_pages,
+        s.page_size,
+        KV_HEADS,
+        HEAD_DIM,
+        HEAD_DIM,
+        KvLayoutKind::Bshd,
+    )
+    .map_err(e)?;
+    let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
+    let cache_bytes = layout.cache_bytes(s.policy);
+    let copies = ROTATE_BYTES.div_ceil(cache_bytes).max(1);
+    let scales = KvScales::new(0.05, 0.02).map_err(e)?;
+    let caches = (0..copies)
+        .map(|_| PagedKvCache::new(client, layout, s.policy, cache_dtype, scales))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(e)?;
+    // Pages handed out in shuffled order, as a long-running engine's block manager does.
+    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
+    Rng::new(7).shuffle(&mut pages);
+    let meta =
+        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
+    let q_vals: Vec<f32> = (0..s.batch * HEADS * HEAD_DIM)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let q = DeviceRows::from_f32(
+        client,
+        &q_vals,
+        Dtype::Bf16,
+        s.batch,
+        HEADS * HEAD_DIM,
+        HEADS * HEAD_DIM,
+    )
+    .map_err(e)?;
+    let out = std::sync::Mutex::new(
+        DeviceRows::empty(
+            client,
+            Dtype::Bf16,
+            s.batch,
+            HEADS * HEAD_DIM,
+            HEADS * HEAD_DIM,
+        )
+        .map_err(e)?,
+    );
+    let opts = AttentionOptions::default();
+    let f = |i: usize| {
+        let mut o = out.lock().unwrap();
+        paged_decode(&q, HEADS, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
+    };
+    let us = median_us(client, &f);
+    // Bytes of K and V the sequences' contexts occupy.
+    let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
+    let tbps = bytes as f64 / (us * 1e-6) / 1e12;
+    let target = s.target_us.map_or(String::new(), |t| {
+        format!(
+            "  target ≤ {t:.0} µs: {}",
+            if us <= t { "met" } else { "MISSED" }
+        )
+    });
+    println!(
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}",
+        s.batch,
+        s.context,
+        s.page_size,
+        s.policy.to_string(),
+        us,
+        tbps,
+        100.0 * tbps / copy,
+    );
+    Ok(us)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only for the former.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("decode bench: pass --bench to run");
+        return;
+    }
+    let client = match cuda_client() {
+        Ok(c) => c,
+        Err(err) => {
+            println!("SKIPPED decode bench: {err}");
+            return;
+        }
+    };
+    let copy = copy_tbps(&client);
+    println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
+    let shapes = [
+        (1, 32768, Some(30.0)),
+        (32, 4096, Some(100.0)),
+        (32, 32768, Some(745.0)),
+        (128, 32768, Some(2980.0)),
+    ];
+    for (batch, context, target) in shapes {
+        let fp8 = bench_shape(
+            &client,
+            &Shape {
+                batch,
+                context,
+                page_size: 64,
+                policy: QuantPolicy::Fp8E4m3,
+                target_us: target,
+            },
+            copy,
+        );
+        let bf16 = bench_shape(
+            &client,
+            &Shape {
+                batch,
+                context,
+                page_size: 64,
+                policy: QuantPolicy::None,
+                target_us: None,
+            },
+            copy,
+        );
+        match (fp8, bf16) {
+            (Ok(a), Ok(b)) => println!(
+                "  e4m3 / bf16 time: {:.3}{}",
+                a / b,
+                if context >= 16384 {
+                    " (target ≤ 0.53)"
+                } else {
+                    ""
+                }
+            ),
+            (a, b) => println!("  error: {a:?} {b:?}"),
+        }
+    }
+    for (batch, context) in [(32, 4096), (32, 32768)] {
+        let p16 = bench_shape(
+            &client,
+            &Shape {
+                batch,
+                context,
+                page_size: 16,
+                policy: QuantPolicy::Fp8E4m3,
+                target_us: None,
+            },
+            copy,
+        );
+        let p64 = bench_shape(
+            &client,
+            &Shape {
+                batch,
+                context,
+                page_size: 64,
+                policy: QuantPolicy::Fp8E4m3,
+                target_us: None,
+            },
+            copy,
+        );
+        if let (Ok(a), Ok(b)) = (p16, p64) {
+            println!("  page 16 / page 64 time: {:.3} (target ≤ 1.10)", a / b);
+        }
+    }
+}

@@ -1,0 +1,284 @@
+//! Fill and flatten bandwidth on the device (issue 3's cases).
+//!
+//! Each case declares its bytes (read + written) from the problem alone, rotates several
+//! input/cache sets so the 50 MB L2 cannot serve them, times many back-to-back launches
+//! between two device syncs (wall clock; CubeCL's CUDA runtime reports `TimingMethod::System`),
+//! and prints the median over repetitions, GB/s and the fraction of a device-to-device copy
+//! (`Vector<u32, 4>` per thread) measured in the same run. Without a device it prints why and
+//! exits 0.
+
+use std::time::Instant;
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::fill::fill;
+use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
+use fp8kv::reference::HostKvCache;
+use fp8kv::testing::Rng;
+use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
+
+/// Plain copy: one 16-byte vector per thread. Grid 1-d over `src.len()` vectors (the
+/// `ArrayArg` lengths are in `u32` scalars; CubeCL divides them by the vector size).
+#[cube(launch_unchecked)]
+fn copy_kernel(src: &Array<Vector<u32, Const<4>>>, dst: &mut Array<Vector<u32, Const<4>>>) {
+    let i = ABSOLUTE_POS;
+    if i < src.len() {
+        dst[i] = src[i];
+    }
+}
+
+const SETS: usize = 3;
+const REPS: usize = 9;
+
+fn sync(client: &ComputeClient<Cuda>) {
+    cubecl::future::block_on(client.sync()).expect("device sync");
+}
+
+/// Median seconds per launch of `launch(i)` (`i` rotates over the sets).
+fn time_launches(client: &ComputeClient<Cuda>, iters: usize, mut launch: impl FnMut(usize)) -> f64 {
+    for i in 0..SETS * 2 {
+        launch(i % SETS);
+    }
+    sync(client);
+    let mut samples = Vec::with_capacity(REPS);
+    for _ in 0..REPS {
+        let t = Instant::now();
+        for i in 0..iters {
+            launch(i % SETS);
+        }
+        sync(client);
+        samples.push(t.elapsed().as_secs_f64() / iters as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    samples[REPS / 2]
+}
+
+fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        v.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+fn copy_bandwidth(client: &ComputeClient<Cuda>) -> f64 {
+    let bytes = 512usize << 20;
+    let vecs = bytes / 16;
+    let mut rng = Rng::new(1);
+    let data = random_bytes(&mut rng, bytes);
+    let srcs: Vec<Handle> = (0..SETS).map(|_| client.create_from_slice(&data)).collect();
+    let dsts: Vec<Handle> = (0..SETS).map(|_| client.create_from_slice(&data)).collect();
+    let t = time_launches(client, 20, |i| unsafe {
+        copy_kernel::launch_unchecked::<Cuda>(
+            client,
+            CubeCount::Static((vecs as u32).div_ceil(256), 1, 1),
+            CubeDim::new_1d(256),
+            ArrayArg::from_raw_parts(srcs[i].clone(), bytes / 4),
+            ArrayArg::from_raw_parts(dsts[i].clone(), bytes / 4),
+        )
+    });
+    // The copy must really have happened, or the ceiling is meaningless.
+    let zeros = client.create_from_slice(&vec![0u8; bytes]);
+    unsafe {
+        copy_kernel::launch_unchecked::<Cuda>(
+            client,
+            CubeCount::Static((vecs as u32).div_ceil(256), 1, 1),
+            CubeDim::new_1d(256),
+            ArrayArg::from_raw_parts(srcs[0].clone(), bytes / 4),
+            ArrayArg::from_raw_parts(zeros.clone(), bytes / 4),
+        )
+    }
+    let back = client.read_one(zeros).expect("read copy");
+    assert!(back[..] == data[..], "the copy kernel did not copy");
+    2.0 * bytes as f64 / t / 1e9
+}
+
+/// `batch` sequences of `q_len` new tokens with `kv_len` cached (new included), pages in order.
+fn problem(
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    page: usize,
+) -> (PagedKvLayout, BatchMetadata, usize) {
+    let pages_per_seq = kv_len.div_ceil(page);
+    let layout =
+        PagedKvLayout::new(batch * pages_per_seq, page, 8, 128, 128, KvLayoutKind::Bshd).unwrap();
+    let starts = (0..batch).map(|b| (b * q_len) as i32).collect();
+    let bt = (0..batch * pages_per_seq).map(|p| p as i32).collect();
+    let meta = BatchMetadata::new(
+        starts,
+        vec![q_len as i32; batch],
+        vec![kv_len as i32; batch],
+        bt,
+        pages_per_seq,
+    )
+    .unwrap();
+    (layout, meta, batch * q_len)
+}
+
+fn report(name: &str, secs: f64, bytes: usize, copy_gbs: f64) {
+    let gbs = bytes as f64 / secs / 1e9;
+    println!(
+        "{name:<48} {:>9.2} us  {:>8.1} GB/s  {:>5.1}% of copy  ({:.1} MB moved)",
+        secs * 1e6,
+        gbs,
+        100.0 * gbs / copy_gbs,
+        bytes as f64 / 1e6
+    );
+}
+
+fn bench_fill(
+    client: &ComputeClient<Cuda>,
+    name: &str,
+    batch: usize,
+    q_len: usize,
+    page: usize,
+    scales: (f32, f32),
+    copy_gbs: f64,
+) {
+    let (layout, meta, tokens) = problem(batch, q_len, q_len, page);
+    let scales = KvScales::new(scales.0, scales.1).unwrap();
+    let row = 8 * 128;
+    let mut rng = Rng::new(7);
+    let data: Vec<f32> = (0..tokens * row).map(|_| rng.normal() as f32).collect();
+    let mut caches: Vec<PagedKvCache<Cuda>> = (0..SETS)
+        .map(|_| {
+            PagedKvCache::new(client, layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales).unwrap()
+        })
+        .collect();
+    let ks: Vec<_> = (0..SETS)
+        .map(|_| DeviceRows::from_f32(client, &data, Dtype::Bf16, tokens, row, row).unwrap())
+        .collect();
+    let vs: Vec<_> = (0..SETS)
+        .map(|_| DeviceRows::from_f32(client, &data, Dtype::Bf16, tokens, row, row).unwrap())
+        .collect();
+    let dbatch = DeviceBatch::new(client, meta, &layout, tokens).unwrap();
+    // Bytes: read bf16 K and V rows, write FP8 codes.
+    let bytes = tokens * 2 * row * (2 + 1);
+    let iters = if tokens > 1000 { 50 } else { 2000 };
+    let t = time_launches(client, iters, |i| {
+        fill(&mut caches[i], &ks[i], &vs[i], &dbatch).unwrap()
+    });
+    report(name, t, bytes, copy_gbs);
+    if tokens <= 1000 {
+        // Host-side cost of one call: no sync, so the launches queue.
+        sync(client);
+        let n = 2000;
+        let t0 = Instant::now();
+        for i in 0..n {
+            fill(&mut caches[i % SETS], &ks[i % SETS], &vs[i % SETS], &dbatch).unwrap();
+        }
+        let host = t0.elapsed().as_secs_f64() / n as f64;
+        sync(client);
+        println!(
+            "{:<48} {:>9.2} us  host-side cost of one fill() call",
+            format!("{name} (host)"),
+            host * 1e6
+        );
+    }
+}
+
+fn bench_flatten(
+    client: &ComputeClient<Cuda>,
+    name: &str,
+    batch: usize,
+    kv_len: usize,
+    page: usize,
+    copy_gbs: f64,
+) {
+    let (layout, meta, _) = problem(batch, 0, kv_len, page);
+    let scales = KvScales::new(0.15, 0.05).unwrap();
+    // Random codes (NaN codes masked out), so the reads are of real data.
+    let mut host = HostKvCache::new(layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let mut rng = Rng::new(3);
+    for b in host.k.iter_mut().chain(host.v.iter_mut()) {
+        *b = (rng.next_u64() as u8) & 0xF7;
+    }
+    let caches: Vec<PagedKvCache<Cuda>> = (0..SETS)
+        .map(|_| PagedKvCache::from_host(client, &host, scales).unwrap())
+        .collect();
+    let dbatch = DeviceBatch::for_reads(client, meta, &layout).unwrap();
+    let total = dbatch.total_kv_tokens();
+    let (rows, elems) = output_rows(8, 128, total, FlattenLayout::Hsd);
+    let mut outs: Vec<(DeviceRows<Cuda>, DeviceRows<Cuda>)> = (0..SETS)
+        .map(|_| {
+            (
+                DeviceRows::empty(client, Dtype::Bf16, rows, elems, elems).unwrap(),
+                DeviceRows::empty(client, Dtype::Bf16, rows, elems, elems).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = (layout.cache_elems(KvSide::K) + layout.cache_elems(KvSide::V)) * (1 + 2);
+    let t = time_launches(client, 50, |i| {
+        let (k, v) = &mut outs[i];
+        flatten(&caches[i], &dbatch, FlattenLayout::Hsd, k, v).unwrap()
+    });
+    report(name, t, bytes, copy_gbs);
+}
+
+fn main() {
+    let client = match cuda_client() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("fill_flatten bench skipped: {e}");
+            return;
+        }
+    };
+    // `--bench` comes from cargo; any other argument filters cases by substring.
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let copy = copy_bandwidth(&client);
+    println!("device-to-device copy (Vector<u32,4>/thread, 512 MiB, {SETS} buffers rotated): {copy:.1} GB/s");
+    // Calibrated scales (0.15, 0.05) take the Markstein division; power-of-two scales (1.0,
+    // the uncalibrated default) a single multiply.
+    let calibrated = (0.15, 0.05);
+    let fills = [
+        (
+            "fill prefill 8x2048 d128 h8 page64 bf16->e4m3",
+            8,
+            2048,
+            64,
+            calibrated,
+        ),
+        (
+            "fill prefill 8x2048 d128 h8 page16 bf16->e4m3",
+            8,
+            2048,
+            16,
+            calibrated,
+        ),
+        (
+            "fill prefill 8x2048 d128 h8 page64 bf16->e4m3 scale 1.0",
+            8,
+            2048,
+            64,
+            (1.0, 1.0),
+        ),
+        (
+            "fill decode 128x1 d128 h8 page64 bf16->e4m3",
+            128,
+            1,
+            64,
+            calibrated,
+        ),
+    ];
+    for (name, batch, q_len, page, scales) in fills {
+        if wanted(name) {
+            bench_fill(&client, name, batch, q_len, page, scales, copy);
+        }
+    }
+    let flattens = [
+        ("flatten 8x4096 e4m3->bf16 hsd page64", 8, 4096, 64),
+        ("flatten 8x4096 e4m3->bf16 hsd page16", 8, 4096, 16),
+    ];
+    for (name, batch, kv_len, page) in flattens {
+        if wanted(name) {
+            bench_flatten(&client, name, batch, kv_len, page, copy);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! Launchers of the decode kernels: assume validated input (see [`super::paged_decode_with`]),
+//! plan the splits and pick cube counts and the comptime configuration.
+//!
+//! Comptime (JIT key): activation and cache dtypes, K and V [`CacheGeometry`] (page size, KV
+//! heads, head dims, Bshd/Bhsd), GQA group, rows per cube, tile, threads, vector widths, V
+//! prefetch, softcap / ALiBi / window on-off, and for the combine the V head dim and sinks
+//! on-off. Runtime: batch, every length and start, the block table, scales, softcap value,
+//! window length, split length and count.
+
+use cubecl::prelude::*;
+
+use super::kernel::{decode_combine_kernel, decode_split_kernel, SplitParamsLaunch, PLANE_LANES};
+use super::plan::{SplitPlan, WorkspaceShape, MAX_SPLITS, TILE_TOKENS};
+use super::{AttentionOptions, DecodeConfig, SplitChoice, MAX_ROWS_PER_CUBE};
+use crate::device::{storage_type, BatchOffsets, DeviceBatch, DeviceRows, PagedKvCache};
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::kernels::{handle_vec_len, CacheGeometry};
+use crate::policy::{Dtype, QuantPolicy};
+
+/// Threads per split cube in general: 4 warps, 16 tokens' K rows per pass.
+const SPLIT_THREADS: u32 = 128;
+/// Threads per split cube for head dims ≤ 128 with 8 lanes per K row: CubeCL emits
+/// `__launch_bounds__(threads)` only, so 512 threads is how the kernel gets ptxas to fit 128
+/// registers (16 resident warps per SM instead of 8 at ~250 registers), which the
+/// latency-bound tile loop needs more than per-thread loads in flight.
+const SPLIT_THREADS_SMALL_HEADS: u32 = 512;
+/// Threads per combine cube.
+const COMBINE_THREADS: u32 = 128;
+/// SM count assumed when the runtime does not report one (an H100 SXM's).
+const DEFAULT_SM_COUNT: usize = 132;
+/// Most f32 output accumulators per thread.
+const MAX_ACCUMULATORS: u32 = 32;
+/// Most f32 query values per thread kept in registers.
+const MAX_QUERY_REGS: u32 = 64;
+/// Most bytes of K (and, separately, of V) one thread holds in registers per tile (32 registers).
+const MAX_PREFETCH_BYTES: usize = 128;
+
+/// Rows per cube and row blocks per (sequence, KV head) for `max_rows` query rows.
+fn row_blocking(max_rows: usize) -> (usize, usize) {
+    let rows = max_rows.clamp(1, MAX_ROWS_PER_CUBE);
+    (rows, max_rows.max(1).div_ceil(rows))
+}
+
+/// The split plan of one launch.
+pub(crate) fn plan_for<R: Runtime>(
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    num_heads: usize,
+    choice: SplitChoice,
+) -> Result<SplitPlan> {
+    let meta = batch.meta();
+    let group = num_heads / cache.layout().num_kv_heads();
+    let (_, row_blocks) = row_blocking(meta.max_q_len() * group);
+    match choice {
+        SplitChoice::Auto => {
+            let sm = cache
+                .client()
+                .properties()
+                .hardware
+                .num_streaming_multiprocessors
+                .map_or(DEFAULT_SM_COUNT, |n| n as usize);
+            let base = cache.layout().num_kv_heads() * meta.batch() * row_blocks;
+            Ok(SplitPlan::new(base, meta.max_kv_len(), sm))
+        }
+        SplitChoice::Tokens(n) => SplitPlan::with_split_tokens(n, meta.max_kv_len()),
+    }
+}
+
+/// The comptime configuration for a cache and a row count.
+fn config(
+    cache: Dtype,
+    k: CacheGeometry,
+    v: CacheGeometry,
+    group: u32,
+    rows: u32,
+    opts: &AttentionOptions,
+) -> DecodeConfig {
+    let cache_elem_bytes = cache.size_bytes();
+    let k_vec = (16 / cache_elem_bytes) as u32;
+    // At most 32 output accumulators per thread (registers decide occupancy): more rows take
+    // narrower V vectors (still coalesced: neighbouring lanes read neighbouring vectors).
+    let mut v_vec = k_vec;
+    while rows * v_vec > MAX_ACCUMULATORS && v_vec > 2 {
+        v_vec /= 2;
+    }
+    let k_vecs = k.head_dim / k_vec;
+    let k_lanes = 1u32 << k_vecs.min(8).ilog2();
+    let threads = if k_lanes == 8 && k.head_dim <= 128 && v.head_dim <= 128 {
+        SPLIT_THREADS_SMALL_HEADS
+    } else {
+        SPLIT_THREADS
+    };
+    let v_groups = threads / (v.head_dim / v_vec);
+    let v_passes = (TILE_TOKENS as u32).div_ceil(v_groups) as usize;
+    let q_regs = rows * k_vecs.div_ceil(k_lanes) * k_vec;
+    let k_loads = (TILE_TOKENS as u32 / (threads / k_lanes)) * k_vecs.div_ceil(k_lanes);
+    DecodeConfig {
+        k,
+        v,
+        group,
+        rows,
+        tile_tokens: TILE_TOKENS as u32,
+        threads,
+        k_lanes,
+        k_vec,
+        v_vec,
+        fp8_shift: match cache {
+            Dtype::E4m3 => Some(20),
+            Dtype::E5m2 => Some(21),
+            _ => None,
+        },
+        q_in_regs: q_regs <= MAX_QUERY_REGS,
+        k_prefetch: k_loads as usize * 16 <= MAX_PREFETCH_BYTES,
+        v_prefetch: v_passes * v_vec as usize * cache_elem_bytes <= MAX_PREFETCH_BYTES,
+        softcap: opts.softcap.is_some(),
+        alibi: opts.alibi_slopes.is_some(),
+        window: opts.window.is_some(),
+    }
+}
+
+/// A small f32 array uploaded to the device, or (when absent) `dummy` passed as a 1-element
+/// array the kernel never reads (its feature flag is off), so no upload happens per call.
+fn small_f32<R: Runtime>(
+    client: &ComputeClient<R>,
+    v: Option<&[f32]>,
+    dummy: &cubecl::server::Handle,
+) -> (cubecl::server::Handle, usize) {
+    match v {
+        Some(v) if !v.is_empty() => (client.create_from_slice(f32::as_bytes(v)), v.len()),
+        _ => (dummy.clone(), 1),
+    }
+}
+
+/// Launches the split and combine kernels for validated input.
+pub(crate) fn launch_decode<R: Runtime>(
+    q: &DeviceRows<R>,
+    num_heads: usize,
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    opts: &AttentionOptions,
+    plan: SplitPlan,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    let meta = batch.meta();
+    let num_tokens = q.rows();
+    if num_tokens == 0 || meta.batch() == 0 {
+        return Ok(());
+    }
+    let client = cache.client().clone();
+    if client.properties().hardware.plane_size_max != PLANE_LANES {
+        return Err(Fp8KvError::Runtime(format!(
+            "the decode kernels need {PLANE_LANES}-lane planes, the device has {}",
+            client.properties().hardware.plane_size_max
+        )));
+    }
+    // The kernels read the metadata sections at these fixed offsets.
+    debug_assert_eq!(
+        batch.offsets(),
+        BatchOffsets::new(meta.batch(), meta.max_pages_per_seq())
+    );
+    let layout = *cache.layout();
+    let kv_heads = layout.num_kv_heads();
+    let group = num_heads / kv_heads;
+    let (rows, row_blocks) = row_blocking(meta.max_q_len() * group);
+    let es = cache.dtype().size_bytes();
+    let cfg = config(
+        cache.dtype(),
+        CacheGeometry::new(&layout, KvSide::K),
+        CacheGeometry::new(&layout, KvSide::V),
+        group as u32,
+        rows as u32,
+        opts,
+    );
+    let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
+    let fp8 = cache.policy() != QuantPolicy::None;
+    let sm_scale = opts.sm_scale.unwrap_or(1.0 / (dk as f32).sqrt());
+    // The unquantized cache ignores the scales (as the reference does).
+    let (k_scale, v_scale) = if fp8 {
+        (cache.scales().k(), cache.scales().v())
+    } else {
+        (1.0, 1.0)
+    };
+
+    let ws = WorkspaceShape {
+        num_tokens,
+        num_heads,
+        num_splits: plan.num_splits,
+        head_dim_v: dv,
+    };
+    let ws_o = client.empty(ws.o_elems() * 4);
+    let ws_md = client.empty(ws.md_elems() * 4);
+    let (alibi, alibi_len) = small_f32(&client, opts.alibi_slopes.as_deref(), &ws_md);
+    let (sinks, sinks_len) = small_f32(&client, opts.sinks.as_deref(), &ws_md);
+    let act = storage_type(q.dtype());
+    let params = SplitParamsLaunch::new(
+        meta.batch() as u32,
+        meta.max_pages_per_seq() as u32,
+        num_heads as u32,
+        q.row_stride() as u32,
+        row_blocks as u32,
+        plan.num_splits as u32,
+        plan.split_tokens as u32,
+        k_scale * sm_scale,
+        v_scale,
+        opts.softcap.unwrap_or(1.0),
+        opts.window.unwrap_or(1) as u32,
+    );
+    let meta_len = batch.offsets().len;
+    // SAFETY: array lengths are the buffers' real sizes; the public entry validated the
+    // metadata against this cache's layout (every block-table entry a sequence reads is in
+    // range, q_len ≤ kv_len, query rows inside q) and the q/out shapes, and checked that every
+    // index fits in u32.
+    unsafe {
+        decode_split_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(
+                (kv_heads * row_blocks) as u32,
+                meta.batch() as u32,
+                plan.num_splits as u32,
+            ),
+            CubeDim::new_1d(cfg.threads),
+            cfg.k_vec as usize,
+            cfg.v_vec as usize,
+            ArrayArg::from_raw_parts(q.handle().clone(), q.len_elems()),
+            ArrayArg::from_raw_parts(
+                cache.k_handle().clone(),
+                handle_vec_len(cache.k_handle(), es * cfg.k_vec as usize),
+            ),
+            ArrayArg::from_raw_parts(
+                cache.v_handle().clone(),
+                handle_vec_len(cache.v_handle(), es * cfg.v_vec as usize),
+            ),
+            ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
+            ArrayArg::from_raw_parts(alibi, alibi_len),
+            ArrayArg::from_raw_parts(ws_o.clone(), ws.o_elems()),
+            ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
+            params,
+            cfg,
+            [act, storage_type(cache.dtype())],
+        );
+        decode_combine_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(
+                num_heads as u32,
+                meta.batch() as u32,
+                meta.max_q_len() as u32,
+            ),
+            CubeDim::new_1d(COMBINE_THREADS),
+            ArrayArg::from_raw_parts(ws_o, ws.o_elems()),
+            ArrayArg::from_raw_parts(ws_md, ws.md_elems()),
+            ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
+            ArrayArg::from_raw_parts(sinks, sinks_len),
+            ArrayArg::from_raw_parts(out.handle().clone(), out.len_elems()),
+            meta.batch() as u32,
+            num_heads as u32,
+            plan.num_splits as u32,
+            dv as u32,
+            COMBINE_THREADS,
+            MAX_SPLITS as u32,
+            opts.sinks.is_some(),
+            act,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_fit_the_thread_mapping() {
+        for &(dk, dv) in crate::layout::SUPPORTED_HEAD_DIMS.iter() {
+            for dtype in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
+                for rows in 1..=MAX_ROWS_PER_CUBE as u32 {
+                    let geom = |d: usize| CacheGeometry {
+                        page_size: 16,
+                        num_kv_heads: 2,
+                        head_dim: d as u32,
+                        bhsd: false,
+                    };
+                    let c = config(
+                        dtype,
+                        geom(dk),
+                        geom(dv),
+                        4,
+                        rows,
+                        &AttentionOptions::default(),
+                    );
+                    // K: whole passes of tokens per tile, lanes a power of two within a warp.
+                    assert!(c.k_lanes.is_power_of_two() && c.k_lanes <= 8);
+                    assert_eq!(c.tile_tokens % (c.threads / c.k_lanes), 0);
+                    assert_eq!(dk as u32 % c.k_vec, 0);
+                    // V: at least one token group, vectors tile the row.
+                    assert_eq!(dv as u32 % c.v_vec, 0);
+                    assert!(c.threads / (dv as u32 / c.v_vec) >= 1);
+                    assert_eq!(c.tile_tokens % PLANE_LANES, 0);
+                }
+            }
+        }
+    }
+}

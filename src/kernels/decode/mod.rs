@@ -1,0 +1,293 @@
+//! Paged decode attention over the FP8 (or unquantized) cache: split-K flash-decoding.
+//!
+//! Computes exactly [`crate::reference::paged_decode`]: for every new token `i` of sequence `b`
+//! (position `p = kv_len − q_len + i`, causal among the new tokens) and every query head `h`
+//! (KV head `h / (num_heads / num_kv_heads)`),
+//! `s_j = (q · f32(K_j)) · k_scale · sm_scale` → softcap → ALiBi → softmax (with the sink in
+//! the denominator) → `o = Σ_j (p_j · v_scale) · f32(V_j)`, f32 accumulation, output in the
+//! query dtype. The unquantized cache ignores the scales.
+//!
+//! Two kernels: [`kernel::decode_split_kernel()`] (one cube per KV head, sequence, block of up
+//! to [`MAX_ROWS_PER_CUBE`] query rows and cache split) writes f32 partial states to a
+//! workspace; [`kernel::decode_combine_kernel()`] merges them ([`plan::SplitState::merge`]).
+//! The split count comes from [`plan::SplitPlan::new`] (batch, heads, context, SM count).
+
+#[allow(missing_docs)]
+pub mod kernel;
+mod launch;
+pub mod plan;
+
+use cubecl::Runtime;
+
+pub use crate::reference::AttentionOptions;
+pub use plan::{SplitPlan, SplitState, WorkspaceShape};
+
+use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::kernels::CacheGeometry;
+
+/// Query rows (new tokens × heads of one KV group) one cube serves from each K/V load. Larger
+/// groups (or several new tokens) use several row blocks, which re-read the cache through L2.
+pub const MAX_ROWS_PER_CUBE: usize = 8;
+
+/// Comptime configuration of [`kernel::decode_split_kernel()`] (the JIT key besides the
+/// dtypes). Runtime: batch, lengths, block table, scales, softcap value, window size, split
+/// length and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DecodeConfig {
+    /// K cache geometry (page size, KV heads, head dim, Bshd/Bhsd).
+    pub k: CacheGeometry,
+    /// V cache geometry.
+    pub v: CacheGeometry,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// Query rows per cube (≤ [`MAX_ROWS_PER_CUBE`]).
+    pub rows: u32,
+    /// Cache tokens per tile ([`plan::TILE_TOKENS`]).
+    pub tile_tokens: u32,
+    /// Threads per cube.
+    pub threads: u32,
+    /// Lanes sharing one token's K row (a power of two ≤ 8).
+    pub k_lanes: u32,
+    /// Elements per K vector load (16 bytes).
+    pub k_vec: u32,
+    /// Elements per V vector load (16 bytes, narrower when the rows' accumulators would need
+    /// more than 32 registers).
+    pub v_vec: u32,
+    /// FP8 caches: the bit position of the code's exponent in the decoded f32 (20 for E4M3, 21
+    /// for E5M2), see [`kernel::decode_vector()`]; `None` for the f16/bf16 cache (plain cast).
+    pub fp8_shift: Option<u32>,
+    /// Keep this lane's query values in registers (otherwise read from shared memory).
+    pub q_in_regs: bool,
+    /// Issue all of a tile's K loads before the first score (off when that needs too many
+    /// registers: then each pass loads its own).
+    pub k_prefetch: bool,
+    /// Issue a tile's V loads before its K phase (off when that needs too many registers).
+    pub v_prefetch: bool,
+    /// Logit softcap on.
+    pub softcap: bool,
+    /// ALiBi on.
+    pub alibi: bool,
+    /// Sliding window on.
+    pub window: bool,
+}
+
+/// Optional controls of [`paged_decode_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SplitChoice {
+    /// Plan from the problem and the device's SM count ([`SplitPlan::new`]).
+    #[default]
+    Auto,
+    /// Force slices of this many cache tokens (rounded up to whole tiles).
+    Tokens(usize),
+}
+
+/// Paged decode attention: `out[t, h, :] = attention(q[t, h, :], cache of t's sequence)`.
+///
+/// - `q`: `[num_tokens, num_heads * head_dim_k]` rows (f32/f16/bf16; a row stride above the row
+///   length is allowed, e.g. a slice of a fused QKV output), `num_tokens` = the batch's packed
+///   new-token count (`batch` built with [`DeviceBatch::new`]).
+/// - `cache`: the layer's paged K/V cache; `batch` must have been validated against its layout.
+/// - `out`: `[num_tokens, num_heads * head_dim_v]`, contiguous, same dtype as `q`. Rows that
+///   belong to no sequence are not written; a query that sees no key (an empty window) gets 0.
+///
+/// Errors: [`Fp8KvError::HeadRatio`], [`Fp8KvError::ShapeMismatch`], [`Fp8KvError::UnsupportedDtype`],
+/// [`Fp8KvError::InvalidOption`] (from [`AttentionOptions::validate`]), and
+/// [`Fp8KvError::Runtime`] for sizes past the kernels' 32-bit indexing.
+pub fn paged_decode<R: Runtime>(
+    q: &DeviceRows<R>,
+    num_heads: usize,
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    opts: &AttentionOptions,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    paged_decode_with(q, num_heads, cache, batch, opts, SplitChoice::Auto, out)
+}
+
+/// [`paged_decode`] with an explicit split choice (tests use it to force many splits).
+pub fn paged_decode_with<R: Runtime>(
+    q: &DeviceRows<R>,
+    num_heads: usize,
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    opts: &AttentionOptions,
+    split: SplitChoice,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    let layout = *cache.layout();
+    batch.check_layout(&layout)?;
+    cache.policy().check_cache_dtype(cache.dtype())?;
+    let kv_heads = layout.num_kv_heads();
+    if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
+        return Err(Fp8KvError::HeadRatio {
+            num_heads,
+            num_kv_heads: kv_heads,
+        });
+    }
+    opts.validate(num_heads)?;
+    let num_tokens = batch.num_tokens().ok_or_else(|| {
+        Fp8KvError::InvalidOption(
+            "decode needs a DeviceBatch built with DeviceBatch::new (its query fields validated), not for_reads".into(),
+        )
+    })?;
+    let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
+    if !q.dtype().is_activation() || out.dtype() != q.dtype() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "q and out must share one activation dtype (f32, f16, bf16), got q {} and out {}",
+            q.dtype(),
+            out.dtype()
+        )));
+    }
+    if q.rows() != num_tokens || q.row_elems() != num_heads * dk {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "q",
+            expected: format!("[{num_tokens}, {num_heads} * {dk}]"),
+            actual: format!("[{}, {}]", q.rows(), q.row_elems()),
+        });
+    }
+    if out.rows() != num_tokens
+        || out.row_elems() != num_heads * dv
+        || out.row_stride() != out.row_elems()
+    {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "out",
+            expected: format!("contiguous [{num_tokens}, {num_heads} * {dv}]"),
+            actual: format!(
+                "[{}, {}] with row stride {}",
+                out.rows(),
+                out.row_elems(),
+                out.row_stride()
+            ),
+        });
+    }
+    let meta = batch.meta();
+    // CUDA limits grid y and z to 65535: batch is grid y of both kernels, the longest query
+    // grid z of the combine.
+    if meta.batch() > 65535 || meta.max_q_len() > 65535 {
+        return Err(Fp8KvError::Runtime(format!(
+            "batch {} or longest query {} exceeds the grid limit of 65535",
+            meta.batch(),
+            meta.max_q_len()
+        )));
+    }
+    // Kernels index with u32: the cache in vectors, the query/workspace/output in elements.
+    let too_big = |what: &str, elems: usize| -> Result<()> {
+        if elems >= u32::MAX as usize {
+            Err(Fp8KvError::Runtime(format!(
+                "{what} of {elems} elements exceeds 32-bit indexing"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    too_big(
+        "K cache (in 16-byte vectors)",
+        layout.cache_elems(KvSide::K) * cache.dtype().size_bytes() / 16,
+    )?;
+    too_big(
+        "V cache (in 16-byte vectors)",
+        layout.cache_elems(KvSide::V) * cache.dtype().size_bytes() / 16,
+    )?;
+    too_big("q", q.len_elems())?;
+    let plan = launch::plan_for(cache, batch, num_heads, split)?;
+    too_big(
+        "workspace",
+        WorkspaceShape {
+            num_tokens,
+            num_heads,
+            num_splits: plan.num_splits,
+            head_dim_v: dv,
+        }
+        .o_elems(),
+    )?;
+    launch::launch_decode(q, num_heads, cache, batch, opts, plan, out)
+}
+
+/// Launches one decode per kernel configuration worth inspecting (Llama-3-8B decode with each
+/// cache dtype, the MLA dims, 8 rows per cube, every option on), on any runtime. Used by
+/// `cargo xtask codegen` to emit the generated CUDA without a GPU.
+pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
+    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
+    use crate::policy::{Dtype, QuantPolicy};
+    use crate::scales::KvScales;
+    let samples = [
+        (
+            32,
+            8,
+            128,
+            128,
+            64,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            1,
+            false,
+        ),
+        (
+            32,
+            8,
+            128,
+            128,
+            64,
+            QuantPolicy::Fp8E5m2,
+            Dtype::E5m2,
+            1,
+            false,
+        ),
+        (
+            32,
+            8,
+            128,
+            128,
+            64,
+            QuantPolicy::None,
+            Dtype::Bf16,
+            1,
+            false,
+        ),
+        (
+            16,
+            1,
+            576,
+            512,
+            64,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            1,
+            false,
+        ),
+        (
+            32,
+            4,
+            128,
+            128,
+            16,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            1,
+            true,
+        ),
+    ];
+    for (heads, kv_heads, dk, dv, page, policy, dtype, q_len, all_opts) in samples {
+        let layout = PagedKvLayout::new(4, page, kv_heads, dk, dv, KvLayoutKind::Bshd)?;
+        let cache = PagedKvCache::new(client, layout, policy, dtype, KvScales::default())?;
+        let meta = BatchMetadata::new(vec![0], vec![q_len], vec![2 * page as i32], vec![0, 1], 2)?;
+        let batch = DeviceBatch::new(client, meta, &layout, q_len as usize)?;
+        let q = DeviceRows::empty(client, Dtype::Bf16, q_len as usize, heads * dk, heads * dk)?;
+        let mut out =
+            DeviceRows::empty(client, Dtype::Bf16, q_len as usize, heads * dv, heads * dv)?;
+        let opts = if all_opts {
+            AttentionOptions {
+                sm_scale: Some(0.1),
+                window: Some(64),
+                softcap: Some(30.0),
+                sinks: Some(vec![0.0; heads]),
+                alibi_slopes: Some(vec![0.1; heads]),
+            }
+        } else {
+            AttentionOptions::default()
+        };
+        paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Split-K planning (how many cache slices per sequence), the workspace the split kernel
+//! writes, and the split-state merge (DESIGN.md §3.5) that the combine kernel implements and
+//! the CPU tests check.
+
+use crate::error::{Fp8KvError, Result};
+
+/// Cache tokens one cube processes per tile (per trip of its main loop).
+pub const TILE_TOKENS: usize = 64;
+/// Most splits a plan uses: the combine kernel keeps one weight per split in shared memory.
+pub const MAX_SPLITS: usize = 256;
+/// A split never covers fewer tokens than this: below it the split's fixed cost (query load,
+/// final reduction, workspace write, combine read) outweighs the parallelism gained.
+pub const MIN_SPLIT_TOKENS: usize = 256;
+/// Resident cubes per SM the planner aims for: enough loads in flight to saturate HBM
+/// (about 16 KiB per SM, each cube keeping about 8 KiB in flight), a little slack for tails.
+pub const TARGET_CUBES_PER_SM: usize = 4;
+
+/// How the cache of every sequence is cut for one launch.
+///
+/// Invariants: `num_splits ≥ 1`; `split_tokens` is a positive multiple of [`TILE_TOKENS`];
+/// `num_splits · split_tokens ≥ max_kv_len` (every cached token belongs to exactly one split;
+/// shorter sequences simply have empty trailing splits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Slices per sequence (grid z of the split kernel).
+    pub num_splits: usize,
+    /// Cache tokens per slice.
+    pub split_tokens: usize,
+}
+
+impl SplitPlan {
+    /// Plans the split count from the work that exists without splitting (`base_cubes` =
+    /// KV heads × sequences × query-row blocks), the longest context and the SM count: split
+    /// only until about `TARGET_CUBES_PER_SM` cubes per SM exist, and never into slices shorter
+    /// than [`MIN_SPLIT_TOKENS`]. Batch 1 × 32k with 8 KV heads gets 64 splits of 512 tokens on
+    /// 132 SMs; batch 128 × 32k (1024 cubes) gets 1.
+    pub fn new(base_cubes: usize, max_kv_len: usize, sm_count: usize) -> Self {
+        let max_kv_len = max_kv_len.max(1);
+        let target = sm_count.max(1) * TARGET_CUBES_PER_SM;
+        let wanted = target.div_ceil(base_cubes.max(1));
+        let most = max_kv_len.div_ceil(MIN_SPLIT_TOKENS).clamp(1, MAX_SPLITS);
+        let splits = wanted.clamp(1, most);
+        let split_tokens = max_kv_len.div_ceil(splits).next_multiple_of(TILE_TOKENS);
+        SplitPlan {
+            num_splits: max_kv_len.div_ceil(split_tokens),
+            split_tokens,
+        }
+    }
+
+    /// A plan with exactly the given slice length (rounded up to whole tiles), for tests that
+    /// want many splits on short sequences.
+    pub fn with_split_tokens(split_tokens: usize, max_kv_len: usize) -> Result<Self> {
+        if split_tokens == 0 {
+            return Err(Fp8KvError::ZeroSize {
+                what: "split_tokens",
+            });
+        }
+        let split_tokens = split_tokens.next_multiple_of(TILE_TOKENS);
+        let num_splits = max_kv_len.max(1).div_ceil(split_tokens);
+        if num_splits > MAX_SPLITS {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "{num_splits} splits of {split_tokens} tokens exceed the maximum of {MAX_SPLITS}"
+            )));
+        }
+        Ok(SplitPlan {
+            num_splits,
+            split_tokens,
+        })
+    }
+}
+
+/// Sizes of the f32 workspace between the two kernels.
+///
+/// `o`: `[num_tokens, num_heads, num_splits, head_dim_v]`; `md`: `[num_tokens, num_heads,
+/// num_splits, 2]` (`m`, `d` of [`SplitState`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkspaceShape {
+    /// Packed query tokens.
+    pub num_tokens: usize,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Splits of the plan.
+    pub num_splits: usize,
+    /// V head dim.
+    pub head_dim_v: usize,
+}
+
+impl WorkspaceShape {
+    /// f32 elements of the `o` part.
+    pub fn o_elems(&self) -> usize {
+        self.num_tokens * self.num_heads * self.num_splits * self.head_dim_v
+    }
+    /// f32 elements of the `(m, d)` part.
+    pub fn md_elems(&self) -> usize {
+        self.num_tokens * self.num_heads * self.num_splits * 2
+    }
+    /// Bytes of both parts.
+    pub fn bytes(&self) -> usize {
+        (self.o_elems() + self.md_elems()) * 4
+    }
+}
+
+/// Online-softmax state of one query row over one slice of keys.
+///
+/// Invariants: `m` is the largest score of the slice (−inf for a slice with no visible key);
+/// `d = Σ_j exp(s_j − m)` (0 exactly when the slice is empty, ≥ 1 otherwise); `o` is the
+/// probability-weighted sum of (`v_scale`-scaled) values normalised by `d`,
+/// `o = Σ_j exp(s_j − m)·v_scale·V_j / d` (all zeros when empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitState {
+    /// Largest score seen.
+    pub m: f32,
+    /// Sum of `exp(s − m)`.
+    pub d: f32,
+    /// Normalised weighted sum of values.
+    pub o: Vec<f32>,
+}
+
+impl SplitState {
+    /// The state of a slice with no visible key.
+    pub fn empty(head_dim_v: usize) -> Self {
+        SplitState {
+            m: f32::NEG_INFINITY,
+            d: 0.0,
+            o: vec![0.0; head_dim_v],
+        }
+    }
+
+    /// Whether the slice saw no key.
+    pub fn is_empty(&self) -> bool {
+        self.d == 0.0
+    }
+
+    /// The state of the union of two disjoint slices (associative and commutative up to
+    /// rounding). An empty side returns the other unchanged: no `−inf − (−inf)` is formed.
+    pub fn merge(&self, other: &SplitState) -> SplitState {
+        if other.is_empty() {
+            return self.clone();
+        }
+        if self.is_empty() {
+            return other.clone();
+        }
+        let m = self.m.max(other.m);
+        let (wa, wb) = (self.d * (self.m - m).exp(), other.d * (other.m - m).exp());
+        let d = wa + wb;
+        let o = self
+            .o
+            .iter()
+            .zip(&other.o)
+            .map(|(a, b)| (wa * a + wb * b) / d)
+            .collect();
+        SplitState { m, d, o }
+    }
+
+    /// The attention output of the merged state with an optional sink logit, which joins the
+    /// softmax denominator only: `o·d·exp(m − M) / (d·exp(m − M) + exp(sink − M))` with
+    /// `M = max(m, sink)`. A state that saw no key gives zeros, sink or not (as the reference).
+    pub fn finish(&self, sink: Option<f32>) -> Vec<f32> {
+        if self.is_empty() {
+            return vec![0.0; self.o.len()];
+        }
+        let Some(sink) = sink else {
+            return self.o.clone();
+        };
+        let m = self.m.max(sink);
+        let w = self.d * (self.m - m).exp();
+        let den = w + (sink - m).exp();
+        self.o.iter().map(|o| o * w / den).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch1_long_context_fills_the_gpu_and_big_batch_does_not_split() {
+        let p = SplitPlan::new(8, 32768, 132);
+        assert_eq!(
+            p,
+            SplitPlan {
+                num_splits: 64,
+                split_tokens: 512
+            }
+        );
+        assert_eq!(SplitPlan::new(8 * 128, 32768, 132).num_splits, 1);
+        let mid = SplitPlan::new(8 * 32, 4096, 132);
+        assert!(mid.num_splits >= 2 && mid.split_tokens.is_multiple_of(TILE_TOKENS));
+        assert!(mid.num_splits * mid.split_tokens >= 4096);
+    }
+
+    #[test]
+    fn plan_covers_every_token_and_handles_empty_batches() {
+        for kv in [0, 1, 63, 64, 65, 1000, 100_000] {
+            for base in [1, 7, 64, 5000] {
+                let p = SplitPlan::new(base, kv, 132);
+                assert!(p.num_splits >= 1 && p.num_splits <= MAX_SPLITS);
+                assert!(p.num_splits * p.split_tokens >= kv, "{p:?} kv {kv}");
+                assert_eq!(p.split_tokens % TILE_TOKENS, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_split_merges_without_nan() {
+        let a = SplitState {
+            m: 2.0,
+            d: 3.0,
+            o: vec![1.0, -2.0],
+        };
+        let e = SplitState::empty(2);
+        assert_eq!(a.merge(&e), a);
+        assert_eq!(e.merge(&a), a);
+        let ee = e.merge(&e);
+        assert!(ee.is_empty() && ee.o.iter().all(|x| *x == 0.0));
+        assert_eq!(ee.finish(Some(5.0)), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn merge_equals_softmax_over_the_union() {
+        let scores = [0.5f32, -1.0, 3.0, 2.5];
+        let vals = [1.0f32, 2.0, -1.0, 4.0];
+        let state = |idx: &[usize]| {
+            let m = idx
+                .iter()
+                .map(|&i| scores[i])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let d: f32 = idx.iter().map(|&i| (scores[i] - m).exp()).sum();
+            let o = idx
+                .iter()
+                .map(|&i| (scores[i] - m).exp() * vals[i])
+                .sum::<f32>()
+                / d;
+            SplitState { m, d, o: vec![o] }
+        };
+        let whole = state(&[0, 1, 2, 3]);
+        let merged = state(&[0, 1]).merge(&state(&[2, 3]));
+        assert!((whole.o[0] - merged.o[0]).abs() < 1e-6);
+        let sink = 1.0f32;
+        let want = {
+            let m = 3.0f32;
+            let den: f32 = scores.iter().map(|s| (s - m).exp()).sum::<f32>() + (sink - m).exp();
+            scores
+                .iter()
+                .zip(vals)
+                .map(|(s, v)| (s - m).exp() * v)
+                .sum::<f32>()
+                / den
+        };
+        assert!((merged.finish(Some(sink))[0] - want).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,202 @@
+//! The fill kernel: quantize new K/V rows into the paged cache.
+
+use cubecl::prelude::*;
+
+use super::FillConfig;
+use crate::fp8::Fp8Format;
+use crate::kernels::codec::{fp8_quantize, ScaleDiv};
+use crate::kernels::CacheGeometry;
+
+/// Writes each sequence's new K and V rows into its cache slots, quantizing on write.
+///
+/// Grid `(x: chunks of threads * unroll * rounds vectors of one sequence's new rows, y: batch,
+/// z: 0 = K / 1 = V)`; cube `(threads, 1, 1)`. A cube past its sequence's rows does nothing.
+///
+/// - `k_new`, `v_new`: `[num_tokens, row_stride]` activations (`F`), viewed as vectors of `N`
+///   elements; row `t` holds `[num_kv_heads, head_dim]`; `*_row_stride` in vectors.
+/// - `k_cache`, `v_cache`: `layout.shape(side)` elements of `Q`, as vectors of `N`.
+/// - `meta`: the [`crate::device::DeviceBatch`] buffer; `batch`, `max_pages` its shape.
+/// - FP8 (`cfg.fp8` set): `code = encode(x / scale)` with the integer encoder of
+///   [`crate::kernels::codec`] (`*_inv_scale = RN(1 / scale)` feeds its exact fast divisions,
+///   `cfg.k_div` / `cfg.v_div`); unquantized: a plain RNE conversion `F → Q`, scales unused.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fill_kernel<F: Float, Q: Float, N: Size>(
+    k_new: &Array<Vector<F, N>>,
+    v_new: &Array<Vector<F, N>>,
+    k_cache: &mut Array<Vector<Q, N>>,
+    v_cache: &mut Array<Vector<Q, N>>,
+    meta: &Array<i32>,
+    batch: u32,
+    max_pages: u32,
+    k_row_stride: u32,
+    v_row_stride: u32,
+    k_scale: f32,
+    v_scale: f32,
+    k_inv_scale: f32,
+    v_inv_scale: f32,
+    #[comptime] cfg: FillConfig,
+    #[define(F, Q)] _dtypes: [StorageType; 2],
+) {
+    let b = CUBE_POS_Y;
+    let q_start = u32::cast_from(meta[b as usize]);
+    let q_len = u32::cast_from(meta[(batch + b) as usize]);
+    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
+    let bt_base = 4 * batch + 1 + b * max_pages;
+    // The new tokens occupy positions [kv_len - q_len, kv_len) of the sequence.
+    let first_pos = kv_len - q_len;
+    if CUBE_POS_Z == 0 {
+        fill_side::<F, Q, N>(
+            k_new,
+            k_cache,
+            meta,
+            q_start,
+            q_len,
+            first_pos,
+            bt_base,
+            k_row_stride,
+            k_scale,
+            k_inv_scale,
+            cfg.k,
+            cfg.fp8,
+            cfg.k_div,
+            cfg.vec,
+            cfg.unroll,
+            cfg.threads,
+            cfg.rounds,
+        );
+    } else {
+        fill_side::<F, Q, N>(
+            v_new,
+            v_cache,
+            meta,
+            q_start,
+            q_len,
+            first_pos,
+            bt_base,
+            v_row_stride,
+            v_scale,
+            v_inv_scale,
+            cfg.v,
+            cfg.fp8,
+            cfg.v_div,
+            cfg.vec,
+            cfg.unroll,
+            cfg.threads,
+            cfg.rounds,
+        );
+    }
+}
+
+/// One side (K or V) of [`fill_kernel`]: item `i` of the cube is vector `i % vec_per_row` of
+/// new row `i / vec_per_row`; a unit handles `rounds` rounds of `unroll` vectors, loading the
+/// next round before quantizing and storing the current one.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill_side<F: Float, Q: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    cache: &mut Array<Vector<Q, N>>,
+    meta: &Array<i32>,
+    q_start: u32,
+    q_len: u32,
+    first_pos: u32,
+    bt_base: u32,
+    row_stride: u32,
+    scale: f32,
+    inv_scale: f32,
+    #[comptime] geom: CacheGeometry,
+    #[comptime] fp8: Option<Fp8Format>,
+    #[comptime] div: ScaleDiv,
+    #[comptime] vec: u32,
+    #[comptime] unroll: u32,
+    #[comptime] threads: u32,
+    #[comptime] rounds: u32,
+) {
+    let vec_per_head = comptime![geom.head_dim / vec];
+    let vec_per_row = comptime![geom.num_kv_heads * geom.head_dim / vec];
+    let page_size = comptime![geom.page_size];
+    let page_stride = comptime![geom.page_stride() / vec];
+    let slot_stride = comptime![geom.slot_stride() / vec];
+    let head_stride = comptime![geom.head_stride() / vec];
+    let chunk = comptime![threads * unroll];
+    let base = CUBE_POS_X * comptime![threads * unroll * rounds] + UNIT_POS;
+
+    // Two slots of `unroll` vectors: round r's values sit in slot r % 2 while round r + 1's
+    // loads (issued before round r's stores) fill the other one, so loads stay in flight
+    // while the unit computes. Every index is a constant once the loops are unrolled.
+    let mut vals = Array::<Vector<F, N>>::new(comptime![2 * unroll as usize]);
+    #[unroll]
+    for u in 0..unroll {
+        let item = base + u * threads;
+        let token = item / vec_per_row;
+        if token < q_len {
+            let v = item % vec_per_row;
+            vals[u as usize] = input[((q_start + token) * row_stride + v) as usize];
+        }
+    }
+    #[unroll]
+    for r in 0..rounds {
+        let cur = (r % 2) * unroll;
+        let next = ((r + 1) % 2) * unroll;
+        if r + 1 < rounds {
+            #[unroll]
+            for u in 0..unroll {
+                let item = base + (r + 1) * chunk + u * threads;
+                let token = item / vec_per_row;
+                if token < q_len {
+                    let v = item % vec_per_row;
+                    vals[(next + u) as usize] =
+                        input[((q_start + token) * row_stride + v) as usize];
+                }
+            }
+        }
+        #[unroll]
+        for u in 0..unroll {
+            let item = base + r * chunk + u * threads;
+            let token = item / vec_per_row;
+            if token < q_len {
+                let v = item % vec_per_row;
+                let head = v / vec_per_head;
+                let dv = v % vec_per_head;
+                let pos = first_pos + token;
+                let page = u32::cast_from(meta[(bt_base + pos / page_size) as usize]);
+                let slot = pos % page_size;
+                let idx = page * page_stride + slot * slot_stride + head * head_stride + dv;
+                cache[idx as usize] = quantize_vector::<F, Q, N>(
+                    vals[(cur + u) as usize],
+                    scale,
+                    inv_scale,
+                    fp8,
+                    div,
+                    vec,
+                );
+            }
+        }
+    }
+}
+
+/// Converts one vector to the cache element: FP8 codes through the integer encoder, or a
+/// plain conversion for the unquantized cache.
+#[cube]
+fn quantize_vector<F: Float, Q: Float, N: Size>(
+    x: Vector<F, N>,
+    scale: f32,
+    inv_scale: f32,
+    #[comptime] fp8: Option<Fp8Format>,
+    #[comptime] div: ScaleDiv,
+    #[comptime] vec: u32,
+) -> Vector<Q, N> {
+    match comptime![fp8] {
+        Some(format) => {
+            let xf = Vector::<f32, N>::cast_from(x);
+            let mut codes = Vector::<u8, N>::empty();
+            #[unroll]
+            for i in 0..vec {
+                codes[i as usize] =
+                    u8::cast_from(fp8_quantize(xf[i as usize], scale, inv_scale, format, div));
+            }
+            Vector::<Q, N>::reinterpret(codes)
+        }
+        None => Vector::<Q, N>::cast_from(x),
+    }
+}

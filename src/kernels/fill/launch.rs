@@ -1,0 +1,128 @@
+//! Launcher of [`super::kernel::fill_kernel`]: assumes validated input, picks the vector width,
+//! the cube shape and the comptime configuration.
+//!
+//! Comptime (JIT key): activation and cache dtypes, the K and V [`CacheGeometry`] (page size,
+//! KV heads, head dims, Bshd/Bhsd), FP8 format, vector width, unroll, threads per cube.
+//! Runtime: batch, block-table width, row strides, scales, every sequence length.
+
+use cubecl::prelude::*;
+
+use super::kernel::fill_kernel;
+use super::FillConfig;
+use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
+use crate::error::{KvSide, Result};
+use crate::kernels::codec::ScaleDiv;
+use crate::kernels::{array_len, check_u32_vectors, tuning, vector_elems, CacheGeometry};
+
+/// Items (vectors) below which a cube gets one vector per thread: decode-sized steps want
+/// many small cubes; big steps want several loads in flight per thread.
+const UNROLL_THRESHOLD_VECS: usize = 4096;
+/// Vectors per thread on the big path.
+const UNROLL: u32 = 4;
+/// Threads per cube on the big path.
+const THREADS: u32 = 256;
+/// Rounds per thread on the big path (software pipelining: load the next, store this one).
+///
+/// Measured on an H100 (prefill 8×2048, d128, 8 KV heads, bf16 → e4m3, calibrated scales):
+/// (unroll, rounds) = (4, 1) 2.09 TB/s, (4, 2) 2.11, (2, 4) 2.00, (2, 8) 1.98, (4, 4) 1.60;
+/// 128 threads per cube as fast as 256, 512 slower (1.83). The kernel is limited by issue
+/// (about 21–24 instructions per element for the exact division and RNE encode, 65% issue
+/// active, 51 registers) rather than by bytes in flight, so pipelining does not pay; the knob
+/// stays for other shapes and devices (`FP8KV_FILL_ROUNDS`).
+const ROUNDS: u32 = 1;
+
+/// Launches fill for already validated inputs (see [`super::fill`]).
+pub(crate) fn launch_fill<R: Runtime>(
+    cache: &mut PagedKvCache<R>,
+    k_new: &DeviceRows<R>,
+    v_new: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+) -> Result<()> {
+    let meta = batch.meta();
+    let max_q = meta.max_q_len();
+    if meta.batch() == 0 || max_q == 0 {
+        return Ok(());
+    }
+    let layout = *cache.layout();
+    let act = k_new.dtype();
+    let cache_dtype = cache.dtype();
+    let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
+    let mut vec = vector_elems(
+        act.size_bytes(),
+        &[dk, dv, k_new.row_stride(), v_new.row_stride()],
+    );
+    // Buffer offsets (slices of a fused QKV output) must be aligned to the access width too.
+    for h in [k_new.handle(), v_new.handle()] {
+        while vec > 1
+            && !(h.offset_start.unwrap_or(0) as usize).is_multiple_of(vec * act.size_bytes())
+        {
+            vec /= 2;
+        }
+    }
+    check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
+    check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
+    check_u32_vectors("k_new", k_new.len_elems(), vec)?;
+    check_u32_vectors("v_new", v_new.len_elems(), vec)?;
+    let heads = layout.num_kv_heads();
+    let vec_per_row = heads * dk.max(dv) / vec;
+    let items = max_q * vec_per_row;
+    let (threads, unroll, rounds) = if items >= UNROLL_THRESHOLD_VECS {
+        tuning("FILL", (THREADS, UNROLL, ROUNDS))
+    } else {
+        (
+            (items.next_power_of_two().clamp(32, THREADS as usize)) as u32,
+            1,
+            1,
+        )
+    };
+    let scales = cache.scales();
+    let cfg = FillConfig {
+        k: CacheGeometry::new(&layout, KvSide::K),
+        v: CacheGeometry::new(&layout, KvSide::V),
+        fp8: cache_dtype.fp8_format(),
+        k_div: ScaleDiv::for_scale(scales.k()),
+        v_div: ScaleDiv::for_scale(scales.v()),
+        vec: vec as u32,
+        unroll,
+        threads,
+        rounds,
+    };
+    let cubes_x = items.div_ceil((threads * unroll * rounds) as usize) as u32;
+    let client = cache.client().clone();
+    let es_act = act.size_bytes();
+    let es_cache = cache_dtype.size_bytes();
+    let offsets = batch.offsets();
+    // SAFETY: lengths are the buffers' real sizes (in scalars, as ArrayArg wants); the public entry validated that
+    // every index the kernel forms (rows of new tokens, block-table entries, cache slots) is
+    // inside them.
+    unsafe {
+        fill_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes_x, meta.batch() as u32, 2),
+            CubeDim::new_1d(threads),
+            vec,
+            ArrayArg::from_raw_parts(k_new.handle().clone(), array_len(k_new.handle(), es_act)),
+            ArrayArg::from_raw_parts(v_new.handle().clone(), array_len(v_new.handle(), es_act)),
+            ArrayArg::from_raw_parts(
+                cache.k_handle().clone(),
+                array_len(cache.k_handle(), es_cache),
+            ),
+            ArrayArg::from_raw_parts(
+                cache.v_handle().clone(),
+                array_len(cache.v_handle(), es_cache),
+            ),
+            ArrayArg::from_raw_parts(batch.handle().clone(), offsets.len),
+            meta.batch() as u32,
+            meta.max_pages_per_seq() as u32,
+            (k_new.row_stride() / vec) as u32,
+            (v_new.row_stride() / vec) as u32,
+            scales.k(),
+            scales.v(),
+            1.0 / scales.k(),
+            1.0 / scales.v(),
+            cfg,
+            [storage_type(act), storage_type(cache_dtype)],
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! Fill: quantize this step's new K and V tokens into the paged cache (one launch for both).
+//!
+//! FP8 caches store `encode(clamp(x / scale, ±MAX))` with round-to-nearest-even, bit for bit
+//! what [`crate::reference::fill`] writes; the unquantized cache stores `x` rounded to f16/bf16.
+//! Only the slots of the new tokens are written.
+
+pub(crate) mod kernel;
+mod launch;
+
+use cubecl::Runtime;
+
+use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::fp8::Fp8Format;
+use crate::kernels::codec::ScaleDiv;
+use crate::kernels::CacheGeometry;
+
+/// Comptime configuration of the `fill_kernel` (the JIT key besides the dtypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FillConfig {
+    /// K cache geometry.
+    pub k: CacheGeometry,
+    /// V cache geometry.
+    pub v: CacheGeometry,
+    /// FP8 format of the cache, `None` for the unquantized cache.
+    pub fp8: Option<Fp8Format>,
+    /// How K values are divided by the K scale (exact in every mode).
+    pub k_div: ScaleDiv,
+    /// How V values are divided by the V scale.
+    pub v_div: ScaleDiv,
+    /// Elements per vector access (16 bytes of activations where strides allow).
+    pub vec: u32,
+    /// Vectors per thread and round (loads issued together).
+    pub unroll: u32,
+    /// Rounds per thread; round r + 1 is loaded before round r is stored.
+    pub rounds: u32,
+    /// Threads per cube.
+    pub threads: u32,
+}
+
+fn check_rows<R: Runtime>(
+    what: &'static str,
+    rows: &DeviceRows<R>,
+    num_tokens: usize,
+    row_elems: usize,
+) -> Result<()> {
+    if rows.row_elems() != row_elems {
+        return Err(Fp8KvError::ShapeMismatch {
+            what,
+            expected: format!("rows of {row_elems} elements (num_kv_heads x head_dim)"),
+            actual: format!("rows of {} elements", rows.row_elems()),
+        });
+    }
+    if rows.rows() < num_tokens {
+        return Err(Fp8KvError::ShapeMismatch {
+            what,
+            expected: format!("at least {num_tokens} rows (the packed new tokens)"),
+            actual: format!("{} rows", rows.rows()),
+        });
+    }
+    Ok(())
+}
+
+/// Writes each sequence's new tokens into `cache`: rows `q_start_loc[b] .. + q_seq_length[b]`
+/// of `k_new` / `v_new` (each row `[num_kv_heads, head_dim]`, activation dtype f32/f16/bf16,
+/// any row stride) go to cache positions `[kv_seqlens[b] - q_seq_length[b], kv_seqlens[b])`
+/// through the block table.
+///
+/// Errors: a batch uploaded with [`DeviceBatch::for_reads`] or for another layout, rows of the
+/// wrong width, fewer rows than the batch's packed tokens, K and V of different dtypes.
+pub fn fill<R: Runtime>(
+    cache: &mut PagedKvCache<R>,
+    k_new: &DeviceRows<R>,
+    v_new: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+) -> Result<()> {
+    let num_tokens = batch.num_tokens().ok_or_else(|| {
+        Fp8KvError::InvalidOption(
+            "fill needs a batch validated for writing (DeviceBatch::new), not DeviceBatch::for_reads".into(),
+        )
+    })?;
+    let layout = *cache.layout();
+    batch.check_layout(&layout)?;
+    cache.policy().check_cache_dtype(cache.dtype())?;
+    if k_new.dtype() != v_new.dtype() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "k_new is {} but v_new is {}",
+            k_new.dtype(),
+            v_new.dtype()
+        )));
+    }
+    let heads = layout.num_kv_heads();
+    check_rows(
+        "k_new",
+        k_new,
+        num_tokens,
+        heads * layout.head_dim(KvSide::K),
+    )?;
+    check_rows(
+        "v_new",
+        v_new,
+        num_tokens,
+        heads * layout.head_dim(KvSide::V),
+    )?;
+    launch::launch_fill(cache, k_new, v_new, batch)
+}
+
+/// Launches the fill instantiations worth compiling offline, once each on tiny valid inputs,
+/// through [`fill`]: every head-dim pair (e4m3, bf16 in), every (cache, activation) dtype pair
+/// at head dim 128, both cache layouts, and each exact scale-division mode. Used by
+/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
+#[doc(hidden)]
+pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
+    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout, SUPPORTED_HEAD_DIMS};
+    use crate::policy::{Dtype, QuantPolicy};
+    use crate::scales::KvScales;
+    let mut samples = Vec::new();
+    for (dk, dv) in SUPPORTED_HEAD_DIMS {
+        samples.push((
+            dk,
+            dv,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            Dtype::Bf16,
+            KvLayoutKind::Bshd,
+            0.15,
+        ));
+    }
+    for (policy, cache) in [
+        (QuantPolicy::Fp8E4m3, Dtype::E4m3),
+        (QuantPolicy::Fp8E5m2, Dtype::E5m2),
+        (QuantPolicy::None, Dtype::F16),
+        (QuantPolicy::None, Dtype::Bf16),
+    ] {
+        for act in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            samples.push((128, 128, policy, cache, act, KvLayoutKind::Bshd, 0.15));
+        }
+    }
+    samples.push((
+        128,
+        128,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        Dtype::Bf16,
+        KvLayoutKind::Bhsd,
+        0.15,
+    ));
+    for scale in [1.0, 1e-30] {
+        samples.push((
+            128,
+            128,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            Dtype::Bf16,
+            KvLayoutKind::Bshd,
+            scale,
+        ));
+    }
+    for (dk, dv, policy, cache_dtype, act, kind, scale) in samples {
+        let layout = PagedKvLayout::new(4, 16, 2, dk, dv, kind)?;
+        let mut cache = PagedKvCache::new(
+            client,
+            layout,
+            policy,
+            cache_dtype,
+            KvScales::new(scale, scale)?,
+        )?;
+        let meta = BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)?;
+        let batch = DeviceBatch::new(client, meta, &layout, 4)?;
+        let k = DeviceRows::empty(client, act, 4, 2 * dk, 2 * dk)?;
+        let v = DeviceRows::empty(client, act, 4, 2 * dv, 2 * dv)?;
+        fill(&mut cache, &k, &v, &batch)?;
+    }
+    Ok(())
+}

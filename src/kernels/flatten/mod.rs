@@ -1,0 +1,188 @@
+//! Flatten: paged cache → contiguous, dequantized K and V for a batch of sequences.
+//!
+//! Values are `f32(q) * scale` (one f32 multiply) rounded to the output dtype for FP8 caches,
+//! the stored value rounded to the output dtype for the unquantized cache (scales ignored):
+//! exactly [`crate::reference::flatten`]. Sequences are concatenated in batch order; sequence
+//! `b` starts at [`DeviceBatch::kv_start_loc`]`[b]` (uploaded with the batch, so the kernel
+//! needs no extra tensor).
+
+pub(crate) mod kernel;
+mod launch;
+
+use cubecl::client::ComputeClient;
+use cubecl::Runtime;
+
+pub use crate::reference::FlattenLayout;
+
+use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
+use crate::error::{Fp8KvError, KvSide, Result};
+use crate::kernels::CacheGeometry;
+use crate::policy::Dtype;
+
+/// Comptime configuration of the `flatten_kernel` (the JIT key besides the dtypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlattenConfig {
+    /// K cache geometry.
+    pub k: CacheGeometry,
+    /// V cache geometry.
+    pub v: CacheGeometry,
+    /// Whether the cache is FP8 (apply the scales).
+    pub fp8: bool,
+    /// `[kv_heads, total, d]` rather than `[total, kv_heads, d]`.
+    pub hsd: bool,
+    /// Elements per vector access (16-byte output stores).
+    pub vec: u32,
+    /// Vectors per thread (loads issued before the first store).
+    pub unroll: u32,
+    /// Threads per cube.
+    pub threads: u32,
+}
+
+/// The `(rows, row_elems)` a flatten output of one side has: `[kv_heads * total, d]` rows for
+/// hsd, `[total, kv_heads * d]` for shd (both contiguous).
+pub fn output_rows(
+    cache_heads: usize,
+    head_dim: usize,
+    total_tokens: usize,
+    layout: FlattenLayout,
+) -> (usize, usize) {
+    match layout {
+        FlattenLayout::Hsd => (cache_heads * total_tokens, head_dim),
+        FlattenLayout::Shd => (total_tokens, cache_heads * head_dim),
+    }
+}
+
+/// Gathers every sequence of `batch` out of `cache` into `k_out` / `v_out` (contiguous rows
+/// as given by [`output_rows`], dtype f32/f16/bf16, both the same).
+pub fn flatten<R: Runtime>(
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    out_layout: FlattenLayout,
+    k_out: &mut DeviceRows<R>,
+    v_out: &mut DeviceRows<R>,
+) -> Result<()> {
+    let layout = *cache.layout();
+    batch.check_layout(&layout)?;
+    cache.policy().check_cache_dtype(cache.dtype())?;
+    if k_out.dtype() != v_out.dtype() || !k_out.dtype().is_activation() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "flatten outputs must both be f32, f16 or bf16, got k {} and v {}",
+            k_out.dtype(),
+            v_out.dtype()
+        )));
+    }
+    let total = batch.total_kv_tokens();
+    for (what, side, out) in [("k_out", KvSide::K, &*k_out), ("v_out", KvSide::V, &*v_out)] {
+        let (rows, row_elems) = output_rows(
+            layout.num_kv_heads(),
+            layout.head_dim(side),
+            total,
+            out_layout,
+        );
+        if out.rows() != rows || out.row_elems() != row_elems || out.row_stride() != row_elems {
+            return Err(Fp8KvError::ShapeMismatch {
+                what,
+                expected: format!(
+                    "{rows} contiguous rows of {row_elems} elements ({out_layout:?})"
+                ),
+                actual: format!(
+                    "{} rows of {} elements, stride {}",
+                    out.rows(),
+                    out.row_elems(),
+                    out.row_stride()
+                ),
+            });
+        }
+    }
+    launch::launch_flatten(cache, batch, out_layout, k_out, v_out)
+}
+
+/// Allocates the two outputs and runs [`flatten`].
+pub fn flatten_new<R: Runtime>(
+    client: &ComputeClient<R>,
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    out_layout: FlattenLayout,
+    out_dtype: Dtype,
+) -> Result<(DeviceRows<R>, DeviceRows<R>)> {
+    let layout = cache.layout();
+    let total = batch.total_kv_tokens();
+    let mk = |side| {
+        let (rows, elems) = output_rows(
+            layout.num_kv_heads(),
+            layout.head_dim(side),
+            total,
+            out_layout,
+        );
+        DeviceRows::empty(client, out_dtype, rows, elems, elems)
+    };
+    let (mut k, mut v) = (mk(KvSide::K)?, mk(KvSide::V)?);
+    flatten(cache, batch, out_layout, &mut k, &mut v)?;
+    Ok((k, v))
+}
+
+/// Launches the flatten instantiations worth compiling offline, once each on tiny valid
+/// inputs, through [`flatten_new`]: every head-dim pair (e4m3 → bf16 hsd), every (cache,
+/// output) dtype pair at head dim 128, both output and both cache layouts. Used by
+/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
+#[doc(hidden)]
+pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
+    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout, SUPPORTED_HEAD_DIMS};
+    use crate::policy::QuantPolicy;
+    use crate::scales::KvScales;
+    let (hsd, shd) = (FlattenLayout::Hsd, FlattenLayout::Shd);
+    let mut samples = Vec::new();
+    for (dk, dv) in SUPPORTED_HEAD_DIMS {
+        samples.push((
+            dk,
+            dv,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            Dtype::Bf16,
+            KvLayoutKind::Bshd,
+            hsd,
+        ));
+    }
+    for (policy, cache) in [
+        (QuantPolicy::Fp8E4m3, Dtype::E4m3),
+        (QuantPolicy::Fp8E5m2, Dtype::E5m2),
+        (QuantPolicy::None, Dtype::F16),
+        (QuantPolicy::None, Dtype::Bf16),
+    ] {
+        for out in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+            samples.push((128, 128, policy, cache, out, KvLayoutKind::Bshd, hsd));
+        }
+    }
+    samples.push((
+        128,
+        128,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        Dtype::Bf16,
+        KvLayoutKind::Bhsd,
+        hsd,
+    ));
+    samples.push((
+        128,
+        128,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        Dtype::Bf16,
+        KvLayoutKind::Bshd,
+        shd,
+    ));
+    for (dk, dv, policy, cache_dtype, out, kind, out_layout) in samples {
+        let layout = PagedKvLayout::new(4, 16, 2, dk, dv, kind)?;
+        let cache = PagedKvCache::new(
+            client,
+            layout,
+            policy,
+            cache_dtype,
+            KvScales::new(0.5, 0.25)?,
+        )?;
+        let meta = BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)?;
+        let batch = DeviceBatch::for_reads(client, meta, &layout)?;
+        flatten_new(client, &cache, &batch, out_layout, out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! CubeCL kernels. Each family is split by role (DESIGN.md §2): `mod.rs` is the validated
+//! public entry returning `Result`, `launch.rs` (crate-private) assumes valid input and picks
+//! cube counts and comptime settings, `kernel.rs` holds only `#[cube]` code.
+//!
+//! `#[cube]` generates an undocumented `expand` module next to each public function, so the
+//! modules holding public `#[cube]` functions allow `missing_docs`; their items are documented.
+
+#[allow(missing_docs)]
+pub mod codec;
+pub mod decode;
+pub mod fill;
+pub mod flatten;
+
+use crate::error::KvSide;
+use crate::layout::{KvLayoutKind, PagedKvLayout};
+
+/// Comptime device twin of one cache tensor (K or V) of a [`PagedKvLayout`]: the kernels take
+/// this instead of loose stride arguments, and every stride below is a compile-time constant
+/// of the generated kernel. `num_pages` is not part of it (runtime: only buffer lengths).
+///
+/// Comptime (part of the JIT key): page size, KV heads, head dim, Bshd/Bhsd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheGeometry {
+    /// Tokens per page.
+    pub page_size: u32,
+    /// KV heads.
+    pub num_kv_heads: u32,
+    /// Elements per head vector.
+    pub head_dim: u32,
+    /// `[num_pages, num_kv_heads, page_size, head_dim]` instead of Bshd.
+    pub bhsd: bool,
+}
+
+impl CacheGeometry {
+    /// The geometry of one side of `layout`.
+    pub fn new(layout: &PagedKvLayout, side: KvSide) -> Self {
+        CacheGeometry {
+            page_size: layout.page_size() as u32,
+            num_kv_heads: layout.num_kv_heads() as u32,
+            head_dim: layout.head_dim(side) as u32,
+            bhsd: layout.kind() == KvLayoutKind::Bhsd,
+        }
+    }
+    /// Elements between pages.
+    pub const fn page_stride(&self) -> u32 {
+        self.page_size * self.num_kv_heads * self.head_dim
+    }
+    /// Elements between slots (tokens) of a page.
+    pub const fn slot_stride(&self) -> u32 {
+        if self.bhsd {
+            self.head_dim
+        } else {
+            self.num_kv_heads * self.head_dim
+        }
+    }
+    /// Elements between heads.
+    pub const fn head_stride(&self) -> u32 {
+        if self.bhsd {
+            self.page_size * self.head_dim
+        } else {
+            self.head_dim
+        }
+    }
+}
+
+/// Elements per vector access for a tensor of `elem_bytes`-byte elements whose rows are
+/// `row_stride` elements apart and whose head vectors are `head_dim` long: the widest of
+/// 16/8/4/2/1-byte accesses that divides both (and the buffer offset, checked by callers).
+pub(crate) fn vector_elems(elem_bytes: usize, dims: &[usize]) -> usize {
+    let mut n = 16 / elem_bytes;
+    while n > 1 && dims.iter().any(|&d| !d.is_multiple_of(n)) {
+        n /= 2;
+    }
+    n
+}
+
+/// Whole vectors of `vec_bytes` in a buffer (offsets accounted for).
+///
+/// Note: `ArrayArg::from_raw_parts` wants the length in *scalar* elements (CubeCL divides it
+/// by the vector size for `len()`); pass [`array_len`] there. Kernels launched unchecked that
+/// never call `len()` are unaffected either way.
+pub(crate) fn handle_vec_len(handle: &cubecl::server::Handle, vec_bytes: usize) -> usize {
+    handle.size_in_used() as usize / vec_bytes
+}
+
+/// The length `ArrayArg::from_raw_parts` expects for a buffer of `elem_bytes`-byte scalars
+/// (offsets accounted for), whatever the kernel's vector size: CubeCL divides it by the vector
+/// size to get the array's `len()`.
+pub(crate) fn array_len(handle: &cubecl::server::Handle, elem_bytes: usize) -> usize {
+    handle.size_in_used() as usize / elem_bytes
+}
+
+/// `(threads per cube, vectors per thread, rounds)` of a kernel family's bandwidth path: the
+/// defaults, unless the environment variables `FP8KV_<FAMILY>_THREADS` / `_UNROLL` / `_ROUNDS`
+/// (read once per process) override them. The override exists for tuning runs on a device, so
+/// that one benchmark binary can try several shapes.
+pub(crate) fn tuning(family: &'static str, default: (u32, u32, u32)) -> (u32, u32, u32) {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    type Shapes = HashMap<&'static str, (u32, u32, u32)>;
+    static CACHE: OnceLock<Mutex<Shapes>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    *map.entry(family).or_insert_with(|| {
+        let read = |what: &str, d: u32| {
+            std::env::var(format!("FP8KV_{family}_{what}"))
+                .ok()
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|&v| v > 0)
+                .unwrap_or(d)
+        };
+        (
+            read("THREADS", default.0).min(1024),
+            read("UNROLL", default.1).min(16),
+            read("ROUNDS", default.2).min(16),
+        )
+    })
+}
+
+/// The kernels index buffers in 32-bit vector units; a buffer of more vectors than that is
+/// refused (a cache for all layers of a big model should be split per layer).
+pub(crate) fn check_u32_vectors(
+    what: &'static str,
+    elems: usize,
+    vec: usize,
+) -> crate::error::Result<()> {
+    if elems / vec > u32::MAX as usize {
+        return Err(crate::error::Fp8KvError::ShapeMismatch {
+            what,
+            expected: format!(
+                "at most {} vectors of {vec} elements (32-bit indices)",
+                u32::MAX
+            ),
+            actual: format!("{elems} elements"),
+        });
+    }
+    Ok(())
+}

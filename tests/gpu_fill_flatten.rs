@@ -1,0 +1,255 @@
+//! GPU fill and flatten against the CPU references on the shared case table
+//! (`fp8kv::testing::fill_cases`): fill must write bit-identical codes and touch no other
+//! byte (both caches start poisoned with 0xCD); flatten must be exact (bitwise on the stored
+//! output dtype, outputs poisoned with NaN first).
+
+mod common;
+
+use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::fill::fill;
+use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
+use fp8kv::reference::{self, HostKvCache};
+use fp8kv::testing::{fill_cases, PagedCase, Problem};
+use fp8kv::{Dtype, KvSide, QuantPolicy};
+
+use cubecl::client::ComputeClient;
+
+/// Every cache configuration: the unquantized cache in both half types, and both FP8 formats.
+const CACHES: [(QuantPolicy, Dtype); 4] = [
+    (QuantPolicy::None, Dtype::F16),
+    (QuantPolicy::None, Dtype::Bf16),
+    (QuantPolicy::Fp8E4m3, Dtype::E4m3),
+    (QuantPolicy::Fp8E5m2, Dtype::E5m2),
+];
+const ACTS: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
+const POISON: u8 = 0xCD;
+
+/// Byte mismatches between two buffers: (count, first index, got, want).
+fn byte_diff(got: &[u8], want: &[u8]) -> (usize, Option<(usize, u8, u8)>) {
+    let mut n = 0;
+    let mut first = None;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g != w {
+            n += 1;
+            first.get_or_insert((i, g, w));
+        }
+    }
+    (n, first)
+}
+
+fn fill_one(
+    client: &ComputeClient<Cuda>,
+    case: &PagedCase,
+    policy: QuantPolicy,
+    dtype: Dtype,
+    act: Dtype,
+) -> Result<(), String> {
+    let p = Problem::generate(case, act).map_err(|e| e.to_string())?;
+    let scales = case.kv_scales(policy).map_err(|e| e.to_string())?;
+    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).map_err(|e| e.to_string())?;
+    let mut want = poisoned.clone();
+    reference::fill(
+        &mut want,
+        &scales,
+        p.k_rows(),
+        p.v_rows(),
+        p.num_tokens,
+        &p.meta,
+    )
+    .map_err(|e| e.to_string())?;
+
+    let heads = p.layout.num_kv_heads();
+    let mut cache =
+        PagedKvCache::from_host(client, &poisoned, scales).map_err(|e| e.to_string())?;
+    let k = DeviceRows::from_f32(
+        client,
+        &p.k_new,
+        act,
+        p.num_tokens,
+        heads * p.layout.head_dim_k(),
+        p.k_row_stride,
+    )
+    .map_err(|e| e.to_string())?;
+    let v = DeviceRows::from_f32(
+        client,
+        &p.v_new,
+        act,
+        p.num_tokens,
+        heads * p.layout.head_dim_v(),
+        p.v_row_stride,
+    )
+    .map_err(|e| e.to_string())?;
+    let batch = DeviceBatch::new(client, p.meta.clone(), &p.layout, p.num_tokens)
+        .map_err(|e| e.to_string())?;
+    fill(&mut cache, &k, &v, &batch).map_err(|e| e.to_string())?;
+    let got = cache.to_host().map_err(|e| e.to_string())?;
+    for side in [KvSide::K, KvSide::V] {
+        let (n, first) = byte_diff(got.bytes(side), want.bytes(side));
+        if n > 0 {
+            return Err(format!(
+                "{} {policy}/{dtype} act {act} {side}: {n} of {} bytes differ; first (byte index, gpu, cpu): {first:?}",
+                case.name,
+                want.bytes(side).len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_fill_matches_reference_bit_for_bit() {
+    let Some(client) = common::gpu::client_or_skip("gpu_fill_matches_reference_bit_for_bit") else {
+        return;
+    };
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in fill_cases() {
+        for (policy, dtype) in CACHES {
+            for act in ACTS {
+                runs += 1;
+                if let Err(e) = fill_one(&client, &case, policy, dtype, act) {
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    println!(
+        "fill: {runs} (case, cache dtype, activation) runs, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} fill runs differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+fn flatten_one(
+    client: &ComputeClient<Cuda>,
+    case: &PagedCase,
+    policy: QuantPolicy,
+    dtype: Dtype,
+    out_layout: FlattenLayout,
+    out: Dtype,
+) -> Result<(), String> {
+    let e = |e: fp8kv::Fp8KvError| e.to_string();
+    let p = Problem::generate(case, Dtype::Bf16).map_err(e)?;
+    let scales = case.kv_scales(policy).map_err(e)?;
+    let host = p.full_cache(policy, dtype, &scales, POISON).map_err(e)?;
+    let (want_k, want_v) =
+        reference::flatten(&host, &scales, &p.prefill_meta, out_layout, out).map_err(e)?;
+    let cache = PagedKvCache::from_host(client, &host, scales).map_err(e)?;
+    let batch = DeviceBatch::for_reads(client, p.prefill_meta.clone(), &p.layout).map_err(e)?;
+    let total = batch.total_kv_tokens();
+    let heads = p.layout.num_kv_heads();
+    let mut outs = Vec::new();
+    for (side, want) in [(KvSide::K, &want_k), (KvSide::V, &want_v)] {
+        let (rows, elems) = output_rows(heads, p.layout.head_dim(side), total, out_layout);
+        let nan = vec![f32::NAN; rows * elems];
+        outs.push((
+            DeviceRows::from_f32(client, &nan, out, rows, elems, elems).map_err(e)?,
+            side,
+            want,
+        ));
+    }
+    let (mut v_out, mut k_out) = (outs.pop().unwrap(), outs.pop().unwrap());
+    flatten(&cache, &batch, out_layout, &mut k_out.0, &mut v_out.0).map_err(e)?;
+    for (rows, side, want) in [k_out, v_out] {
+        let got = rows.to_bits().map_err(e)?;
+        let mut n = 0;
+        let mut first = None;
+        for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+            let wb = out.encode_bits(w);
+            let same = g == wb || (out.decode_bits(g).is_nan() && w.is_nan());
+            if !same {
+                n += 1;
+                first.get_or_insert((i, g, wb));
+            }
+        }
+        if n > 0 || got.len() != want.len() {
+            return Err(format!(
+                "{} {policy}/{dtype} -> {out} {out_layout:?} {side}: {n} of {} differ (len {} vs {}); first (index, gpu bits, cpu bits): {first:?}",
+                case.name,
+                want.len(),
+                got.len(),
+                want.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_flatten_is_exact() {
+    let Some(client) = common::gpu::client_or_skip("gpu_flatten_is_exact") else {
+        return;
+    };
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for case in fill_cases() {
+        for (policy, dtype) in CACHES {
+            for out_layout in [FlattenLayout::Hsd, FlattenLayout::Shd] {
+                for out in ACTS {
+                    runs += 1;
+                    if let Err(e) = flatten_one(&client, &case, policy, dtype, out_layout, out) {
+                        failures.push(e);
+                    }
+                }
+            }
+        }
+    }
+    println!(
+        "flatten: {runs} (case, cache dtype, layout, out dtype) runs, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} flatten runs differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn fill_rejects_a_read_only_batch_and_wrong_rows() {
+    let Some(client) = common::gpu::client_or_skip("fill_rejects_a_read_only_batch_and_wrong_rows")
+    else {
+        return;
+    };
+    let case = &fill_cases()[1];
+    let p = Problem::generate(case, Dtype::Bf16).unwrap();
+    let scales = case.kv_scales(QuantPolicy::Fp8E4m3).unwrap();
+    let mut cache =
+        PagedKvCache::<Cuda>::new(&client, p.layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales)
+            .unwrap();
+    let heads = p.layout.num_kv_heads();
+    let k = DeviceRows::from_f32(
+        &client,
+        &p.k_new,
+        Dtype::Bf16,
+        p.num_tokens,
+        heads * p.layout.head_dim_k(),
+        p.k_row_stride,
+    )
+    .unwrap();
+    let read_only = DeviceBatch::for_reads(&client, p.meta.clone(), &p.layout).unwrap();
+    assert!(matches!(
+        fill(&mut cache, &k, &k, &read_only),
+        Err(fp8kv::Fp8KvError::InvalidOption(_))
+    ));
+    let short = DeviceRows::from_f32(
+        &client,
+        &p.k_new,
+        Dtype::Bf16,
+        p.num_tokens - 1,
+        heads * p.layout.head_dim_k(),
+        p.k_row_stride,
+    )
+    .unwrap();
+    let batch = DeviceBatch::new(&client, p.meta.clone(), &p.layout, p.num_tokens).unwrap();
+    assert!(matches!(
+        fill(&mut cache, &short, &short, &batch),
+        Err(fp8kv::Fp8KvError::ShapeMismatch { .. })
+    ));
+}
