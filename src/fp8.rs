@@ -305,19 +305,7 @@ pub fn dequant(format: Fp8Format, code: u8, scale: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// splitmix64 (Steele, Lea, Flood 2014): a tiny deterministic PRNG.
-    struct SplitMix64(u64);
-
-    impl SplitMix64 {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-    }
+    use crate::testing::Rng;
 
     /// What a code means, computed independently of the codec: in f64 from
     /// the sign/exponent/mantissa fields of the OCP definition.
@@ -625,7 +613,7 @@ mod tests {
     fn encode_picks_a_nearest_code() {
         // Random magnitudes spread over [2^-20, 2^17): the decoded code is
         // at least as close to x as either neighbouring code.
-        let mut rng = SplitMix64(0x5EED_F8F8);
+        let mut rng = Rng::new(0x5EED_F8F8);
         for format in Fp8Format::ALL {
             for _ in 0..200_000 {
                 let r = rng.next_u64();

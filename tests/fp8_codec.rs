@@ -14,19 +14,7 @@
 
 use cubecl::{e4m3, e5m2};
 use fp8kv::fp8::*;
-
-/// splitmix64 (Steele, Lea, Flood 2014): a tiny deterministic PRNG.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
+use fp8kv::testing::Rng;
 
 /// The reference encoder/decoder for one format, through `float8`.
 fn reference_encode(format: Fp8Format, x: f32) -> u8 {
@@ -163,7 +151,7 @@ fn random_bit_patterns_encode_like_float8() {
     // Uniform over all 2^32 patterns: mostly far outside the FP8 range
     // (saturation and underflow to zero), plus NaNs and infinities.
     for (format, seed) in [(Fp8Format::E4m3, 1u64), (Fp8Format::E5m2, 2)] {
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng::new(seed);
         check_all(
             format,
             (0..2_000_000).map(|_| f32::from_bits(rng.next_u64() as u32)),
@@ -180,7 +168,7 @@ fn random_values_in_the_fp8_range_encode_like_float8() {
         (Fp8Format::E5m2, 4, -18, 17),
     ] {
         let span = (hi - lo + 1) as u64;
-        let mut rng = SplitMix64(seed);
+        let mut rng = Rng::new(seed);
         check_all(
             format,
             (0..2_000_000).map(|_| {

@@ -253,3 +253,64 @@ fn fill_rejects_a_read_only_batch_and_wrong_rows() {
         Err(fp8kv::Fp8KvError::ShapeMismatch { .. })
     ));
 }
+
+/// K and V sliced out of one fused QKV projection output (`[tokens, (heads + 2·kv_heads)·d]`,
+/// bf16): wrapped with offset handles and the fused row stride, fill must equal the reference
+/// fed the same strided rows.
+#[test]
+fn gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer() {
+    let Some(client) =
+        common::gpu::client_or_skip("gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer")
+    else {
+        return;
+    };
+    let case = fp8kv::testing::case(&fill_cases(), "chunked_prefill_history").clone();
+    let p = Problem::generate(&case, Dtype::Bf16).unwrap();
+    let (q_row, kv_row) = (
+        case.num_heads * case.head_dim_k,
+        case.num_kv_heads * case.head_dim_k,
+    );
+    let stride = q_row + 2 * kv_row;
+    let mut fused = vec![0f32; p.num_tokens * stride];
+    let mut rng = fp8kv::testing::Rng::from_name("fused_qkv");
+    for t in 0..p.num_tokens {
+        let row = &mut fused[t * stride..(t + 1) * stride];
+        for x in &mut row[..q_row] {
+            *x = Dtype::Bf16.round_trip(rng.normal() as f32);
+        }
+        row[q_row..q_row + kv_row].copy_from_slice(&p.k_new[t * p.k_row_stride..][..kv_row]);
+        row[q_row + kv_row..].copy_from_slice(&p.v_new[t * p.v_row_stride..][..kv_row]);
+    }
+    let dev =
+        DeviceRows::from_f32(&client, &fused, Dtype::Bf16, p.num_tokens, stride, stride).unwrap();
+    let slice = |offset_elems: usize| {
+        let handle = dev.handle().clone().offset_start((offset_elems * 2) as u64);
+        DeviceRows::from_handle(&client, handle, Dtype::Bf16, p.num_tokens, kv_row, stride).unwrap()
+    };
+    let (k, v) = (slice(q_row), slice(q_row + kv_row));
+    let policy = QuantPolicy::Fp8E4m3;
+    let scales = case.kv_scales(policy).unwrap();
+    let mut want = HostKvCache::new(p.layout, policy, Dtype::E4m3, POISON).unwrap();
+    let rows = |off: usize| reference::HostRows {
+        data: &fused[off..],
+        row_stride: stride,
+    };
+    reference::fill(
+        &mut want,
+        &scales,
+        rows(q_row),
+        rows(q_row + kv_row),
+        p.num_tokens,
+        &p.meta,
+    )
+    .unwrap();
+    let poisoned = HostKvCache::new(p.layout, policy, Dtype::E4m3, POISON).unwrap();
+    let mut cache = PagedKvCache::from_host(&client, &poisoned, scales).unwrap();
+    let batch = DeviceBatch::new(&client, p.meta.clone(), &p.layout, p.num_tokens).unwrap();
+    fill(&mut cache, &k, &v, &batch).unwrap();
+    let got = cache.to_host().unwrap();
+    for side in [KvSide::K, KvSide::V] {
+        let (n, first) = byte_diff(got.bytes(side), want.bytes(side));
+        assert_eq!(n, 0, "fused QKV {side}: {n} bytes differ, first {first:?}");
+    }
+}

@@ -13,6 +13,7 @@ pub mod flatten;
 
 use crate::error::KvSide;
 use crate::layout::{KvLayoutKind, PagedKvLayout};
+use crate::policy::{Dtype, QuantPolicy};
 
 /// Comptime device twin of one cache tensor (K or V) of a [`PagedKvLayout`]: the kernels take
 /// this instead of loose stride arguments, and every stride below is a compile-time constant
@@ -136,3 +137,15 @@ pub(crate) fn check_u32_vectors(
     }
     Ok(())
 }
+
+/// Every cache kind the kernels serve: both FP8 formats and the unquantized cache in both half
+/// types (the codegen sample hooks walk it).
+pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [
+    (QuantPolicy::Fp8E4m3, Dtype::E4m3),
+    (QuantPolicy::Fp8E5m2, Dtype::E5m2),
+    (QuantPolicy::None, Dtype::F16),
+    (QuantPolicy::None, Dtype::Bf16),
+];
+
+/// The activation dtypes the kernels take.
+pub(crate) const ACT_DTYPES: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];

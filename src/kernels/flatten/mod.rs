@@ -143,13 +143,8 @@ pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<(
             hsd,
         ));
     }
-    for (policy, cache) in [
-        (QuantPolicy::Fp8E4m3, Dtype::E4m3),
-        (QuantPolicy::Fp8E5m2, Dtype::E5m2),
-        (QuantPolicy::None, Dtype::F16),
-        (QuantPolicy::None, Dtype::Bf16),
-    ] {
-        for out in [Dtype::F16, Dtype::Bf16, Dtype::F32] {
+    for (policy, cache) in super::CACHE_KINDS {
+        for out in super::ACT_DTYPES {
             samples.push((128, 128, policy, cache, out, KvLayoutKind::Bshd, hsd));
         }
     }
