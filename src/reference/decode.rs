@@ -106,58 +106,91 @@ pub fn paged_decode(
         crate::policy::QuantPolicy::None => (1.0, 1.0),
         _ => (scales.k() as f64, scales.v() as f64),
     };
-    let mut out = vec![0f64; num_tokens * num_heads * dv];
-    let mut scores = Vec::new();
-    for b in 0..meta.batch() {
+    let page_size = layout.page_size();
+    // Attention of query `i` of sequence `b`, all heads: `[num_heads, dv]`.
+    let query_rows = |b: usize, i: usize| -> Vec<f64> {
         let q_len = meta.q_seq_length()[b] as usize;
         let kv_len = meta.kv_seqlens()[b] as usize;
-        for i in 0..q_len {
-            let tok = meta.q_start_loc()[b] as usize + i;
-            let p = kv_len - q_len + i;
-            let first = opts.window.map_or(0, |w| (p + 1).saturating_sub(w));
-            for h in 0..num_heads {
-                let g = h / group;
-                let qv = &q[(tok * num_heads + h) * dk..][..dk];
-                scores.clear();
-                for j in first..=p {
-                    let (page, slot) = meta.locate(b, j, layout.page_size());
-                    let dot: f64 = (0..dk)
-                        .map(|d| qv[d] as f64 * raw(KvSide::K, page, slot, g, d))
-                        .sum();
-                    let mut s = dot * k_scale * sm_scale;
-                    if let Some(c) = opts.softcap {
-                        let c = c as f64;
-                        s = c * (s / c).tanh();
-                    }
-                    if let Some(sl) = &opts.alibi_slopes {
-                        s += sl[h] as f64 * (j as f64 - p as f64);
-                    }
-                    scores.push(s);
-                }
-                let sink = opts.sinks.as_ref().map(|s| s[h] as f64);
-                let m = scores
-                    .iter()
-                    .copied()
-                    .chain(sink)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                if scores.is_empty() {
-                    continue;
-                }
-                let denom: f64 = scores
-                    .iter()
-                    .chain(sink.iter())
-                    .map(|s| (s - m).exp())
+        let tok = meta.q_start_loc()[b] as usize + i;
+        let p = kv_len - q_len + i;
+        let first = opts.window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let mut rows = vec![0f64; num_heads * dv];
+        let mut scores = Vec::with_capacity(p + 1 - first);
+        for h in 0..num_heads {
+            let g = h / group;
+            let qv = &q[(tok * num_heads + h) * dk..][..dk];
+            scores.clear();
+            for j in first..=p {
+                let (page, slot) = meta.locate(b, j, page_size);
+                let dot: f64 = (0..dk)
+                    .map(|d| qv[d] as f64 * raw(KvSide::K, page, slot, g, d))
                     .sum();
-                let o = &mut out[(tok * num_heads + h) * dv..][..dv];
-                for (jj, s) in scores.iter().enumerate() {
-                    let w = (s - m).exp() / denom * v_scale;
-                    let (page, slot) = meta.locate(b, first + jj, layout.page_size());
-                    for (d, od) in o.iter_mut().enumerate() {
-                        *od += w * raw(KvSide::V, page, slot, g, d);
-                    }
+                let mut s = dot * k_scale * sm_scale;
+                if let Some(c) = opts.softcap {
+                    let c = c as f64;
+                    s = c * (s / c).tanh();
+                }
+                if let Some(sl) = &opts.alibi_slopes {
+                    s += sl[h] as f64 * (j as f64 - p as f64);
+                }
+                scores.push(s);
+            }
+            if scores.is_empty() {
+                continue;
+            }
+            let sink = opts.sinks.as_ref().map(|s| s[h] as f64);
+            let m = scores
+                .iter()
+                .copied()
+                .chain(sink)
+                .fold(f64::NEG_INFINITY, f64::max);
+            let denom: f64 = scores
+                .iter()
+                .chain(sink.iter())
+                .map(|s| (s - m).exp())
+                .sum();
+            let o = &mut rows[h * dv..][..dv];
+            for (jj, s) in scores.iter().enumerate() {
+                let w = (s - m).exp() / denom * v_scale;
+                let (page, slot) = meta.locate(b, first + jj, page_size);
+                for (d, od) in o.iter_mut().enumerate() {
+                    *od += w * raw(KvSide::V, page, slot, g, d);
                 }
             }
         }
+        rows
+    };
+    let queries: Vec<(usize, usize)> = (0..meta.batch())
+        .flat_map(|b| (0..meta.q_seq_length()[b] as usize).map(move |i| (b, i)))
+        .collect();
+    // Queries are independent and each is summed in the same order by one thread, so the
+    // result does not depend on the thread count; threads only make the GPU tests' ground
+    // truth affordable on large cases.
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(queries.len().max(1));
+    let done: Vec<Vec<(usize, Vec<f64>)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (queries, query_rows) = (&queries, &query_rows);
+                scope.spawn(move || {
+                    queries
+                        .iter()
+                        .skip(t)
+                        .step_by(threads)
+                        .map(|&(b, i)| (meta.q_start_loc()[b] as usize + i, query_rows(b, i)))
+                        .collect()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("reference decode worker panicked"))
+            .collect()
+    });
+    let mut out = vec![0f64; num_tokens * num_heads * dv];
+    for (tok, rows) in done.into_iter().flatten() {
+        out[tok * num_heads * dv..][..num_heads * dv].copy_from_slice(&rows);
     }
     Ok(out)
 }
