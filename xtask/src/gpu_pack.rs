@@ -40,6 +40,11 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
             println!("  {sub}/{:<32} {:>6.1} MiB", a.name, mib(size));
         }
     }
+    // This very binary carries the demo: `run.sh demo` runs it on the GPU machine.
+    let me = std::env::current_exe().map_err(|e| format!("locating the xtask binary: {e}"))?;
+    let demo = pack.join("xtask");
+    strip_copy(&me, &demo)?;
+    total += std::fs::metadata(&demo).map_err(|e| e.to_string())?.len();
     let script = pack.join("run.sh");
     std::fs::write(&script, RUN_SH).map_err(|e| format!("{}: {e}", script.display()))?;
     println!(
@@ -147,6 +152,7 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 # without cargo, from a copy of the repository root:
 #   bash gpu-pack/run.sh tests [ARGS..]   every test binary, --test-threads=${FP8KV_TEST_THREADS:-1}, GPU required
 #   bash gpu-pack/run.sh bench [FILTER]   every bench binary with --bench
+#   bash gpu-pack/run.sh demo             the demo (`cargo xtask demo`), GPU path included
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -192,8 +198,11 @@ bench)
   done
   exit "$status"
   ;;
+demo)
+  "$pack/xtask" demo "$@"
+  ;;
 *)
-  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER]" >&2
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo" >&2
   exit 2
   ;;
 esac

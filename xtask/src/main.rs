@@ -5,11 +5,13 @@
 //! - `cargo xtask gpu-pack` builds the release test and bench binaries of `fp8kv`, strips them
 //!   and copies them into the git-ignored `gpu-pack/` folder (at most 64 MiB) with a `run.sh`.
 //!   On a GPU machine that has no Rust toolchain, from a copy of the repository root:
-//!   - `bash gpu-pack/run.sh tests [ARGS..]` runs every test binary with `--test-threads=1`
-//!     (plus ARGS, e.g. a name filter) and `FP8KV_REQUIRE_GPU=1`, so GPU tests fail instead of
+//!   - `bash gpu-pack/run.sh tests [ARGS..]` runs every test binary with
+//!     `--test-threads=$FP8KV_TEST_THREADS` (default 1; plus ARGS, e.g. a name filter) and `FP8KV_REQUIRE_GPU=1`, so GPU tests fail instead of
 //!     skipping when no device is found. It prints each binary's name and ends with
 //!     `GPU suite: N passed, M failed`; the exit status is non-zero on any failure.
 //!   - `bash gpu-pack/run.sh bench [FILTER]` runs every bench binary with `--bench [FILTER]`.
+//!   - `bash gpu-pack/run.sh demo` runs the demo (a stripped copy of this binary), GPU path
+//!     included.
 //! - `cargo xtask codegen [--ptx] [--verbose] [--out DIR] [--nvrtc DIR]` compiles every kernel
 //!   instantiation to CUDA C++ (into `target/codegen/`) without a GPU, through an offline cubecl
 //!   runtime that mimics an H100. With `--ptx` it also compiles each source to PTX for `sm_90a`

@@ -10,6 +10,8 @@ const ARCH_FLAG: &str = "--gpu-architecture=sm_90a";
 /// A loaded NVRTC and the include folder holding `cuda_fp8.h` and friends.
 pub struct Nvrtc {
     include_flag: String,
+    /// `--include-path` of the `crt/mma.h` stub, when the wheel lacks that header.
+    stub_flag: Option<String>,
 }
 
 /// PTX and the ptxas report of one compiled kernel.
@@ -45,8 +47,24 @@ impl Nvrtc {
         let handle = unsafe { libloading::Library::new(&lib) }
             .map_err(|e| format!("loading {}: {e}", lib.display()))?;
         std::mem::forget(handle);
+        // CubeCL's CUDA source for manual MMA includes <mma.h>, which includes "crt/mma.h";
+        // the PyPI runtime wheel ships the former without the latter. The generated code uses
+        // only its own inline-PTX `mma.sync` helpers, never the wmma API, so an empty stub
+        // (in a folder of its own inside DIR, searched after the real headers) is enough here.
+        let mut stub_flag = None;
+        if !include.join("crt/mma.h").exists() {
+            let stub = dir.join("fp8kv-stub-include");
+            std::fs::create_dir_all(stub.join("crt")).map_err(|e| format!("{stub:?}: {e}"))?;
+            std::fs::write(
+                stub.join("crt/mma.h"),
+                "// fp8kv xtask: stub for offline PTX checks (no wmma API used)\n",
+            )
+            .map_err(|e| format!("{stub:?}: {e}"))?;
+            stub_flag = Some(format!("--include-path={}", stub.display()));
+        }
         Ok(Self {
             include_flag: format!("--include-path={}", include.display()),
+            stub_flag,
         })
     }
 
@@ -55,13 +73,14 @@ impl Nvrtc {
         use cudarc::nvrtc::result;
         let src = CString::new(source).map_err(|e| e.to_string())?;
         let cname = CString::new(format!("{name}.cu")).map_err(|e| e.to_string())?;
-        let options = [
+        let mut options = vec![
             ARCH_FLAG,
             self.include_flag.as_str(),
             "-lineinfo",
             // Real-architecture target: NVRTC runs ptxas too, and -v puts its report in the log.
             "--ptxas-options=-v",
         ];
+        options.extend(self.stub_flag.as_deref());
         // SAFETY: NVRTC FFI; `src` and `cname` outlive the program, which is destroyed below.
         unsafe {
             let program = result::create_program(src.as_c_str(), Some(cname.as_c_str()))
