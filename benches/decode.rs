@@ -9,11 +9,13 @@
 //! same run (a vectorised copy kernel, bytes read + written).
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
+//! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
+//! shapes (e4m3 and bf16, page 64).
 
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::{paged_decode, AttentionOptions};
+use fp8kv::kernels::decode::{paged_decode_path, AttentionOptions, KernelPath, SplitChoice};
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
@@ -96,6 +98,8 @@ struct Shape {
     page_size: usize,
     policy: QuantPolicy,
     target_us: Option<f64>,
+    /// Which split kernel (`Auto` in the default table).
+    path: KernelPath,
 }
 
 const HEADS: usize = 32;
@@ -154,7 +158,17 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let opts = AttentionOptions::default();
     let f = |i: usize| {
         let mut o = out.lock().unwrap();
-        paged_decode(&q, HEADS, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
+        paged_decode_path(
+            &q,
+            HEADS,
+            &caches[i % copies],
+            &batch,
+            &opts,
+            SplitChoice::Auto,
+            s.path,
+            &mut o,
+        )
+        .expect("decode");
     };
     let us = median_us(client, &f);
     // Bytes of K and V the sequences' contexts occupy.
@@ -166,8 +180,13 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
             if us <= t { "met" } else { "MISSED" }
         )
     });
+    let path = match s.path {
+        KernelPath::Auto => "",
+        KernelPath::CudaCores => " [cuda cores]",
+        KernelPath::TensorCores => " [tensor cores]",
+    };
     println!(
-        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}",
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}",
         s.batch,
         s.context,
         s.page_size,
@@ -194,6 +213,26 @@ fn main() {
     };
     let copy = copy_tbps(&client);
     println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
+    if std::env::args().any(|a| a == "--paths") {
+        for (batch, context) in [(1, 32768), (32, 4096), (32, 32768)] {
+            for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
+                for path in [KernelPath::CudaCores, KernelPath::TensorCores] {
+                    let shape = Shape {
+                        batch,
+                        context,
+                        page_size: 64,
+                        policy,
+                        target_us: None,
+                        path,
+                    };
+                    if let Err(err) = bench_shape(&client, &shape, copy) {
+                        println!("  error: {err}");
+                    }
+                }
+            }
+        }
+        return;
+    }
     let shapes = [
         (1, 32768, Some(30.0)),
         (32, 4096, Some(100.0)),
@@ -209,6 +248,7 @@ fn main() {
                 page_size: 64,
                 policy: QuantPolicy::Fp8E4m3,
                 target_us: target,
+                path: KernelPath::Auto,
             },
             copy,
         );
@@ -220,6 +260,7 @@ fn main() {
                 page_size: 64,
                 policy: QuantPolicy::None,
                 target_us: None,
+                path: KernelPath::Auto,
             },
             copy,
         );
@@ -245,6 +286,7 @@ fn main() {
                 page_size: 16,
                 policy: QuantPolicy::Fp8E4m3,
                 target_us: None,
+                path: KernelPath::Auto,
             },
             copy,
         );
@@ -256,6 +298,7 @@ fn main() {
                 page_size: 64,
                 policy: QuantPolicy::Fp8E4m3,
                 target_us: None,
+                path: KernelPath::Auto,
             },
             copy,
         );

@@ -9,7 +9,10 @@ mod common;
 use cubecl::client::ComputeClient;
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::plan::TILE_TOKENS;
-use fp8kv::kernels::decode::{paged_decode, paged_decode_with, AttentionOptions, SplitChoice};
+use fp8kv::kernels::decode::{
+    auto_path, paged_decode, paged_decode_path, tensor_cores_apply, AttentionOptions, KernelPath,
+    SplitChoice,
+};
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
 use fp8kv::{Dtype, Fp8KvError, KvSide, QuantPolicy};
@@ -30,6 +33,8 @@ struct Run<'a> {
     act: Dtype,
     opts: AttentionOptions,
     split: SplitChoice,
+    /// Which split kernel ([`both_paths`] makes one run per kernel that applies).
+    path: KernelPath,
 }
 
 /// Result of one comparison.
@@ -123,7 +128,10 @@ fn run_one(client: &ComputeClient<Cuda>, run: &Run) -> Result<Outcome, String> {
     let poison = vec![f32::NAN; p.num_tokens * h * dv];
     let mut out =
         DeviceRows::from_f32(client, &poison, run.act, p.num_tokens, h * dv, h * dv).map_err(e)?;
-    paged_decode_with(&q, h, &cache, &batch, &run.opts, run.split, &mut out).map_err(e)?;
+    paged_decode_path(
+        &q, h, &cache, &batch, &run.opts, run.split, run.path, &mut out,
+    )
+    .map_err(e)?;
     let got = out.to_f32().map_err(e)?;
 
     let fp8 = run.policy != QuantPolicy::None;
@@ -221,8 +229,13 @@ fn describe(run: &Run) -> String {
         SplitChoice::Auto => "auto".to_string(),
         SplitChoice::Tokens(n) => format!("{n}-token splits"),
     };
+    let path = match run.path {
+        KernelPath::Auto => "auto",
+        KernelPath::CudaCores => "cuda cores",
+        KernelPath::TensorCores => "tensor cores",
+    };
     format!(
-        "{} cache {}/{} act {} [{}] {split}",
+        "{} cache {}/{} act {} [{}] {split} {path}",
         run.case.name,
         run.policy,
         run.cache_dtype,
@@ -233,9 +246,28 @@ fn describe(run: &Run) -> String {
 
 /// Runs every run, prints one result line each, fails listing the bad ones.
 fn check_all(client: &ComputeClient<Cuda>, runs: &[Run]) {
+    // The f64 CPU references dominate the time: compute the runs on a few threads (the device
+    // queue is shared), then report in order.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let workers = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+    let mut results: Vec<Option<Result<Outcome, String>>> = (0..runs.len()).map(|_| None).collect();
+    let done = std::sync::Mutex::new(&mut results);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= runs.len() {
+                    break;
+                }
+                let r = run_one(client, &runs[i]);
+                done.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+            });
+        }
+    });
     let mut failures = Vec::new();
-    for run in runs {
-        match run_one(client, run) {
+    for (run, result) in runs.iter().zip(results) {
+        match result.expect("every run was computed") {
             Ok(o) => {
                 let line = format!(
                     "{}: {} of {} outside the bound; max |Δ| {:.3e} at {}; worst |Δ|/bound {:.3}",
@@ -280,7 +312,32 @@ fn plain(case: &PagedCase, policy: QuantPolicy, cache_dtype: Dtype, act: Dtype) 
         act,
         opts: AttentionOptions::default(),
         split: SplitChoice::Auto,
+        path: KernelPath::Auto,
     }
+}
+
+/// Each run once per split kernel: the CUDA-core kernel always, the tensor-core kernel where
+/// it applies. `FP8KV_DECODE_TEST_PATHS=cuda` or `=tensor` keeps one of them (device time).
+fn both_paths(runs: Vec<Run<'_>>) -> Vec<Run<'_>> {
+    let only = std::env::var("FP8KV_DECODE_TEST_PATHS").unwrap_or_default();
+    let mut out = Vec::new();
+    for run in runs {
+        let (dk, dv) = (run.case.head_dim_k, run.case.head_dim_v);
+        if only != "cuda" && tensor_cores_apply(run.cache_dtype, dk, dv) {
+            out.push(Run {
+                path: KernelPath::TensorCores,
+                opts: run.opts.clone(),
+                ..run
+            });
+        }
+        if only != "tensor" {
+            out.push(Run {
+                path: KernelPath::CudaCores,
+                ..run
+            });
+        }
+    }
+    out
 }
 
 #[test]
@@ -307,7 +364,7 @@ fn gpu_decode_matches_reference_on_every_case() {
         runs.push(plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::F16));
         runs.push(plain(c, QuantPolicy::Fp8E5m2, Dtype::E5m2, Dtype::F32));
     }
-    check_all(&client, &runs);
+    check_all(&client, &both_paths(runs));
 }
 
 #[test]
@@ -332,7 +389,7 @@ fn gpu_decode_many_splits_merge_exactly() {
             });
         }
     }
-    check_all(&client, &runs);
+    check_all(&client, &both_paths(runs));
 }
 
 fn alibi_slopes(num_heads: usize) -> Vec<f32> {
@@ -410,12 +467,13 @@ fn gpu_decode_options_with_fp8() {
                         act: Dtype::Bf16,
                         opts: opts.clone(),
                         split,
+                        path: KernelPath::Auto,
                     });
                 }
             }
         }
     }
-    check_all(&client, &runs);
+    check_all(&client, &both_paths(runs));
 }
 
 #[test]
@@ -544,4 +602,31 @@ fn gpu_decode_rejects_bad_input() {
         Err(Fp8KvError::ShapeMismatch { .. })
     ));
     paged_decode(&q, h, &cache, &batch, &opts, &mut out).unwrap();
+}
+
+/// Reports which split kernel the default path picks on this device (the tensor-core kernel
+/// needs the m16n8k16 MMA the runtime registers from sm_80 on), and that forcing the
+/// tensor-core kernel where it does not apply is an error rather than a silent fallback.
+#[test]
+fn gpu_decode_reports_the_default_kernel_path() {
+    let Some(client) = client_or_skip("gpu_decode_reports_the_default_kernel_path") else {
+        return;
+    };
+    for dt in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
+        println!(
+            "default split kernel, {dt} cache, head dim 128: {:?}; 576/512: {:?}",
+            auto_path(&client, dt, 128, 128),
+            auto_path(&client, dt, 576, 512)
+        );
+    }
+    let cases = decode_cases();
+    let c = case(&cases, "mla_576_512");
+    let run = Run {
+        path: KernelPath::TensorCores,
+        ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
+    };
+    let err = run_one(&client, &run)
+        .err()
+        .expect("tensor cores do not apply to 576/512");
+    assert!(err.contains("does not apply"), "{err}");
 }

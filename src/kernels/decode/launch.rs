@@ -10,11 +10,12 @@
 use cubecl::prelude::*;
 
 use super::kernel::{decode_combine_kernel, decode_split_kernel, SplitParamsLaunch, PLANE_LANES};
-use super::plan::{SplitPlan, WorkspaceShape, MAX_SPLITS, TILE_TOKENS};
+use super::mma::{decode_split_mma_kernel, CacheBits, MmaConfig, MMA_ROWS, MMA_WARPS};
+use super::plan::{KernelPath, SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT, TILE_TOKENS};
 use super::{AttentionOptions, DecodeConfig, SplitChoice, MAX_ROWS_PER_CUBE};
 use crate::device::{storage_type, BatchOffsets, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
-use crate::kernels::{handle_vec_len, CacheGeometry};
+use crate::kernels::{array_len, handle_vec_len, CacheGeometry};
 use crate::policy::{Dtype, QuantPolicy};
 
 /// Threads per split cube in general: 4 warps, 16 tokens' K rows per pass.
@@ -41,16 +42,132 @@ fn row_blocking(max_rows: usize) -> (usize, usize) {
     (rows, max_rows.max(1).div_ceil(rows))
 }
 
+/// Rows per cube and row blocks of the chosen split kernel.
+fn row_blocking_for(mma: Option<&MmaConfig>, max_rows: usize) -> (usize, usize) {
+    match mma {
+        Some(_) => (
+            MMA_ROWS as usize,
+            max_rows.max(1).div_ceil(MMA_ROWS as usize),
+        ),
+        None => row_blocking(max_rows),
+    }
+}
+
+/// The tensor-core configuration where that kernel applies, `None` where it does not: K and V
+/// head dims equal and 64 or 128 (256 would need more than 255 registers for its 32 output
+/// tiles and query fragments: it keeps the CUDA-core kernel), any cache dtype, any query dtype,
+/// any group (blocks of 16 rows), every option.
+pub(crate) fn mma_config(
+    cache: Dtype,
+    act: Dtype,
+    k: CacheGeometry,
+    v: CacheGeometry,
+    group: u32,
+    opts: &AttentionOptions,
+) -> Option<MmaConfig> {
+    if k.head_dim != v.head_dim || !matches!(k.head_dim, 64 | 128) {
+        return None;
+    }
+    // The MMA operand type: bf16 for the bf16 cache, f16 otherwise (FP8 converts exactly).
+    let (bits, mma_bf16) = match cache {
+        Dtype::E4m3 => (CacheBits::E4m3, false),
+        Dtype::E5m2 => (CacheBits::E5m2, false),
+        Dtype::F16 => (CacheBits::Half, false),
+        Dtype::Bf16 => (CacheBits::Half, true),
+        Dtype::F32 => return None,
+    };
+    // Query parts: one where the query dtype converts exactly (f16 → f16, bf16 → bf16, bf16 →
+    // f16 within f16's range: a bf16 query element beyond ±65504 would overflow, below 2^-14
+    // it keeps an absolute error ≤ 2^-25, far inside the score bound), else enough parts for 22+ bits (f32: 2 f16 / 3 bf16 of 11 / 8
+    // bits; f16 → bf16: 2). Probabilities are f32: 2 f16 parts (22 bits) or 3 bf16 (24).
+    let q_parts = match (act, mma_bf16) {
+        (Dtype::F32, false) => 2,
+        (Dtype::F32, true) => 3,
+        (Dtype::F16, true) => 2,
+        _ => 1,
+    };
+    let piece_bytes = v.head_dim / 8 * bits.elem_bytes();
+    Some(MmaConfig {
+        k,
+        v,
+        group,
+        bits,
+        v_words: if piece_bytes >= 16 { 4 } else { 2 },
+        q_parts,
+        p_parts: if mma_bf16 { 3 } else { 2 },
+        softcap: opts.softcap.is_some(),
+        alibi: opts.alibi_slopes.is_some(),
+        window: opts.window.is_some(),
+    })
+}
+
+/// The tensor-core configuration a launch uses, or `None` for the CUDA-core kernel.
+pub(crate) fn choose_mma<R: Runtime>(
+    cache: &PagedKvCache<R>,
+    act: Dtype,
+    num_heads: usize,
+    opts: &AttentionOptions,
+    path: KernelPath,
+) -> Result<Option<MmaConfig>> {
+    let layout = cache.layout();
+    let candidate = mma_config(
+        cache.dtype(),
+        act,
+        CacheGeometry::new(layout, KvSide::K),
+        CacheGeometry::new(layout, KvSide::V),
+        (num_heads / layout.num_kv_heads()) as u32,
+        opts,
+    );
+    match path {
+        KernelPath::CudaCores => Ok(None),
+        KernelPath::TensorCores => candidate.map(Some).ok_or_else(|| {
+            Fp8KvError::InvalidOption(format!(
+                "the tensor-core decode kernel does not apply to head dims {}/{} with a {} cache",
+                layout.head_dim_k(),
+                layout.head_dim_v(),
+                cache.dtype()
+            ))
+        }),
+        KernelPath::Auto => {
+            let supported = mma_supported(cache.client(), cache.dtype());
+            // Window, softcap and ALiBi have not been verified on a device in this kernel yet
+            // (see MMA_BY_DEFAULT); sinks live in the shared combine kernel.
+            let verified = |c: &MmaConfig| !c.window && !c.softcap && !c.alibi;
+            Ok(candidate.filter(|c| MMA_BY_DEFAULT && supported && verified(c)))
+        }
+    }
+}
+
+/// Whether the runtime reports the `m16n8k16` MMA (f32 accumulators) the tensor-core kernel
+/// emits for a cache of `cache` dtype (bf16 operands for the bf16 cache, f16 otherwise): CUDA
+/// sm_80 and later.
+pub(crate) fn mma_supported<R: Runtime>(client: &ComputeClient<R>, cache: Dtype) -> bool {
+    let mma_type = if cache == Dtype::Bf16 {
+        Dtype::Bf16
+    } else {
+        Dtype::F16
+    };
+    client.properties().features.matmul.mma.iter().any(|c| {
+        c.m == 16
+            && c.n == 8
+            && c.k == 16
+            && c.a_type == storage_type(mma_type)
+            && c.b_type == storage_type(mma_type)
+            && c.cd_type == storage_type(Dtype::F32)
+    })
+}
+
 /// The split plan of one launch.
 pub(crate) fn plan_for<R: Runtime>(
     cache: &PagedKvCache<R>,
     batch: &DeviceBatch<R>,
     num_heads: usize,
     choice: SplitChoice,
+    mma: Option<&MmaConfig>,
 ) -> Result<SplitPlan> {
     let meta = batch.meta();
     let group = num_heads / cache.layout().num_kv_heads();
-    let (_, row_blocks) = row_blocking(meta.max_q_len() * group);
+    let (_, row_blocks) = row_blocking_for(mma, meta.max_q_len() * group);
     match choice {
         SplitChoice::Auto => {
             let sm = cache
@@ -132,6 +249,7 @@ fn small_f32<R: Runtime>(
 }
 
 /// Launches the split and combine kernels for validated input.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode<R: Runtime>(
     q: &DeviceRows<R>,
     num_heads: usize,
@@ -139,6 +257,7 @@ pub(crate) fn launch_decode<R: Runtime>(
     batch: &DeviceBatch<R>,
     opts: &AttentionOptions,
     plan: SplitPlan,
+    mma: Option<MmaConfig>,
     out: &mut DeviceRows<R>,
 ) -> Result<()> {
     let meta = batch.meta();
@@ -161,7 +280,7 @@ pub(crate) fn launch_decode<R: Runtime>(
     let layout = *cache.layout();
     let kv_heads = layout.num_kv_heads();
     let group = num_heads / kv_heads;
-    let (rows, row_blocks) = row_blocking(meta.max_q_len() * group);
+    let (rows, row_blocks) = row_blocking_for(mma.as_ref(), meta.max_q_len() * group);
     let es = cache.dtype().size_bytes();
     let cfg = config(
         cache.dtype(),
@@ -206,38 +325,65 @@ pub(crate) fn launch_decode<R: Runtime>(
         opts.window.unwrap_or(1) as u32,
     );
     let meta_len = batch.offsets().len;
+    let grid = CubeCount::Static(
+        (kv_heads * row_blocks) as u32,
+        meta.batch() as u32,
+        plan.num_splits as u32,
+    );
     // SAFETY: array lengths are the buffers' real sizes; the public entry validated the
     // metadata against this cache's layout (every block-table entry a sequence reads is in
     // range, q_len ≤ kv_len, query rows inside q) and the q/out shapes, and checked that every
-    // index fits in u32.
+    // index fits in u32. The tensor-core kernel reads the caches as 32-bit words in vectors of
+    // 16 (or 8) bytes: every lane piece it reads is a whole multiple of its vector and starts
+    // at a multiple of it (rows start at multiples of the head dim; see `mma_config`).
     unsafe {
-        decode_split_kernel::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(
-                (kv_heads * row_blocks) as u32,
-                meta.batch() as u32,
-                plan.num_splits as u32,
-            ),
-            CubeDim::new_1d(cfg.threads),
-            cfg.k_vec as usize,
-            cfg.v_vec as usize,
-            ArrayArg::from_raw_parts(q.handle().clone(), q.len_elems()),
-            ArrayArg::from_raw_parts(
-                cache.k_handle().clone(),
-                handle_vec_len(cache.k_handle(), es * cfg.k_vec as usize),
-            ),
-            ArrayArg::from_raw_parts(
-                cache.v_handle().clone(),
-                handle_vec_len(cache.v_handle(), es * cfg.v_vec as usize),
-            ),
-            ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
-            ArrayArg::from_raw_parts(alibi, alibi_len),
-            ArrayArg::from_raw_parts(ws_o.clone(), ws.o_elems()),
-            ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
-            params,
-            cfg,
-            [act, storage_type(cache.dtype())],
-        );
+        if let Some(mcfg) = mma {
+            let mma_type = if cache.dtype() == Dtype::Bf16 {
+                Dtype::Bf16
+            } else {
+                Dtype::F16
+            };
+            decode_split_mma_kernel::launch_unchecked::<R>(
+                &client,
+                grid,
+                CubeDim::new_1d(MMA_WARPS * PLANE_LANES),
+                mcfg.v_words as usize,
+                ArrayArg::from_raw_parts(q.handle().clone(), q.len_elems()),
+                ArrayArg::from_raw_parts(cache.k_handle().clone(), array_len(cache.k_handle(), 4)),
+                ArrayArg::from_raw_parts(cache.v_handle().clone(), array_len(cache.v_handle(), 4)),
+                ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
+                ArrayArg::from_raw_parts(alibi, alibi_len),
+                ArrayArg::from_raw_parts(ws_o.clone(), ws.o_elems()),
+                ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
+                params,
+                mcfg,
+                [act, storage_type(mma_type)],
+            );
+        } else {
+            decode_split_kernel::launch_unchecked::<R>(
+                &client,
+                grid,
+                CubeDim::new_1d(cfg.threads),
+                cfg.k_vec as usize,
+                cfg.v_vec as usize,
+                ArrayArg::from_raw_parts(q.handle().clone(), q.len_elems()),
+                ArrayArg::from_raw_parts(
+                    cache.k_handle().clone(),
+                    handle_vec_len(cache.k_handle(), es * cfg.k_vec as usize),
+                ),
+                ArrayArg::from_raw_parts(
+                    cache.v_handle().clone(),
+                    handle_vec_len(cache.v_handle(), es * cfg.v_vec as usize),
+                ),
+                ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
+                ArrayArg::from_raw_parts(alibi, alibi_len),
+                ArrayArg::from_raw_parts(ws_o.clone(), ws.o_elems()),
+                ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
+                params,
+                cfg,
+                [act, storage_type(cache.dtype())],
+            );
+        }
         decode_combine_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(
@@ -267,6 +413,33 @@ pub(crate) fn launch_decode<R: Runtime>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mma_configs_read_whole_aligned_vectors() {
+        let geom = |d: usize| CacheGeometry {
+            page_size: 16,
+            num_kv_heads: 2,
+            head_dim: d as u32,
+            bhsd: false,
+        };
+        let opts = AttentionOptions::default();
+        for &(dk, dv) in crate::layout::SUPPORTED_HEAD_DIMS.iter() {
+            for cache in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
+                for act in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+                    let Some(c) = mma_config(cache, act, geom(dk), geom(dv), 4, &opts) else {
+                        assert!(dk != dv || !matches!(dk, 64 | 128), "{dk}/{dv} {cache}");
+                        continue;
+                    };
+                    let es = c.bits.elem_bytes();
+                    // A lane's K piece (dk/4 elements) is whole 16-byte vectors, its V piece
+                    // (dv/8) whole vectors of v_words words.
+                    assert_eq!((dk as u32 / 4 * es) % 16, 0);
+                    assert_eq!((dv as u32 / 8 * es) % (4 * c.v_words), 0);
+                    assert!((1..=3).contains(&c.q_parts) && (2..=3).contains(&c.p_parts));
+                }
+            }
+        }
+    }
 
     #[test]
     fn configs_fit_the_thread_mapping() {

@@ -11,16 +11,20 @@
 //! to [`MAX_ROWS_PER_CUBE`] query rows and cache split) writes f32 partial states to a
 //! workspace; [`kernel::decode_combine_kernel()`] merges them ([`plan::SplitState::merge`]).
 //! The split count comes from [`plan::SplitPlan::new`] (batch, heads, context, SM count).
+//! [`mma::decode_split_mma_kernel()`] is the tensor-core alternative to the split kernel (same
+//! workspace, same combine), chosen by [`KernelPath`].
 
 #[allow(missing_docs)]
 pub mod kernel;
 mod launch;
+#[allow(missing_docs)]
+pub mod mma;
 pub mod plan;
 
 use cubecl::Runtime;
 
 pub use crate::reference::AttentionOptions;
-pub use plan::{SplitPlan, SplitState, WorkspaceShape};
+pub use plan::{KernelPath, SplitPlan, SplitState, WorkspaceShape};
 
 use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -115,6 +119,32 @@ pub fn paged_decode_with<R: Runtime>(
     split: SplitChoice,
     out: &mut DeviceRows<R>,
 ) -> Result<()> {
+    paged_decode_path(
+        q,
+        num_heads,
+        cache,
+        batch,
+        opts,
+        split,
+        KernelPath::Auto,
+        out,
+    )
+}
+
+/// [`paged_decode_with`] with an explicit split kernel: tests force either path, and
+/// [`KernelPath::TensorCores`] returns [`Fp8KvError::InvalidOption`] where that kernel does not
+/// apply (head dims other than 64/128 with K = V).
+#[allow(clippy::too_many_arguments)]
+pub fn paged_decode_path<R: Runtime>(
+    q: &DeviceRows<R>,
+    num_heads: usize,
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+    opts: &AttentionOptions,
+    split: SplitChoice,
+    path: KernelPath,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
     cache.policy().check_cache_dtype(cache.dtype())?;
@@ -190,7 +220,8 @@ pub fn paged_decode_with<R: Runtime>(
         layout.cache_elems(KvSide::V) * cache.dtype().size_bytes() / 16,
     )?;
     too_big("q", q.len_elems())?;
-    let plan = launch::plan_for(cache, batch, num_heads, split)?;
+    let mma = launch::choose_mma(cache, q.dtype(), num_heads, opts, path)?;
+    let plan = launch::plan_for(cache, batch, num_heads, split, mma.as_ref())?;
     too_big(
         "workspace",
         WorkspaceShape {
@@ -201,7 +232,51 @@ pub fn paged_decode_with<R: Runtime>(
         }
         .o_elems(),
     )?;
-    launch::launch_decode(q, num_heads, cache, batch, opts, plan, out)
+    launch::launch_decode(q, num_heads, cache, batch, opts, plan, mma, out)
+}
+
+/// Whether [`KernelPath::TensorCores`] applies to a cache of `cache_dtype` with these head
+/// dims (every query dtype, group, page size, layout and option is supported by it).
+pub fn tensor_cores_apply(
+    cache_dtype: crate::policy::Dtype,
+    head_dim_k: usize,
+    head_dim_v: usize,
+) -> bool {
+    let geom = |d: usize| crate::kernels::CacheGeometry {
+        page_size: 16,
+        num_kv_heads: 1,
+        head_dim: d as u32,
+        bhsd: false,
+    };
+    launch::mma_config(
+        cache_dtype,
+        crate::policy::Dtype::Bf16,
+        geom(head_dim_k),
+        geom(head_dim_v),
+        1,
+        &AttentionOptions::default(),
+    )
+    .is_some()
+}
+
+/// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], for a cache
+/// of `cache_dtype` with these head dims on `client`'s device: [`KernelPath::TensorCores`]
+/// where that kernel applies, the device has the MMA it needs and [`plan::MMA_BY_DEFAULT`] is
+/// on, else [`KernelPath::CudaCores`] (window, softcap and ALiBi always take the latter).
+pub fn auto_path<R: Runtime>(
+    client: &cubecl::client::ComputeClient<R>,
+    cache_dtype: crate::policy::Dtype,
+    head_dim_k: usize,
+    head_dim_v: usize,
+) -> KernelPath {
+    if plan::MMA_BY_DEFAULT
+        && tensor_cores_apply(cache_dtype, head_dim_k, head_dim_v)
+        && launch::mma_supported(client, cache_dtype)
+    {
+        KernelPath::TensorCores
+    } else {
+        KernelPath::CudaCores
+    }
 }
 
 /// Launches one decode per kernel configuration worth inspecting (Llama-3-8B decode with each
@@ -288,6 +363,28 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             AttentionOptions::default()
         };
         paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
+        // The tensor-core kernel of the same sample, where it applies.
+        if launch::mma_config(
+            dtype,
+            Dtype::Bf16,
+            crate::kernels::CacheGeometry::new(&layout, crate::error::KvSide::K),
+            crate::kernels::CacheGeometry::new(&layout, crate::error::KvSide::V),
+            (heads / kv_heads) as u32,
+            &opts,
+        )
+        .is_some()
+        {
+            paged_decode_path(
+                &q,
+                heads,
+                &cache,
+                &batch,
+                &opts,
+                SplitChoice::Auto,
+                KernelPath::TensorCores,
+                &mut out,
+            )?;
+        }
     }
     Ok(())
 }

@@ -15,6 +15,30 @@ pub const MIN_SPLIT_TOKENS: usize = 256;
 /// (about 16 KiB per SM, each cube keeping about 8 KiB in flight), a little slack for tails.
 pub const TARGET_CUBES_PER_SM: usize = 4;
 
+/// Which split kernel computes the partial states (both write the same workspace, merged by
+/// the same combine kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelPath {
+    /// The launcher decides: the tensor-core kernel where it applies, the device has its MMA
+    /// and [`MMA_BY_DEFAULT`] is on (and no window, softcap or ALiBi is asked for), otherwise
+    /// the CUDA-core kernel.
+    #[default]
+    Auto,
+    /// The CUDA-core kernel (every shape and option).
+    CudaCores,
+    /// The tensor-core kernel (`super::mma`); an error where it does not apply (see
+    /// `launch::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
+    TensorCores,
+}
+
+/// Whether [`KernelPath::Auto`] picks the tensor-core kernel where it applies and no sliding
+/// window, softcap or ALiBi is asked for. The kernel passed the GPU suite's plain comparisons
+/// (every case of the decode table it applies to, f16/bf16/f32 queries, FP8 and 16-bit caches,
+/// many splits) on an H100; its window/softcap/ALiBi branches have not yet run on a device, so
+/// [`KernelPath::Auto`] keeps the CUDA-core kernel for those (they can be forced with
+/// [`KernelPath::TensorCores`]).
+pub const MMA_BY_DEFAULT: bool = true;
+
 /// How the cache of every sequence is cut for one launch.
 ///
 /// Invariants: `num_splits ≥ 1`; `split_tokens` is a positive multiple of [`TILE_TOKENS`];

@@ -1,0 +1,644 @@
+//! Tensor-core split kernel of paged decode ([`decode_split_mma_kernel()`]): the same partial
+//! states as [`super::kernel::decode_split_kernel()`] (same workspace, same combine kernel),
+//! with QK and PV on `mma.sync.m16n8k16` (f16 or bf16 operands, f32 accumulators) in the
+//! FlashAttention-2 register layout, so each cache byte costs a few integer operations instead
+//! of `group` FMAs on CUDA cores.
+//!
+//! Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", the same mapping CubeCL's
+//! `MmaDefinition::position_of_nth` emits for CUDA), lane = `4·gq + tq`:
+//! - A (16 × 16), 4 registers of 2 elements: `a0 = (row gq, cols 2tq, 2tq+1)`, `a1 = (row gq+8,
+//!   same cols)`, `a2 = (row gq, cols 2tq+8, 2tq+9)`, `a3 = (row gq+8, cols 2tq+8, 2tq+9)`.
+//! - B (16 × 8), 2 registers: `b0 = (rows 2tq, 2tq+1; col gq)`, `b1 = (rows 2tq+8, 2tq+9; col gq)`.
+//! - C (16 × 8), 2 registers of 2 f32: `c0 = (row gq, cols 2tq, 2tq+1)`, `c1 = (row gq+8, ...)`.
+//!
+//! Both products sum over their k dimension, so which head dim (QK) or which token (PV) a
+//! k-slot stands for is free as long as A and B agree, and which V dim an output column stands
+//! for is free as long as the write-back agrees. The kernel picks them so that every lane reads
+//! contiguous 16-byte pieces of the cache straight into registers:
+//! - QK, k-step `s`, lane `(gq, tq)`: B column `gq` is token `gq` of the 8-token n-tile, and the
+//!   lane's four k-slots are head dims `tq·dk/4 + 4s + {0..3}`: each lane reads `dk/4`
+//!   contiguous elements of one token row (a quad reads the whole row). For FP8 the slots of
+//!   `b0` are bytes 0 and 2 of the 32-bit word, those of `b1` bytes 1 and 3, so the conversion
+//!   is two masks and shifts per register (`fp8_word_to_half2`); Q's A fragment uses the
+//!   same order.
+//! - PV, 16 tokens per k-block: slot `k` is token `k` of the block, which is exactly the column
+//!   order of the two score C tiles (FA2's "C fragment = A fragment" reuse). Output column `n`
+//!   of V n-tile `nt` is V dim `n·dv/8 + nt`, so lane `(gq, tq)` reads the `dv/8` contiguous
+//!   elements at `gq·dv/8` of its four tokens `2tq, 2tq+1, 2tq+8, 2tq+9` (one 16-byte load each
+//!   for dv = 128 FP8) and picks element `nt` of each for n-tile `nt`.
+//!
+//! FP8 → f16 is exact through bit moves: an E5M2 code is the top byte of the f16 with the same
+//! value; an E4M3 code's 7 exponent/mantissa bits shifted into f16's field give `x·2^-8`
+//! (subnormals included), undone on the f32 scores/outputs. The f16/bf16 cache is fed as is.
+//! Queries and probabilities that the MMA type cannot hold exactly are split into a sum of
+//! `q_parts` / `p_parts` MMA-type values (`x = Σ part_i` to 22+ bits), each its own MMA, so the
+//! result stays within the f32-accumulation error bound the tests derive.
+
+use cubecl::prelude::cmma::MmaDefinition;
+use cubecl::prelude::*;
+
+use super::kernel::{SplitParams, NO_SCORE, PLANE_LANES};
+use crate::kernels::CacheGeometry;
+
+/// Query rows per cube: the MMA's M.
+pub const MMA_ROWS: u32 = 16;
+/// Warps per cube; each walks its own 16-token blocks with its own softmax state.
+pub const MMA_WARPS: u32 = 4;
+/// Cache tokens one warp handles per trip (one PV k-block, two QK n-tiles).
+pub const MMA_BLOCK_TOKENS: u32 = 16;
+
+/// How the cache's bits become MMA operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheBits {
+    /// E4M3 codes, converted to f16 times `2^-8`.
+    E4m3,
+    /// E5M2 codes, converted to f16 exactly.
+    E5m2,
+    /// 16-bit elements of the MMA type itself (f16 cache with f16 MMA, bf16 with bf16).
+    Half,
+}
+
+impl CacheBits {
+    /// Bytes per cache element.
+    pub const fn elem_bytes(self) -> u32 {
+        match self {
+            CacheBits::Half => 2,
+            _ => 1,
+        }
+    }
+    /// The factor the converted value must be multiplied by to give the code's value.
+    pub fn unit(self) -> f32 {
+        match self {
+            CacheBits::E4m3 => 256.0,
+            _ => 1.0,
+        }
+    }
+}
+
+/// Comptime configuration of [`decode_split_mma_kernel()`] (the JIT key besides the dtypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MmaConfig {
+    /// K cache geometry.
+    pub k: CacheGeometry,
+    /// V cache geometry.
+    pub v: CacheGeometry,
+    /// Query heads per KV head.
+    pub group: u32,
+    /// Cache element encoding.
+    pub bits: CacheBits,
+    /// 32-bit words per V vector load (4, or 2 when a lane's V piece is 8 bytes).
+    pub v_words: u32,
+    /// MMA-type parts each query value is split into (1 when the query dtype converts exactly).
+    pub q_parts: u32,
+    /// MMA-type parts each probability is split into.
+    pub p_parts: u32,
+    /// Logit softcap on.
+    pub softcap: bool,
+    /// ALiBi on.
+    pub alibi: bool,
+    /// Sliding window on.
+    pub window: bool,
+}
+
+/// Moves `w`'s bits by `shift` (left when positive) and keeps `mask`: the one primitive of the
+/// byte shuffles below (all shifts are comptime, so each call is one shift and one AND).
+#[cube]
+fn shift_mask(w: u32, #[comptime] shift: i32, #[comptime] mask: u32) -> u32 {
+    if comptime![shift >= 0] {
+        (w << comptime![shift as u32]) & mask
+    } else {
+        (w >> comptime![(-shift) as u32]) & mask
+    }
+}
+
+/// The f16 bit pattern (in bits `half·16 ..`) of the FP8 code in byte `byte` of `w`.
+#[cube]
+fn fp8_byte_to_half(
+    w: u32,
+    #[comptime] byte: u32,
+    #[comptime] half: u32,
+    #[comptime] bits: CacheBits,
+) -> u32 {
+    let hp = comptime![(half * 16) as i32];
+    let bp = comptime![(byte * 8) as i32];
+    if comptime![bits == CacheBits::E5m2] {
+        // The code is the f16's top byte.
+        shift_mask(
+            w,
+            comptime![hp + 8 - bp],
+            comptime![0xFF00u32 << (half * 16)],
+        )
+    } else {
+        // Sign to bit 15, exponent and mantissa (7 bits) to bits 7..13: value · 2^-8.
+        shift_mask(
+            w,
+            comptime![hp + 8 - bp],
+            comptime![0x8000u32 << (half * 16)],
+        ) | shift_mask(
+            w,
+            comptime![hp + 7 - bp],
+            comptime![0x3F80u32 << (half * 16)],
+        )
+    }
+}
+
+/// Two f16 (low half: byte `lo_byte`, high half: byte `lo_byte + 2`) of the FP8 word `w`.
+#[cube]
+fn fp8_word_to_half2(w: u32, #[comptime] lo_byte: u32, #[comptime] bits: CacheBits) -> u32 {
+    fp8_byte_to_half(w, lo_byte, 0u32, bits)
+        | fp8_byte_to_half(w, comptime![lo_byte + 2], 1u32, bits)
+}
+
+/// Element `e` of a lane's piece of a cache row, as MMA-type bits in the low 16 bits of the
+/// result (`half = 0`) or the high 16 (`half = 1`); `words` holds the piece as 32-bit words,
+/// `nw` (= `NW`) per vector.
+#[cube]
+fn piece_elem_to_half<NW: Size>(
+    words: &Array<Vector<u32, NW>>,
+    #[comptime] base: u32,
+    #[comptime] e: u32,
+    #[comptime] half: u32,
+    #[comptime] bits: CacheBits,
+    #[comptime] nw: u32,
+) -> u32 {
+    if comptime![bits == CacheBits::Half] {
+        let word = comptime![e / 2];
+        let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
+        shift_mask(
+            w,
+            comptime![(half * 16) as i32 - (e % 2) as i32 * 16],
+            comptime![0xFFFFu32 << (half * 16)],
+        )
+    } else {
+        let word = comptime![e / 4];
+        let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
+        fp8_byte_to_half(w, comptime![e % 4], half, bits)
+    }
+}
+
+/// Splits `x` into `parts` values of the MMA type whose sum approximates `x` to
+/// `parts × (mantissa bits)`, written to `out[at + i·stride]`, element `lane` of each vector.
+#[cube]
+fn split_parts<M: Float>(
+    x: f32,
+    out: &mut Array<Vector<M, Const<2>>>,
+    at: u32,
+    #[comptime] stride: u32,
+    #[comptime] lane: u32,
+    #[comptime] parts: u32,
+) {
+    let mut rem = x;
+    #[unroll]
+    for p in 0..parts {
+        let h = M::cast_from(rem);
+        rem -= f32::cast_from(h);
+        let idx = (at + p * stride) as usize;
+        let mut v = out[idx];
+        v[lane as usize] = h;
+        out[idx] = v;
+    }
+}
+
+/// Tensor-core split kernel: the partial attention state of 16 query rows of one KV group over
+/// one split of one sequence's cache, in the workspace format of
+/// [`super::kernel::decode_split_kernel()`].
+///
+/// Grid `(num_kv_heads * row_blocks, batch, num_splits)` with blocks of [`MMA_ROWS`] rows, cube
+/// `(MMA_WARPS · 32, 1, 1)`. Rows as in the CUDA-core kernel (row `i * group + hh` = new token
+/// `i`, query head `g * group + hh`; rows past `q_len * group` are zero padding, masked).
+///
+/// - `q`: `[num_tokens, num_heads, head_dim_k]` of `F`, tokens `q_row_stride` elements apart.
+/// - `k_cache`: the K cache's bytes as 16-byte vectors of u32; `v_cache`: the V cache's bytes
+///   as vectors of `NV` u32 (`cfg.v_words`).
+/// - `meta`, `alibi`, `ws_o`, `ws_md`, `params`: as [`super::kernel::decode_split_kernel()`].
+///
+/// Warp `w` takes the 16-token blocks `lo + 16·(w + 4·i)` of the cube's token range: K and V
+/// loads go straight to registers, QK (two n8 tiles), masking and online softmax on the C
+/// fragments (row max and sum across the 4 lanes of a quad), PV into `dv/8` f32 C tiles. At
+/// the end the four warps' states merge through shared memory.
+#[cube(launch_unchecked)]
+// A comptime flag and a runtime condition cannot share one `if` in `#[cube]` code.
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
+pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
+    q: &Array<F>,
+    k_cache: &Array<Vector<u32, Const<4>>>,
+    v_cache: &Array<Vector<u32, NV>>,
+    meta: &Array<i32>,
+    alibi: &Array<f32>,
+    ws_o: &mut Array<f32>,
+    ws_md: &mut Array<f32>,
+    params: SplitParams,
+    #[comptime] cfg: MmaConfig,
+    #[define(F, M)] _dtypes: [StorageType; 2],
+) {
+    // ---- comptime shape --------------------------------------------------------------------
+    let group = comptime![cfg.group];
+    let dk = comptime![cfg.k.head_dim];
+    let dv = comptime![cfg.v.head_dim];
+    let es = comptime![cfg.bits.elem_bytes()];
+    let page_size = comptime![cfg.k.page_size];
+    let k_steps = comptime![dk / 16];
+    let v_tiles = comptime![dv / 8];
+    let q_parts = comptime![cfg.q_parts];
+    let p_parts = comptime![cfg.p_parts];
+    let nv = comptime![cfg.v_words];
+    // A lane's piece of a K row (dk/4 elements) in 16-byte vectors, of a V row (dv/8) in NV words.
+    let k_vecs = comptime![dk / 4 * es / 16];
+    let v_vecs = comptime![dv / 8 * es / (4 * nv)];
+    // Strides in vector units.
+    let k_page = comptime![cfg.k.page_stride() * es / 16];
+    let k_slot = comptime![cfg.k.slot_stride() * es / 16];
+    let k_head = comptime![cfg.k.head_stride() * es / 16];
+    let v_page = comptime![cfg.v.page_stride() * es / (4 * nv)];
+    let v_slot = comptime![cfg.v.slot_stride() * es / (4 * nv)];
+    let v_head = comptime![cfg.v.head_stride() * es / (4 * nv)];
+    let k_unit = comptime![cfg.bits.unit()];
+
+    // ---- which rows and tokens this cube owns (as the CUDA-core kernel) ----------------------
+    let lane = UNIT_POS % PLANE_LANES;
+    let warp = UNIT_POS / PLANE_LANES;
+    let gq = lane / 4;
+    let tq = lane % 4;
+    let g = CUBE_POS_X / params.row_blocks;
+    let rb = CUBE_POS_X % params.row_blocks;
+    let b = CUBE_POS_Y;
+    let split = CUBE_POS_Z;
+    let batch = params.batch;
+    let q_start = u32::cast_from(meta[b as usize]);
+    let q_len = u32::cast_from(meta[(batch + b) as usize]);
+    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
+    let bt_base = 4 * batch + 1 + b * params.max_pages;
+    let rows_total = q_len * group;
+    let row0 = rb * MMA_ROWS;
+    if row0 >= rows_total {
+        terminate!();
+    }
+    let hist = kv_len - q_len;
+    let last_row = (row0 + MMA_ROWS).min(rows_total) - 1;
+    let first_pos = hist + row0 / group;
+    let last_pos = hist + last_row / group;
+    let split_lo = split * params.split_tokens;
+    let hi = (split_lo + params.split_tokens)
+        .min(kv_len)
+        .min(last_pos + 1);
+    let mut lo = split_lo;
+    if comptime![cfg.window] {
+        if first_pos + 1 > params.window {
+            lo = lo.max(first_pos + 1 - params.window);
+        }
+    }
+
+    // This lane's two rows (gq and gq + 8): validity, position, head, ALiBi slope.
+    let mut row_ok = Array::<bool>::new(2usize);
+    let mut row_pos = Array::<u32>::new(2usize);
+    let mut row_slope = Array::<f32>::new(2usize);
+    #[unroll]
+    for x in 0..2u32 {
+        let gr = row0 + gq + 8 * x;
+        row_ok[x as usize] = gr < rows_total;
+        row_pos[x as usize] = hist + gr / group;
+        row_slope[x as usize] = 0.0;
+        if comptime![cfg.alibi] {
+            if gr < rows_total {
+                row_slope[x as usize] = alibi[(g * group + gr % group) as usize];
+            }
+        }
+    }
+
+    // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
+    // Register x of step s holds row gq + 8·(x % 2) and the head dims that K's B slots of the
+    // same registers hold (see the module doc): FP8 (+0, +2) / (+1, +3), 16-bit (+0, +1) / (+2, +3).
+    let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
+    #[unroll]
+    for s in 0..k_steps {
+        #[unroll]
+        for x in 0..4u32 {
+            let gr = row0 + gq + 8 * (x % 2);
+            let hiword = comptime![x / 2];
+            #[unroll]
+            for e in 0..2u32 {
+                let off = if comptime![cfg.bits == CacheBits::Half] {
+                    comptime![hiword * 2 + e]
+                } else {
+                    comptime![hiword + 2 * e]
+                };
+                let d = tq * comptime![dk / 4] + comptime![s * 4 + off];
+                let mut val = 0.0f32;
+                if gr < rows_total {
+                    let tok = q_start + gr / group;
+                    let head = g * group + gr % group;
+                    val = f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
+                }
+                split_parts::<M>(
+                    val,
+                    &mut qa,
+                    comptime![s * 4 + x],
+                    comptime![k_steps * 4],
+                    e,
+                    q_parts,
+                );
+            }
+        }
+    }
+
+    // ---- per-warp state ------------------------------------------------------------------------
+    let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
+    // Output C tiles, [v_tiles][2 registers].
+    let mut acc = Array::<Vector<f32, Const<2>>>::new(comptime![(v_tiles * 2) as usize]);
+    #[unroll]
+    for i in 0..v_tiles * 2 {
+        acc[i as usize] = Vector::new(0.0);
+    }
+    // Running max of rows gq, gq + 8 (quad-uniform) and this lane's part of their sums.
+    let mut m_run = Array::<f32>::new(2usize);
+    let mut d_run = Array::<f32>::new(2usize);
+    #[unroll]
+    for x in 0..2u32 {
+        m_run[x as usize] = NO_SCORE;
+        d_run[x as usize] = 0.0;
+    }
+    let mut kr = Array::<Vector<u32, Const<4>>>::new(comptime![(2 * k_vecs) as usize]);
+    let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs) as usize]);
+    let mut sc = Array::<f32>::new(8usize);
+    let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
+    let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
+    let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
+    let mut pa = Array::<Vector<M, Const<2>>>::new(comptime![(p_parts * 4) as usize]);
+    let score_scale = params.score_scale * k_unit;
+
+    let mut t0 = lo + warp * MMA_BLOCK_TOKENS;
+    while t0 < hi {
+        // (1) Loads: K rows of tokens t0 + gq and t0 + 8 + gq, V pieces of tokens t0 + 2tq + {0, 1,
+        // 8, 9}; all issued before the first use. Tokens past `hi` read nothing and hold zeros
+        // (P is 0 there, and 0 · garbage could be NaN).
+        #[unroll]
+        for j in 0..2u32 {
+            let t = t0 + 8 * j + gq;
+            #[unroll]
+            for c in 0..k_vecs {
+                kr[(j * k_vecs + c) as usize] = Vector::new(0u32);
+            }
+            if t < hi {
+                let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
+                let base = page * k_page + (t % page_size) * k_slot + g * k_head + tq * k_vecs;
+                #[unroll]
+                for c in 0..k_vecs {
+                    kr[(j * k_vecs + c) as usize] = k_cache[(base + c) as usize];
+                }
+            }
+        }
+        #[unroll]
+        for kk in 0..4u32 {
+            let t = t0 + 2 * tq + comptime![(kk % 2) + 8 * (kk / 2)];
+            #[unroll]
+            for c in 0..v_vecs {
+                vr[(kk * v_vecs + c) as usize] = Vector::new(0u32);
+            }
+            if t < hi {
+                let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
+                let base = page * v_page + (t % page_size) * v_slot + g * v_head + gq * v_vecs;
+                #[unroll]
+                for c in 0..v_vecs {
+                    vr[(kk * v_vecs + c) as usize] = v_cache[(base + c) as usize];
+                }
+            }
+        }
+
+        // (2) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
+        #[unroll]
+        for j in 0..2u32 {
+            c_tmp[0] = Vector::new(0.0);
+            c_tmp[1] = Vector::new(0.0);
+            #[unroll]
+            for s in 0..k_steps {
+                if comptime![cfg.bits == CacheBits::Half] {
+                    // Elements 4s .. 4s+3 of the piece: words 2s, 2s + 1 (8 words per vector).
+                    let w0 = comptime![2 * s];
+                    let w1 = comptime![2 * s + 1];
+                    b_tmp[0] = Vector::<M, Const<2>>::reinterpret(
+                        kr[comptime![(j * k_vecs + w0 / 4) as usize]][comptime![(w0 % 4) as usize]],
+                    );
+                    b_tmp[1] = Vector::<M, Const<2>>::reinterpret(
+                        kr[comptime![(j * k_vecs + w1 / 4) as usize]][comptime![(w1 % 4) as usize]],
+                    );
+                } else {
+                    let w =
+                        kr[comptime![(j * k_vecs + s / 4) as usize]][comptime![(s % 4) as usize]];
+                    b_tmp[0] =
+                        Vector::<M, Const<2>>::reinterpret(fp8_word_to_half2(w, 0u32, cfg.bits));
+                    b_tmp[1] =
+                        Vector::<M, Const<2>>::reinterpret(fp8_word_to_half2(w, 1u32, cfg.bits));
+                }
+                #[unroll]
+                for p in 0..q_parts {
+                    #[unroll]
+                    for x in 0..4u32 {
+                        a_tmp[x as usize] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                    }
+                    let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                    c_tmp[0] = d[0];
+                    c_tmp[1] = d[1];
+                }
+            }
+            #[unroll]
+            for x in 0..2u32 {
+                #[unroll]
+                for e in 0..2u32 {
+                    let t = t0 + 8 * j + 2 * tq + e;
+                    let pos = row_pos[x as usize];
+                    let mut s = c_tmp[x as usize][e as usize] * score_scale;
+                    if comptime![cfg.softcap] {
+                        s = params.softcap * (s / params.softcap).tanh();
+                    }
+                    if comptime![cfg.alibi] {
+                        s += row_slope[x as usize] * (f32::cast_from(t) - f32::cast_from(pos));
+                    }
+                    let mut visible = row_ok[x as usize] && t < hi && t <= pos;
+                    if comptime![cfg.window] {
+                        visible = visible && t + params.window > pos;
+                    }
+                    sc[(x * 4 + j * 2 + e) as usize] = select(visible, s, NO_SCORE);
+                }
+            }
+        }
+
+        // (3) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
+        #[unroll]
+        for x in 0..2u32 {
+            let mut mx = sc[(x * 4) as usize];
+            #[unroll]
+            for i in 1..4u32 {
+                mx = mx.max(sc[(x * 4 + i) as usize]);
+            }
+            mx = mx.max(plane_shuffle_xor(mx, 1u32));
+            mx = mx.max(plane_shuffle_xor(mx, 2u32));
+            let m_old = m_run[x as usize];
+            let m_new = m_old.max(mx);
+            // Nothing visible yet: m = 0 keeps every p = exp(NO_SCORE) = 0 and alpha = 0.
+            let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
+            let alpha = (m_old - m_ref).exp();
+            let mut sum = 0.0f32;
+            #[unroll]
+            for i in 0..4u32 {
+                let p = (sc[(x * 4 + i) as usize] - m_ref).exp();
+                sum += p;
+                sc[(x * 4 + i) as usize] = p;
+            }
+            m_run[x as usize] = m_new;
+            d_run[x as usize] = d_run[x as usize] * alpha + sum;
+            #[unroll]
+            for nt in 0..v_tiles {
+                let i = (nt * 2 + x) as usize;
+                acc[i] = acc[i] * Vector::new(alpha);
+            }
+        }
+
+        // (4) P as the A fragment (a0/a1 from n-tile 0, a2/a3 from n-tile 1), split into parts.
+        #[unroll]
+        for r in 0..4u32 {
+            #[unroll]
+            for e in 0..2u32 {
+                // Register r: row gq + 8·(r % 2), tile r / 2.
+                let p = sc[comptime![((r % 2) * 4 + (r / 2) * 2 + e) as usize]];
+                split_parts::<M>(p, &mut pa, r, 4u32, e, p_parts);
+            }
+        }
+
+        // (5) O += P·V: n-tile nt is element nt of each of the lane's four V pieces.
+        #[unroll]
+        for nt in 0..v_tiles {
+            #[unroll]
+            for rg in 0..2u32 {
+                let lo_bits = piece_elem_to_half::<NV>(
+                    &vr,
+                    comptime![2 * rg * v_vecs],
+                    nt,
+                    0u32,
+                    cfg.bits,
+                    nv,
+                );
+                let hi_bits = piece_elem_to_half::<NV>(
+                    &vr,
+                    comptime![(2 * rg + 1) * v_vecs],
+                    nt,
+                    1u32,
+                    cfg.bits,
+                    nv,
+                );
+                b_tmp[rg as usize] = Vector::<M, Const<2>>::reinterpret(lo_bits | hi_bits);
+            }
+            c_tmp[0] = acc[(nt * 2) as usize];
+            c_tmp[1] = acc[(nt * 2 + 1) as usize];
+            #[unroll]
+            for p in 0..p_parts {
+                #[unroll]
+                for x in 0..4u32 {
+                    a_tmp[x as usize] = pa[(p * 4 + x) as usize];
+                }
+                let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                c_tmp[0] = d[0];
+                c_tmp[1] = d[1];
+            }
+            acc[(nt * 2) as usize] = c_tmp[0];
+            acc[(nt * 2 + 1) as usize] = c_tmp[1];
+        }
+        t0 += comptime![MMA_BLOCK_TOKENS * MMA_WARPS];
+    }
+
+    // ---- merge the four warps' states and write the partial state ----------------------------
+    let mut m_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
+    let mut d_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
+    let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_ROWS * dv) as usize]);
+    #[unroll]
+    for x in 0..2u32 {
+        let mut d = d_run[x as usize];
+        d += plane_shuffle_xor(d, 1u32);
+        d += plane_shuffle_xor(d, 2u32);
+        d_run[x as usize] = d;
+        if tq == 0 {
+            let at = (warp * MMA_ROWS + gq + 8 * x) as usize;
+            m_s[at] = m_run[x as usize];
+            d_s[at] = d;
+        }
+    }
+    let mut z = UNIT_POS;
+    while z < comptime![MMA_ROWS * dv] {
+        o_s[z as usize] = 0.0;
+        z += comptime![MMA_WARPS * PLANE_LANES];
+    }
+    sync_cube();
+    // Each warp's weight exp(m_w − M) relative to the merged max M of the row.
+    let mut own = Array::<f32>::new(2usize);
+    #[unroll]
+    for x in 0..2u32 {
+        let r = gq + 8 * x;
+        let mut mm = f32::new(NO_SCORE);
+        #[unroll]
+        for w in 0..MMA_WARPS {
+            let at = (w * MMA_ROWS + r) as usize;
+            if d_s[at] > 0.0 {
+                mm = mm.max(m_s[at]);
+            }
+        }
+        let m_ref = select(mm == NO_SCORE, 0.0, mm);
+        own[x as usize] = select(
+            d_run[x as usize] > 0.0,
+            (m_run[x as usize] - m_ref).exp(),
+            0.0,
+        );
+    }
+    for w in 0..MMA_WARPS {
+        if warp == w {
+            #[unroll]
+            for nt in 0..v_tiles {
+                #[unroll]
+                for x in 0..2u32 {
+                    let r = gq + 8 * x;
+                    let v = acc[(nt * 2 + x) as usize];
+                    #[unroll]
+                    for e in 0..2u32 {
+                        let d = (2 * tq + e) * v_tiles + nt;
+                        o_s[(r * dv + d) as usize] += v[e as usize] * own[x as usize];
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+
+    let num_splits = params.num_splits;
+    let out_scale = params.v_scale * k_unit;
+    let mut o = UNIT_POS;
+    while o < comptime![MMA_ROWS * dv] {
+        let r = o / dv;
+        let d = o % dv;
+        let gr = row0 + r;
+        if gr < rows_total {
+            let tok = q_start + gr / group;
+            let head = g * group + gr % group;
+            let mut mm = f32::new(NO_SCORE);
+            #[unroll]
+            for w in 0..MMA_WARPS {
+                let at = (w * MMA_ROWS + r) as usize;
+                if d_s[at] > 0.0 {
+                    mm = mm.max(m_s[at]);
+                }
+            }
+            let m_ref = select(mm == NO_SCORE, 0.0, mm);
+            let mut den = 0.0f32;
+            #[unroll]
+            for w in 0..MMA_WARPS {
+                let at = (w * MMA_ROWS + r) as usize;
+                den += select(d_s[at] > 0.0, d_s[at] * (m_s[at] - m_ref).exp(), 0.0);
+            }
+            let val = select(den > 0.0, o_s[o as usize] * out_scale / den, 0.0);
+            ws_o[(((tok * params.num_heads + head) * num_splits + split) * dv + d) as usize] = val;
+            if d == 0 {
+                let at = ((tok * params.num_heads + head) * num_splits + split) * 2;
+                ws_md[at as usize] = mm;
+                ws_md[(at + 1) as usize] = den;
+            }
+        }
+        o += comptime![MMA_WARPS * PLANE_LANES];
+    }
+}
