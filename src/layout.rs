@@ -57,6 +57,31 @@ impl CacheTensorLayout {
     }
 }
 
+/// Strides of one cache tensor of `kind` with pages of `page_size` tokens: the one place these
+/// formulas live (the kernels' comptime twin, `kernels::CacheGeometry`, calls it too).
+pub const fn cache_tensor_layout(
+    kind: KvLayoutKind,
+    page_size: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> CacheTensorLayout {
+    let page_stride = page_size * num_kv_heads * head_dim;
+    match kind {
+        KvLayoutKind::Bshd => CacheTensorLayout {
+            page_stride,
+            slot_stride: num_kv_heads * head_dim,
+            head_stride: head_dim,
+            head_dim,
+        },
+        KvLayoutKind::Bhsd => CacheTensorLayout {
+            page_stride,
+            slot_stride: head_dim,
+            head_stride: page_size * head_dim,
+            head_dim,
+        },
+    }
+}
+
 /// Shape of one layer's paged K and V caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PagedKvLayout {
@@ -147,22 +172,12 @@ impl PagedKvLayout {
 
     /// Strides of the K or V cache tensor.
     pub fn tensor(&self, side: KvSide) -> CacheTensorLayout {
-        let d = self.head_dim(side);
-        let page_stride = self.page_size * self.num_kv_heads * d;
-        match self.kind {
-            KvLayoutKind::Bshd => CacheTensorLayout {
-                page_stride,
-                slot_stride: self.num_kv_heads * d,
-                head_stride: d,
-                head_dim: d,
-            },
-            KvLayoutKind::Bhsd => CacheTensorLayout {
-                page_stride,
-                slot_stride: d,
-                head_stride: self.page_size * d,
-                head_dim: d,
-            },
-        }
+        cache_tensor_layout(
+            self.kind,
+            self.page_size,
+            self.num_kv_heads,
+            self.head_dim(side),
+        )
     }
 
     /// Logical 4-d shape of the K or V cache tensor in its layout's order.

@@ -42,25 +42,31 @@ impl CacheGeometry {
             bhsd: layout.kind() == KvLayoutKind::Bhsd,
         }
     }
+    /// The host layout's strides for this geometry ([`crate::layout::cache_tensor_layout`]).
+    const fn strides(&self) -> crate::layout::CacheTensorLayout {
+        let kind = if self.bhsd {
+            KvLayoutKind::Bhsd
+        } else {
+            KvLayoutKind::Bshd
+        };
+        crate::layout::cache_tensor_layout(
+            kind,
+            self.page_size as usize,
+            self.num_kv_heads as usize,
+            self.head_dim as usize,
+        )
+    }
     /// Elements between pages.
     pub const fn page_stride(&self) -> u32 {
-        self.page_size * self.num_kv_heads * self.head_dim
+        self.strides().page_stride as u32
     }
     /// Elements between slots (tokens) of a page.
     pub const fn slot_stride(&self) -> u32 {
-        if self.bhsd {
-            self.head_dim
-        } else {
-            self.num_kv_heads * self.head_dim
-        }
+        self.strides().slot_stride as u32
     }
     /// Elements between heads.
     pub const fn head_stride(&self) -> u32 {
-        if self.bhsd {
-            self.page_size * self.head_dim
-        } else {
-            self.head_dim
-        }
+        self.strides().head_stride as u32
     }
 }
 
