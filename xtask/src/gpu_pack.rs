@@ -153,6 +153,7 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   bash gpu-pack/run.sh tests [ARGS..]   every test binary, --test-threads=${FP8KV_TEST_THREADS:-1}, GPU required
 #   bash gpu-pack/run.sh bench [FILTER]   every bench binary with --bench
 #   bash gpu-pack/run.sh demo             the demo (`cargo xtask demo`), GPU path included
+#   bash gpu-pack/run.sh all              tests (8 threads), demo, benches; logs into $OUT if set
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -201,8 +202,22 @@ bench)
 demo)
   "$pack/xtask" demo "$@"
   ;;
+all)
+  # One device call for everything a session must quote: the suite line, the demo, the benches.
+  logs="${OUT:-$pack/logs}"
+  mkdir -p "$logs"
+  FP8KV_TEST_THREADS="${FP8KV_TEST_THREADS:-8}" bash "$pack/run.sh" tests 2>&1 | tee "$logs/tests.log"
+  t=${PIPESTATUS[0]}
+  bash "$pack/run.sh" demo 2>&1 | tee "$logs/demo.log"
+  d=${PIPESTATUS[0]}
+  bash "$pack/run.sh" bench "$@" 2>&1 | tee "$logs/bench.log"
+  b=${PIPESTATUS[0]}
+  grep -h "^GPU suite:" "$logs/tests.log"
+  echo "tests exit $t, demo exit $d, bench exit $b"
+  [ "$t" -eq 0 ] && [ "$d" -eq 0 ] && [ "$b" -eq 0 ]
+  ;;
 *)
-  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo" >&2
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER]" >&2
   exit 2
   ;;
 esac

@@ -12,6 +12,8 @@
 //!   - `bash gpu-pack/run.sh bench [FILTER]` runs every bench binary with `--bench [FILTER]`.
 //!   - `bash gpu-pack/run.sh demo` runs the demo (a stripped copy of this binary), GPU path
 //!     included.
+//!   - `bash gpu-pack/run.sh all [FILTER]` runs the tests (8 threads), the demo and the benches
+//!     in one go, keeping their logs in `$OUT` (or `gpu-pack/logs`).
 //! - `cargo xtask codegen [--ptx] [--verbose] [--out DIR] [--nvrtc DIR]` compiles every kernel
 //!   instantiation to CUDA C++ (into `target/codegen/`) without a GPU, through an offline cubecl
 //!   runtime that mimics an H100. With `--ptx` it also compiles each source to PTX for `sm_90a`
