@@ -81,6 +81,23 @@ pub(crate) fn vector_elems(elem_bytes: usize, dims: &[usize]) -> usize {
     n
 }
 
+/// [`vector_elems`] narrowed further until every buffer's byte offset (a slice of a fused QKV
+/// output, say) is aligned to one access too: the access width of a kernel's activations.
+pub(crate) fn access_elems(
+    elem_bytes: usize,
+    dims: &[usize],
+    handles: &[&cubecl::server::Handle],
+) -> usize {
+    let mut n = vector_elems(elem_bytes, dims);
+    for h in handles {
+        let offset = h.offset_start.unwrap_or(0) as usize;
+        while n > 1 && !offset.is_multiple_of(n * elem_bytes) {
+            n /= 2;
+        }
+    }
+    n
+}
+
 /// Whole vectors of `vec_bytes` in a buffer (offsets accounted for).
 ///
 /// Note: `ArrayArg::from_raw_parts` wants the length in *scalar* elements (CubeCL divides it

@@ -12,7 +12,7 @@ use super::FillConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
 use crate::kernels::codec::ScaleDiv;
-use crate::kernels::{array_len, check_u32_vectors, tuning, vector_elems, CacheGeometry};
+use crate::kernels::{access_elems, array_len, check_u32_vectors, tuning, CacheGeometry};
 
 /// Items (vectors) below which a cube gets one vector per thread: decode-sized steps want
 /// many small cubes; big steps want several loads in flight per thread.
@@ -47,18 +47,11 @@ pub(crate) fn launch_fill<R: Runtime>(
     let act = k_new.dtype();
     let cache_dtype = cache.dtype();
     let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
-    let mut vec = vector_elems(
+    let vec = access_elems(
         act.size_bytes(),
         &[dk, dv, k_new.row_stride(), v_new.row_stride()],
+        &[k_new.handle(), v_new.handle()],
     );
-    // Buffer offsets (slices of a fused QKV output) must be aligned to the access width too.
-    for h in [k_new.handle(), v_new.handle()] {
-        while vec > 1
-            && !(h.offset_start.unwrap_or(0) as usize).is_multiple_of(vec * act.size_bytes())
-        {
-            vec /= 2;
-        }
-    }
     check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
     check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
     check_u32_vectors("k_new", k_new.len_elems(), vec)?;

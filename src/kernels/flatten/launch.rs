@@ -11,7 +11,7 @@ use super::kernel::flatten_kernel;
 use super::FlattenConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
-use crate::kernels::{array_len, check_u32_vectors, tuning, vector_elems, CacheGeometry};
+use crate::kernels::{access_elems, array_len, check_u32_vectors, tuning, CacheGeometry};
 use crate::reference::FlattenLayout;
 
 /// Items (vectors) below which a cube gets one vector per thread.
@@ -39,14 +39,11 @@ pub(crate) fn launch_flatten<R: Runtime>(
     let out = k_out.dtype();
     let cache_dtype = cache.dtype();
     let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
-    let mut vec = vector_elems(out.size_bytes(), &[dk, dv]);
-    for h in [k_out.handle(), v_out.handle()] {
-        while vec > 1
-            && !(h.offset_start.unwrap_or(0) as usize).is_multiple_of(vec * out.size_bytes())
-        {
-            vec /= 2;
-        }
-    }
+    let vec = access_elems(
+        out.size_bytes(),
+        &[dk, dv],
+        &[k_out.handle(), v_out.handle()],
+    );
     check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
     check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
     check_u32_vectors("k_out", k_out.len_elems(), vec)?;
