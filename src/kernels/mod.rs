@@ -172,3 +172,59 @@ pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [
 
 /// The activation dtypes the kernels take.
 pub(crate) const ACT_DTYPES: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
+
+/// One tiny launch the codegen hooks make: a cache kind, an activation dtype and a layout.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CodegenSample {
+    /// Cache layout (4 pages of 16 tokens, 2 KV heads).
+    pub layout: PagedKvLayout,
+    /// Quant policy.
+    pub policy: QuantPolicy,
+    /// Cache element.
+    pub cache: Dtype,
+    /// Activation dtype (fill input, flatten output).
+    pub act: Dtype,
+}
+
+/// The instantiations worth compiling offline for a streaming kernel: every head-dim pair
+/// (e4m3, bf16), every (cache, activation) pair at head dim 128, and the Bhsd layout.
+pub(crate) fn codegen_samples() -> crate::Result<Vec<CodegenSample>> {
+    use crate::layout::SUPPORTED_HEAD_DIMS;
+    let e4m3 = (QuantPolicy::Fp8E4m3, Dtype::E4m3);
+    let mut combos = Vec::new();
+    for (dk, dv) in SUPPORTED_HEAD_DIMS {
+        combos.push((dk, dv, e4m3, Dtype::Bf16, KvLayoutKind::Bshd));
+    }
+    for kind in CACHE_KINDS {
+        for act in ACT_DTYPES {
+            combos.push((128, 128, kind, act, KvLayoutKind::Bshd));
+        }
+    }
+    combos.push((128, 128, e4m3, Dtype::Bf16, KvLayoutKind::Bhsd));
+    combos
+        .into_iter()
+        .map(|(dk, dv, (policy, cache), act, kind)| {
+            Ok(CodegenSample {
+                layout: PagedKvLayout::new(4, 16, 2, dk, dv, kind)?,
+                policy,
+                cache,
+                act,
+            })
+        })
+        .collect()
+}
+
+/// The Llama-like sample (head dim 128, e4m3 cache, bf16 activations, Bshd) that the hooks
+/// also launch with their extra settings.
+pub(crate) fn codegen_llama(samples: &[CodegenSample]) -> CodegenSample {
+    samples
+        .iter()
+        .copied()
+        .find(|s| s.layout.head_dim_k() == 128)
+        .expect("the head-dim list includes 128")
+}
+
+/// Batch metadata valid for every [`CodegenSample`] layout: 4 packed new tokens.
+pub(crate) fn codegen_batch() -> crate::Result<crate::layout::BatchMetadata> {
+    crate::layout::BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)
+}

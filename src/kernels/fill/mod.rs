@@ -111,59 +111,18 @@ pub fn fill<R: Runtime>(
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
 pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
-    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout, SUPPORTED_HEAD_DIMS};
-    use crate::policy::{Dtype, QuantPolicy};
     use crate::scales::KvScales;
-    let mut samples = Vec::new();
-    for (dk, dv) in SUPPORTED_HEAD_DIMS {
-        samples.push((
-            dk,
-            dv,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            Dtype::Bf16,
-            KvLayoutKind::Bshd,
-            0.15,
-        ));
-    }
-    for (policy, cache) in super::CACHE_KINDS {
-        for act in super::ACT_DTYPES {
-            samples.push((128, 128, policy, cache, act, KvLayoutKind::Bshd, 0.15));
-        }
-    }
-    samples.push((
-        128,
-        128,
-        QuantPolicy::Fp8E4m3,
-        Dtype::E4m3,
-        Dtype::Bf16,
-        KvLayoutKind::Bhsd,
-        0.15,
-    ));
-    for scale in [1.0, 1e-30] {
-        samples.push((
-            128,
-            128,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            Dtype::Bf16,
-            KvLayoutKind::Bshd,
-            scale,
-        ));
-    }
-    for (dk, dv, policy, cache_dtype, act, kind, scale) in samples {
-        let layout = PagedKvLayout::new(4, 16, 2, dk, dv, kind)?;
-        let mut cache = PagedKvCache::new(
-            client,
-            layout,
-            policy,
-            cache_dtype,
-            KvScales::new(scale, scale)?,
-        )?;
-        let meta = BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)?;
-        let batch = DeviceBatch::new(client, meta, &layout, 4)?;
-        let k = DeviceRows::empty(client, act, 4, 2 * dk, 2 * dk)?;
-        let v = DeviceRows::empty(client, act, 4, 2 * dv, 2 * dv)?;
+    let samples = super::codegen_samples()?;
+    // The shared samples at a Markstein-division scale, then the other two division modes.
+    let mut launches: Vec<_> = samples.iter().map(|s| (*s, 0.15)).collect();
+    launches.extend([1.0, 1e-30].map(|scale| (super::codegen_llama(&samples), scale)));
+    for (s, scale) in launches {
+        let scales = KvScales::new(scale, scale)?;
+        let mut cache = PagedKvCache::new(client, s.layout, s.policy, s.cache, scales)?;
+        let batch = DeviceBatch::new(client, super::codegen_batch()?, &s.layout, 4)?;
+        let row = |side| s.layout.num_kv_heads() * s.layout.head_dim(side);
+        let k = DeviceRows::empty(client, s.act, 4, row(KvSide::K), row(KvSide::K))?;
+        let v = DeviceRows::empty(client, s.act, 4, row(KvSide::V), row(KvSide::V))?;
         fill(&mut cache, &k, &v, &batch)?;
     }
     Ok(())

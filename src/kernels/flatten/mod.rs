@@ -127,57 +127,21 @@ pub fn flatten_new<R: Runtime>(
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
 pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
-    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout, SUPPORTED_HEAD_DIMS};
-    use crate::policy::QuantPolicy;
     use crate::scales::KvScales;
-    let (hsd, shd) = (FlattenLayout::Hsd, FlattenLayout::Shd);
-    let mut samples = Vec::new();
-    for (dk, dv) in SUPPORTED_HEAD_DIMS {
-        samples.push((
-            dk,
-            dv,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            Dtype::Bf16,
-            KvLayoutKind::Bshd,
-            hsd,
-        ));
-    }
-    for (policy, cache) in super::CACHE_KINDS {
-        for out in super::ACT_DTYPES {
-            samples.push((128, 128, policy, cache, out, KvLayoutKind::Bshd, hsd));
-        }
-    }
-    samples.push((
-        128,
-        128,
-        QuantPolicy::Fp8E4m3,
-        Dtype::E4m3,
-        Dtype::Bf16,
-        KvLayoutKind::Bhsd,
-        hsd,
-    ));
-    samples.push((
-        128,
-        128,
-        QuantPolicy::Fp8E4m3,
-        Dtype::E4m3,
-        Dtype::Bf16,
-        KvLayoutKind::Bshd,
-        shd,
-    ));
-    for (dk, dv, policy, cache_dtype, out, kind, out_layout) in samples {
-        let layout = PagedKvLayout::new(4, 16, 2, dk, dv, kind)?;
+    let samples = super::codegen_samples()?;
+    // Every shared sample into hsd, and the first (d128 e4m3 → bf16) into shd as well.
+    let mut launches: Vec<_> = samples.iter().map(|s| (*s, FlattenLayout::Hsd)).collect();
+    launches.push((super::codegen_llama(&samples), FlattenLayout::Shd));
+    for (s, out_layout) in launches {
         let cache = PagedKvCache::new(
             client,
-            layout,
-            policy,
-            cache_dtype,
+            s.layout,
+            s.policy,
+            s.cache,
             KvScales::new(0.5, 0.25)?,
         )?;
-        let meta = BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)?;
-        let batch = DeviceBatch::for_reads(client, meta, &layout)?;
-        flatten_new(client, &cache, &batch, out_layout, out)?;
+        let batch = DeviceBatch::for_reads(client, super::codegen_batch()?, &s.layout)?;
+        flatten_new(client, &cache, &batch, out_layout, s.act)?;
     }
     Ok(())
 }
