@@ -1,6 +1,46 @@
 //! fp8kv: an FP8 (E4M3/E5M2) paged KV cache for LLM inference, with CubeCL kernels for
 //! fill (quantize new tokens into the cache), flatten (gather and dequantize) and paged decode
 //! attention, and naive CPU reference kernels that every GPU test compares with.
+//!
+//! One layer's decode step on the GPU (the README's walk-through, compiled as a doc test):
+//!
+//! ```no_run
+//! use fp8kv::device::{cuda_client, DeviceBatch, DeviceRows, PagedKvCache};
+//! use fp8kv::kernels::{decode, fill, flatten};
+//! use fp8kv::reference::AttentionOptions;
+//! use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+//!
+//! # fn main() -> fp8kv::Result<()> {
+//! let policy: QuantPolicy = "fp8".parse()?;
+//! let scales = KvScales::new(0.05, 0.02)?;
+//! let layout = PagedKvLayout::new(4096, 64, 8, 128, 128, KvLayoutKind::Bshd)?;
+//! let (num_heads, batch_size) = (32, 2);
+//!
+//! let client = cuda_client()?; // Err(NoDevice) instead of a panic
+//! let cache_dtype = policy.cache_dtype(Dtype::Bf16)?;
+//! let mut cache = PagedKvCache::new(&client, layout, policy, cache_dtype, scales)?;
+//!
+//! // Two sequences of 100 and 7 cached tokens, one new token each (decode).
+//! let meta = BatchMetadata::decode(vec![100, 7], vec![0, 1, 2, -1], 2)?;
+//! let batch = DeviceBatch::new(&client, meta, &layout, batch_size)?; // once per step
+//!
+//! let kv_row = 8 * 128;
+//! let k_new = DeviceRows::from_f32(&client, &vec![0.5; 2 * kv_row], Dtype::Bf16, 2, kv_row, kv_row)?;
+//! let v_new = DeviceRows::from_f32(&client, &vec![0.25; 2 * kv_row], Dtype::Bf16, 2, kv_row, kv_row)?;
+//! fill::fill(&mut cache, &k_new, &v_new, &batch)?;
+//!
+//! let q_row = num_heads * 128;
+//! let q = DeviceRows::from_f32(&client, &vec![0.1; 2 * q_row], Dtype::Bf16, 2, q_row, q_row)?;
+//! let mut out = DeviceRows::empty(&client, Dtype::Bf16, 2, q_row, q_row)?;
+//! let opts = AttentionOptions { window: Some(4096), ..Default::default() };
+//! decode::paged_decode(&q, num_heads, &cache, &batch, &opts, &mut out)?;
+//!
+//! // Prefill attention reads contiguous, dequantized K/V instead.
+//! let (k, v) = flatten::flatten_new(&client, &cache, &batch, flatten::FlattenLayout::Hsd, Dtype::Bf16)?;
+//! # let _ = (k, v, out.to_f32()?);
+//! # Ok(())
+//! # }
+//! ```
 
 #![warn(missing_docs)]
 
