@@ -9,6 +9,9 @@
 pub mod nvrtc;
 pub mod offline;
 
+#[cfg(test)]
+mod entry_checks;
+
 use std::collections::BTreeSet;
 use std::fmt::Display;
 use std::panic::AssertUnwindSafe;

@@ -1,0 +1,157 @@
+//! The GPU entry points' input validation, run in CI on the offline runtime: every check here
+//! happens on the host before a launch, so it needs no GPU. Each bad input must give its own
+//! typed error, and each positive control must pass (and compile its kernels) so a check that
+//! rejects everything would fail here too.
+
+use cubecl::Runtime;
+use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::{decode, fill, flatten};
+use fp8kv::reference::AttentionOptions;
+use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+
+use super::offline::OfflineCuda;
+
+type Client = cubecl::client::ComputeClient<OfflineCuda>;
+
+fn client() -> Client {
+    OfflineCuda::client(&Default::default())
+}
+
+/// 4 pages of 16 tokens, 2 KV heads, d64; two sequences (20 and 1 cached, 3 and 1 new).
+fn layout() -> PagedKvLayout {
+    PagedKvLayout::new(4, 16, 2, 64, 64, KvLayoutKind::Bshd).unwrap()
+}
+
+fn meta() -> BatchMetadata {
+    BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2).unwrap()
+}
+
+fn cache(c: &Client) -> PagedKvCache<OfflineCuda> {
+    let scales = KvScales::new(0.5, 0.25).unwrap();
+    PagedKvCache::new(c, layout(), QuantPolicy::Fp8E4m3, Dtype::E4m3, scales).unwrap()
+}
+
+fn rows(c: &Client, dtype: Dtype, rows: usize, elems: usize) -> DeviceRows<OfflineCuda> {
+    DeviceRows::empty(c, dtype, rows, elems, elems).unwrap()
+}
+
+fn variant(e: &Fp8KvError) -> String {
+    format!("{e:?}")
+        .split([' ', '(', '{'])
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn device_types_reject_bad_shapes_and_dtypes() {
+    let c = client();
+    let scales = KvScales::default();
+    let e = PagedKvCache::new(&c, layout(), QuantPolicy::Fp8E4m3, Dtype::Bf16, scales)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    let e = DeviceRows::empty(&c, Dtype::E4m3, 4, 128, 128)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    let e = DeviceRows::empty(&c, Dtype::Bf16, 4, 128, 64)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "RowStride", "{e}");
+    let e = DeviceRows::from_f32(&c, &[1.0; 10], Dtype::Bf16, 4, 128, 128)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+    let bad_table =
+        BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 9, 2, -1], 2).unwrap();
+    let e = DeviceBatch::new(&c, bad_table, &layout(), 4).err().unwrap();
+    assert_eq!(variant(&e), "BlockTableOutOfRange", "{e}");
+    let e = DeviceBatch::new(&c, meta(), &layout(), 3).err().unwrap();
+    assert_eq!(variant(&e), "QueryOutOfRange", "{e}");
+}
+
+#[test]
+fn fill_rejects_bad_input_and_accepts_good() {
+    let c = client();
+    let mut cache = cache(&c);
+    let batch = DeviceBatch::new(&c, meta(), &layout(), 4).unwrap();
+    let good = || rows(&c, Dtype::Bf16, 4, 128);
+    fill::fill(&mut cache, &good(), &good(), &batch).unwrap();
+
+    let e = fill::fill(&mut cache, &rows(&c, Dtype::Bf16, 4, 64), &good(), &batch).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+    let e = fill::fill(&mut cache, &good(), &rows(&c, Dtype::Bf16, 3, 128), &batch).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+    let e = fill::fill(&mut cache, &good(), &rows(&c, Dtype::F16, 4, 128), &batch).unwrap_err();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    let reads = DeviceBatch::for_reads(&c, meta(), &layout()).unwrap();
+    let e = fill::fill(&mut cache, &good(), &good(), &reads).unwrap_err();
+    assert_eq!(variant(&e), "InvalidOption", "{e}");
+    let other = PagedKvLayout::new(5, 16, 2, 64, 64, KvLayoutKind::Bshd).unwrap();
+    let other_batch = DeviceBatch::new(&c, meta(), &other, 4).unwrap();
+    let e = fill::fill(&mut cache, &good(), &good(), &other_batch).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+}
+
+#[test]
+fn flatten_rejects_bad_input_and_accepts_good() {
+    let c = client();
+    let cache = cache(&c);
+    let batch = DeviceBatch::for_reads(&c, meta(), &layout()).unwrap();
+    let hsd = flatten::FlattenLayout::Hsd;
+    flatten::flatten_new(&c, &cache, &batch, hsd, Dtype::Bf16).unwrap();
+    let e = flatten::flatten_new(&c, &cache, &batch, hsd, Dtype::E5m2)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    // 21 cached tokens × 2 heads = 42 rows of 64; one row short must be refused.
+    let (mut k, mut v) = (rows(&c, Dtype::Bf16, 41, 64), rows(&c, Dtype::Bf16, 42, 64));
+    let e = flatten::flatten(&cache, &batch, hsd, &mut k, &mut v).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+}
+
+#[test]
+fn decode_rejects_bad_input_and_accepts_good() {
+    let c = client();
+    let cache = cache(&c);
+    let batch = DeviceBatch::new(&c, meta(), &layout(), 4).unwrap();
+    let opts = AttentionOptions::default();
+    let (q, mut out) = (
+        rows(&c, Dtype::Bf16, 4, 8 * 64),
+        rows(&c, Dtype::Bf16, 4, 8 * 64),
+    );
+    decode::paged_decode(&q, 8, &cache, &batch, &opts, &mut out).unwrap();
+
+    let q6 = rows(&c, Dtype::Bf16, 4, 6 * 64);
+    let e = decode::paged_decode(&q6, 3, &cache, &batch, &opts, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "HeadRatio", "{e}");
+    let e = decode::paged_decode(
+        &rows(&c, Dtype::Bf16, 3, 8 * 64),
+        8,
+        &cache,
+        &batch,
+        &opts,
+        &mut out,
+    )
+    .unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+    let mut out_f16 = rows(&c, Dtype::F16, 4, 8 * 64);
+    let e = decode::paged_decode(&q, 8, &cache, &batch, &opts, &mut out_f16).unwrap_err();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    let bad = AttentionOptions {
+        softcap: Some(0.0),
+        ..Default::default()
+    };
+    let e = decode::paged_decode(&q, 8, &cache, &batch, &bad, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "InvalidOption", "{e}");
+    let slopes = AttentionOptions {
+        alibi_slopes: Some(vec![0.5; 3]),
+        ..Default::default()
+    };
+    let e = decode::paged_decode(&q, 8, &cache, &batch, &slopes, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+    let reads = DeviceBatch::for_reads(&c, meta(), &layout()).unwrap();
+    let e = decode::paged_decode(&q, 8, &cache, &reads, &opts, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "InvalidOption", "{e}");
+}
