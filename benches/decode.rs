@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
-//! shapes (e4m3 and bf16, page 64).
+//! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone.
 
 use cubecl::prelude::*;
 
@@ -213,6 +213,30 @@ fn main() {
     };
     let copy = copy_tbps(&client);
     println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
+    // `--shape BxC`: only that shape, e4m3, page 64, Auto (for a profiler run).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--shape") {
+        let parsed = args.get(at + 1).and_then(|v| {
+            let (b, c) = v.split_once('x')?;
+            Some((b.parse().ok()?, c.parse().ok()?))
+        });
+        let Some((batch, context)) = parsed else {
+            println!("--shape wants BATCHxCONTEXT, e.g. 1x32768");
+            return;
+        };
+        let shape = Shape {
+            batch,
+            context,
+            page_size: 64,
+            policy: QuantPolicy::Fp8E4m3,
+            target_us: None,
+            path: KernelPath::Auto,
+        };
+        if let Err(err) = bench_shape(&client, &shape, copy) {
+            println!("  error: {err}");
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--paths") {
         for (batch, context) in [(1, 32768), (32, 4096), (32, 32768)] {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {

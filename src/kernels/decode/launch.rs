@@ -10,8 +10,13 @@
 use cubecl::prelude::*;
 
 use super::kernel::{decode_combine_kernel, decode_split_kernel, SplitParamsLaunch, PLANE_LANES};
-use super::mma::{decode_split_mma_kernel, CacheBits, MmaConfig, MMA_ROWS, MMA_WARPS};
-use super::plan::{KernelPath, SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT, TILE_TOKENS};
+use super::mma::{
+    decode_split_mma_kernel, CacheBits, MmaConfig, MMA_RESIDENT_CUBES, MMA_ROWS, MMA_WARPS,
+};
+use super::plan::{
+    KernelPath, SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT, TARGET_CUBES_PER_SM,
+    TILE_TOKENS,
+};
 use super::{AttentionOptions, DecodeConfig, SplitChoice, MAX_ROWS_PER_CUBE};
 use crate::device::{storage_type, BatchOffsets, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -25,8 +30,9 @@ const SPLIT_THREADS: u32 = 128;
 /// registers (16 resident warps per SM instead of 8 at ~250 registers), which the
 /// latency-bound tile loop needs more than per-thread loads in flight.
 const SPLIT_THREADS_SMALL_HEADS: u32 = 512;
-/// Threads per combine cube.
-const COMBINE_THREADS: u32 = 128;
+/// Threads per combine cube: 8 warps, so a 128-wide V head reads 8 splits at a time (4 per
+/// lane in flight) and a 512-wide one 2.
+const COMBINE_THREADS: u32 = 256;
 /// SM count assumed when the runtime does not report one (an H100 SXM's).
 const DEFAULT_SM_COUNT: usize = 132;
 /// Most f32 output accumulators per thread.
@@ -130,10 +136,7 @@ pub(crate) fn choose_mma<R: Runtime>(
         }),
         KernelPath::Auto => {
             let supported = mma_supported(cache.client(), cache.dtype());
-            // Window, softcap and ALiBi have not been verified on a device in this kernel yet
-            // (see MMA_BY_DEFAULT); sinks live in the shared combine kernel.
-            let verified = |c: &MmaConfig| !c.window && !c.softcap && !c.alibi;
-            Ok(candidate.filter(|c| MMA_BY_DEFAULT && supported && verified(c)))
+            Ok(candidate.filter(|_| MMA_BY_DEFAULT && supported))
         }
     }
 }
@@ -177,7 +180,12 @@ pub(crate) fn plan_for<R: Runtime>(
                 .num_streaming_multiprocessors
                 .map_or(DEFAULT_SM_COUNT, |n| n as usize);
             let base = cache.layout().num_kv_heads() * meta.batch() * row_blocks;
-            Ok(SplitPlan::new(base, meta.max_kv_len(), sm))
+            let resident = if mma.is_some() {
+                MMA_RESIDENT_CUBES
+            } else {
+                TARGET_CUBES_PER_SM
+            };
+            Ok(SplitPlan::new(base, meta.max_kv_len(), sm, resident))
         }
         SplitChoice::Tokens(n) => SplitPlan::with_split_tokens(n, meta.max_kv_len()),
     }
@@ -392,7 +400,8 @@ pub(crate) fn launch_decode<R: Runtime>(
                 meta.max_q_len() as u32,
             ),
             CubeDim::new_1d(COMBINE_THREADS),
-            ArrayArg::from_raw_parts(ws_o, ws.o_elems()),
+            // Whole 4-float vectors: every supported V head dim is a multiple of 4.
+            ArrayArg::from_raw_parts(ws_o, ws.o_elems() / 4),
             ArrayArg::from_raw_parts(ws_md, ws.md_elems()),
             ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
             ArrayArg::from_raw_parts(sinks, sinks_len),

@@ -17,25 +17,25 @@
 //! contiguous 16-byte pieces of the cache straight into registers:
 //! - QK, k-step `s`, lane `(gq, tq)`: B column `gq` is token `gq` of the 8-token n-tile, and the
 //!   lane's four k-slots are head dims `tq·dk/4 + 4s + {0..3}`: each lane reads `dk/4`
-//!   contiguous elements of one token row (a quad reads the whole row). For FP8 the slots of
-//!   `b0` are bytes 0 and 2 of the 32-bit word, those of `b1` bytes 1 and 3, so the conversion
-//!   is two masks and shifts per register (`fp8_word_to_half2`); Q's A fragment uses the
-//!   same order.
+//!   contiguous elements of one token row (a quad reads the whole row); `b0` holds the pair
+//!   of dims `+0, +1` and `b1` the pair `+2, +3`, and Q's A fragment uses the same order.
 //! - PV, 16 tokens per k-block: slot `k` is token `k` of the block, which is exactly the column
 //!   order of the two score C tiles (FA2's "C fragment = A fragment" reuse). Output column `n`
 //!   of V n-tile `nt` is V dim `n·dv/8 + nt`, so lane `(gq, tq)` reads the `dv/8` contiguous
 //!   elements at `gq·dv/8` of its four tokens `2tq, 2tq+1, 2tq+8, 2tq+9` (one 16-byte load each
 //!   for dv = 128 FP8) and picks element `nt` of each for n-tile `nt`.
 //!
-//! FP8 → f16 is exact through bit moves: an E5M2 code is the top byte of the f16 with the same
-//! value; an E4M3 code's 7 exponent/mantissa bits shifted into f16's field give `x·2^-8`
-//! (subnormals included), undone on the f32 scores/outputs. The f16/bf16 cache is fed as is.
+//! FP8 → f16 is exact: every E4M3 and E5M2 value is an f16, and the conversion is the
+//! hardware's two-at-a-time `cvt.rn.f16x2.e4m3x2` / `e5m2x2` (sm_89 and later; CUDA's header
+//! falls back to integer code on older GPUs), one per pair of cache bytes, each V pair shared by
+//! two n-tiles. The f16/bf16 cache is fed as is.
 //! Queries and probabilities that the MMA type cannot hold exactly are split into a sum of
 //! `q_parts` / `p_parts` MMA-type values (`x = Σ part_i` to 22+ bits), each its own MMA, so the
 //! result stays within the f32-accumulation error bound the tests derive.
 
 use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
+use cubecl::{e4m3, e5m2};
 
 use super::kernel::{SplitParams, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
@@ -46,11 +46,15 @@ pub const MMA_ROWS: u32 = 16;
 pub const MMA_WARPS: u32 = 4;
 /// Cache tokens one warp handles per trip (one PV k-block, two QK n-tiles).
 pub const MMA_BLOCK_TOKENS: u32 = 16;
+/// Cubes of this kernel resident on one SM, which the split planner counts on: ptxas gives it
+/// 204–246 registers (`cargo xtask codegen --ptx` reports them), so two cubes of 128 threads
+/// fit in an H100 SM's 64 K registers.
+pub const MMA_RESIDENT_CUBES: usize = 2;
 
 /// How the cache's bits become MMA operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheBits {
-    /// E4M3 codes, converted to f16 times `2^-8`.
+    /// E4M3 codes, converted to f16 exactly.
     E4m3,
     /// E5M2 codes, converted to f16 exactly.
     E5m2,
@@ -64,13 +68,6 @@ impl CacheBits {
         match self {
             CacheBits::Half => 2,
             _ => 1,
-        }
-    }
-    /// The factor the converted value must be multiplied by to give the code's value.
-    pub fn unit(self) -> f32 {
-        match self {
-            CacheBits::E4m3 => 256.0,
-            _ => 1.0,
         }
     }
 }
@@ -100,80 +97,35 @@ pub struct MmaConfig {
     pub window: bool,
 }
 
-/// Moves `w`'s bits by `shift` (left when positive) and keeps `mask`: the one primitive of the
-/// byte shuffles below (all shifts are comptime, so each call is one shift and one AND).
+/// Elements `2p, 2p + 1` of a lane's piece of a cache row as MMA-type bits (element `2p` in the
+/// low 16 bits); `words` holds the piece as 32-bit words, `nw` (= `NW`) per vector. A 16-bit
+/// cache word is such a pair already; an FP8 pair is half a word, converted exactly by the
+/// hardware (`cvt.rn.f16x2.e4m3x2` / `e5m2x2` on sm_89 and later: every E4M3 and E5M2 value,
+/// subnormals included, is an f16).
 #[cube]
-fn shift_mask(w: u32, #[comptime] shift: i32, #[comptime] mask: u32) -> u32 {
-    if comptime![shift >= 0] {
-        (w << comptime![shift as u32]) & mask
-    } else {
-        (w >> comptime![(-shift) as u32]) & mask
-    }
-}
-
-/// The f16 bit pattern (in bits `half·16 ..`) of the FP8 code in byte `byte` of `w`.
-#[cube]
-fn fp8_byte_to_half(
-    w: u32,
-    #[comptime] byte: u32,
-    #[comptime] half: u32,
-    #[comptime] bits: CacheBits,
-) -> u32 {
-    let hp = comptime![(half * 16) as i32];
-    let bp = comptime![(byte * 8) as i32];
-    if comptime![bits == CacheBits::E5m2] {
-        // The code is the f16's top byte.
-        shift_mask(
-            w,
-            comptime![hp + 8 - bp],
-            comptime![0xFF00u32 << (half * 16)],
-        )
-    } else {
-        // Sign to bit 15, exponent and mantissa (7 bits) to bits 7..13: value · 2^-8.
-        shift_mask(
-            w,
-            comptime![hp + 8 - bp],
-            comptime![0x8000u32 << (half * 16)],
-        ) | shift_mask(
-            w,
-            comptime![hp + 7 - bp],
-            comptime![0x3F80u32 << (half * 16)],
-        )
-    }
-}
-
-/// Two f16 (low half: byte `lo_byte`, high half: byte `lo_byte + 2`) of the FP8 word `w`.
-#[cube]
-fn fp8_word_to_half2(w: u32, #[comptime] lo_byte: u32, #[comptime] bits: CacheBits) -> u32 {
-    fp8_byte_to_half(w, lo_byte, 0u32, bits)
-        | fp8_byte_to_half(w, comptime![lo_byte + 2], 1u32, bits)
-}
-
-/// Element `e` of a lane's piece of a cache row, as MMA-type bits in the low 16 bits of the
-/// result (`half = 0`) or the high 16 (`half = 1`); `words` holds the piece as 32-bit words,
-/// `nw` (= `NW`) per vector.
-#[cube]
-fn piece_elem_to_half<NW: Size>(
+fn piece_pair<M: Float, NW: Size>(
     words: &Array<Vector<u32, NW>>,
     #[comptime] base: u32,
-    #[comptime] e: u32,
-    #[comptime] half: u32,
+    #[comptime] p: u32,
     #[comptime] bits: CacheBits,
     #[comptime] nw: u32,
 ) -> u32 {
-    if comptime![bits == CacheBits::Half] {
-        let word = comptime![e / 2];
-        let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
-        shift_mask(
-            w,
-            comptime![(half * 16) as i32 - (e % 2) as i32 * 16],
-            comptime![0xFFFFu32 << (half * 16)],
-        )
-    } else {
-        let word = comptime![e / 4];
-        let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
-        fp8_byte_to_half(w, comptime![e % 4], half, bits)
+    let word = comptime![if bits == CacheBits::Half { p } else { p / 2 }];
+    let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
+    let mut out = w;
+    if comptime![bits != CacheBits::Half] {
+        let w16 = u16::cast_from(w >> comptime![(p % 2) * 16]);
+        if comptime![bits == CacheBits::E4m3] {
+            out = u32::reinterpret(Vector::<M, Const<2>>::cast_from(
+                Vector::<e4m3, Const<2>>::reinterpret(w16),
+            ));
+        } else {
+            out = u32::reinterpret(Vector::<M, Const<2>>::cast_from(
+                Vector::<e5m2, Const<2>>::reinterpret(w16),
+            ));
+        }
     }
+    out
 }
 
 /// Splits `x` into `parts` values of the MMA type whose sum approximates `x` to
@@ -197,6 +149,102 @@ fn split_parts<M: Float>(
         v[lane as usize] = h;
         out[idx] = v;
     }
+}
+
+/// Issues the loads of a lane's K pieces for the 16-token block at `t0` (tokens `t0 + gq` and
+/// `t0 + 8 + gq`, KV head `g`) from page `page` into `kr`; tokens at or past `hi` get zeros.
+/// The block lies in one page: `t0` is a multiple of 16 and pages are powers of two ≥ 16.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_k_block(
+    k_cache: &Array<Vector<u32, Const<4>>>,
+    kr: &mut Array<Vector<u32, Const<4>>>,
+    t0: u32,
+    hi: u32,
+    page: u32,
+    g: u32,
+    gq: u32,
+    tq: u32,
+    #[comptime] cfg: MmaConfig,
+) {
+    let es = comptime![cfg.bits.elem_bytes()];
+    let k_vecs = comptime![cfg.k.head_dim / 4 * es / 16];
+    let page_size = comptime![cfg.k.page_size];
+    let k_page = comptime![cfg.k.page_stride() * es / 16];
+    let k_slot = comptime![cfg.k.slot_stride() * es / 16];
+    let k_head = comptime![cfg.k.head_stride() * es / 16];
+    #[unroll]
+    for j in 0..2u32 {
+        let t = t0 + 8 * j + gq;
+        #[unroll]
+        for c in 0..k_vecs {
+            kr[(j * k_vecs + c) as usize] = Vector::new(0u32);
+        }
+        if t < hi {
+            let base = page * k_page + (t % page_size) * k_slot + g * k_head + tq * k_vecs;
+            #[unroll]
+            for c in 0..k_vecs {
+                kr[(j * k_vecs + c) as usize] = k_cache[(base + c) as usize];
+            }
+        }
+    }
+}
+
+/// Issues the loads of a lane's V pieces for the 16-token block at `t0` (tokens `t0 + 2tq +
+/// {0, 1, 8, 9}`, V dims from `gq·dv/8`) from page `page` into `vr`; tokens at or past `hi` get
+/// zeros (their P is 0, and 0 · garbage could be NaN).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_v_block<NV: Size>(
+    v_cache: &Array<Vector<u32, NV>>,
+    vr: &mut Array<Vector<u32, NV>>,
+    t0: u32,
+    hi: u32,
+    page: u32,
+    g: u32,
+    gq: u32,
+    tq: u32,
+    #[comptime] cfg: MmaConfig,
+) {
+    let es = comptime![cfg.bits.elem_bytes()];
+    let nv = comptime![cfg.v_words];
+    let v_vecs = comptime![cfg.v.head_dim / 8 * es / (4 * nv)];
+    let page_size = comptime![cfg.v.page_size];
+    let v_page = comptime![cfg.v.page_stride() * es / (4 * nv)];
+    let v_slot = comptime![cfg.v.slot_stride() * es / (4 * nv)];
+    let v_head = comptime![cfg.v.head_stride() * es / (4 * nv)];
+    #[unroll]
+    for kk in 0..4u32 {
+        let t = t0 + 2 * tq + comptime![(kk % 2) + 8 * (kk / 2)];
+        #[unroll]
+        for c in 0..v_vecs {
+            vr[(kk * v_vecs + c) as usize] = Vector::new(0u32);
+        }
+        if t < hi {
+            let base = page * v_page + (t % page_size) * v_slot + g * v_head + gq * v_vecs;
+            #[unroll]
+            for c in 0..v_vecs {
+                vr[(kk * v_vecs + c) as usize] = v_cache[(base + c) as usize];
+            }
+        }
+    }
+}
+
+/// The page holding the 16-token block at `t0`, or 0 (never read) when the block starts at or
+/// past `hi`.
+#[cube]
+fn block_page(
+    meta: &Array<i32>,
+    bt_base: u32,
+    t0: u32,
+    hi: u32,
+    #[comptime] page_size: u32,
+) -> u32 {
+    let mut page = 0u32;
+    if t0 < hi {
+        page = u32::cast_from(meta[(bt_base + t0 / page_size) as usize]);
+    }
+    page
 }
 
 /// Tensor-core split kernel: the partial attention state of 16 query rows of one KV group over
@@ -245,14 +293,6 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // A lane's piece of a K row (dk/4 elements) in 16-byte vectors, of a V row (dv/8) in NV words.
     let k_vecs = comptime![dk / 4 * es / 16];
     let v_vecs = comptime![dv / 8 * es / (4 * nv)];
-    // Strides in vector units.
-    let k_page = comptime![cfg.k.page_stride() * es / 16];
-    let k_slot = comptime![cfg.k.slot_stride() * es / 16];
-    let k_head = comptime![cfg.k.head_stride() * es / 16];
-    let v_page = comptime![cfg.v.page_stride() * es / (4 * nv)];
-    let v_slot = comptime![cfg.v.slot_stride() * es / (4 * nv)];
-    let v_head = comptime![cfg.v.head_stride() * es / (4 * nv)];
-    let k_unit = comptime![cfg.bits.unit()];
 
     // ---- which rows and tokens this cube owns (as the CUDA-core kernel) ----------------------
     let lane = UNIT_POS % PLANE_LANES;
@@ -284,7 +324,9 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut lo = split_lo;
     if comptime![cfg.window] {
         if first_pos + 1 > params.window {
-            lo = lo.max(first_pos + 1 - params.window);
+            // Whole 16-token blocks (so each lies in one page); the keys below the window
+            // that this adds are masked per row, and `split_lo` is itself a multiple of 16.
+            lo = lo.max((first_pos + 1 - params.window) / MMA_BLOCK_TOKENS * MMA_BLOCK_TOKENS);
         }
     }
 
@@ -307,7 +349,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
 
     // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
     // Register x of step s holds row gq + 8·(x % 2) and the head dims that K's B slots of the
-    // same registers hold (see the module doc): FP8 (+0, +2) / (+1, +3), 16-bit (+0, +1) / (+2, +3).
+    // same registers hold (see the module doc): head dims (+0, +1) / (+2, +3) of the step's four.
     let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
     #[unroll]
     for s in 0..k_steps {
@@ -317,11 +359,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             let hiword = comptime![x / 2];
             #[unroll]
             for e in 0..2u32 {
-                let off = if comptime![cfg.bits == CacheBits::Half] {
-                    comptime![hiword * 2 + e]
-                } else {
-                    comptime![hiword + 2 * e]
-                };
+                let off = comptime![hiword * 2 + e];
                 let d = tq * comptime![dk / 4] + comptime![s * 4 + off];
                 let mut val = 0.0f32;
                 if gr < rows_total {
@@ -360,75 +398,49 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut kr = Array::<Vector<u32, Const<4>>>::new(comptime![(2 * k_vecs) as usize]);
     let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs) as usize]);
     let mut sc = Array::<f32>::new(8usize);
+    let mut row_alpha = Array::<f32>::new(2usize);
+    // The four V pieces' current pair (tokens 2tq, 2tq + 1, 2tq + 8, 2tq + 9).
+    let mut vp = Array::<u32>::new(4usize);
     let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
     let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
     let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
     let mut pa = Array::<Vector<M, Const<2>>>::new(comptime![(p_parts * 4) as usize]);
-    let score_scale = params.score_scale * k_unit;
+    let score_scale = params.score_scale;
 
+    // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
+    // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
+    // while it computes (registers, not warps, limit residency). Page indices run one block
+    // further ahead, so no load waits for a block-table read.
+    let stride = comptime![MMA_BLOCK_TOKENS * MMA_WARPS];
     let mut t0 = lo + warp * MMA_BLOCK_TOKENS;
+    let page0 = block_page(meta, bt_base, t0, hi, page_size);
+    load_k_block(k_cache, &mut kr, t0, hi, page0, g, gq, tq, cfg);
+    load_v_block::<NV>(v_cache, &mut vr, t0, hi, page0, g, gq, tq, cfg);
+    let mut next_page = block_page(meta, bt_base, t0 + stride, hi, page_size);
     while t0 < hi {
-        // (1) Loads: K rows of tokens t0 + gq and t0 + 8 + gq, V pieces of tokens t0 + 2tq + {0, 1,
-        // 8, 9}; all issued before the first use. Tokens past `hi` read nothing and hold zeros
-        // (P is 0 there, and 0 · garbage could be NaN).
-        #[unroll]
-        for j in 0..2u32 {
-            let t = t0 + 8 * j + gq;
-            #[unroll]
-            for c in 0..k_vecs {
-                kr[(j * k_vecs + c) as usize] = Vector::new(0u32);
-            }
-            if t < hi {
-                let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                let base = page * k_page + (t % page_size) * k_slot + g * k_head + tq * k_vecs;
-                #[unroll]
-                for c in 0..k_vecs {
-                    kr[(j * k_vecs + c) as usize] = k_cache[(base + c) as usize];
-                }
-            }
-        }
-        #[unroll]
-        for kk in 0..4u32 {
-            let t = t0 + 2 * tq + comptime![(kk % 2) + 8 * (kk / 2)];
-            #[unroll]
-            for c in 0..v_vecs {
-                vr[(kk * v_vecs + c) as usize] = Vector::new(0u32);
-            }
-            if t < hi {
-                let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                let base = page * v_page + (t % page_size) * v_slot + g * v_head + gq * v_vecs;
-                #[unroll]
-                for c in 0..v_vecs {
-                    vr[(kk * v_vecs + c) as usize] = v_cache[(base + c) as usize];
-                }
-            }
-        }
-
-        // (2) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
+        let tn = t0 + stride;
+        // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
         #[unroll]
         for j in 0..2u32 {
             c_tmp[0] = Vector::new(0.0);
             c_tmp[1] = Vector::new(0.0);
             #[unroll]
             for s in 0..k_steps {
-                if comptime![cfg.bits == CacheBits::Half] {
-                    // Elements 4s .. 4s+3 of the piece: words 2s, 2s + 1 (8 words per vector).
-                    let w0 = comptime![2 * s];
-                    let w1 = comptime![2 * s + 1];
-                    b_tmp[0] = Vector::<M, Const<2>>::reinterpret(
-                        kr[comptime![(j * k_vecs + w0 / 4) as usize]][comptime![(w0 % 4) as usize]],
-                    );
-                    b_tmp[1] = Vector::<M, Const<2>>::reinterpret(
-                        kr[comptime![(j * k_vecs + w1 / 4) as usize]][comptime![(w1 % 4) as usize]],
-                    );
-                } else {
-                    let w =
-                        kr[comptime![(j * k_vecs + s / 4) as usize]][comptime![(s % 4) as usize]];
-                    b_tmp[0] =
-                        Vector::<M, Const<2>>::reinterpret(fp8_word_to_half2(w, 0u32, cfg.bits));
-                    b_tmp[1] =
-                        Vector::<M, Const<2>>::reinterpret(fp8_word_to_half2(w, 1u32, cfg.bits));
-                }
+                // Head dims 4s .. 4s+3 of the lane's piece: pairs 2s and 2s + 1.
+                b_tmp[0] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                    &kr,
+                    comptime![j * k_vecs],
+                    comptime![2 * s],
+                    cfg.bits,
+                    4u32,
+                ));
+                b_tmp[1] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                    &kr,
+                    comptime![j * k_vecs],
+                    comptime![2 * s + 1],
+                    cfg.bits,
+                    4u32,
+                ));
                 #[unroll]
                 for p in 0..q_parts {
                     #[unroll]
@@ -462,7 +474,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             }
         }
 
-        // (3) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
+        load_k_block(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, cfg);
+
+        // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
+        let mut grew = false;
         #[unroll]
         for x in 0..2u32 {
             let mut mx = sc[(x * 4) as usize];
@@ -486,14 +501,23 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             }
             m_run[x as usize] = m_new;
             d_run[x as usize] = d_run[x as usize] * alpha + sum;
+            row_alpha[x as usize] = alpha;
+            grew = grew || m_new > m_old;
+        }
+        // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
+        // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
+        if plane_any(grew) {
             #[unroll]
-            for nt in 0..v_tiles {
-                let i = (nt * 2 + x) as usize;
-                acc[i] = acc[i] * Vector::new(alpha);
+            for x in 0..2u32 {
+                #[unroll]
+                for nt in 0..v_tiles {
+                    let i = (nt * 2 + x) as usize;
+                    acc[i] = acc[i] * Vector::new(row_alpha[x as usize]);
+                }
             }
         }
 
-        // (4) P as the A fragment (a0/a1 from n-tile 0, a2/a3 from n-tile 1), split into parts.
+        // (3) P as the A fragment (a0/a1 from n-tile 0, a2/a3 from n-tile 1), split into parts.
         #[unroll]
         for r in 0..4u32 {
             #[unroll]
@@ -504,28 +528,32 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             }
         }
 
-        // (5) O += P·V: n-tile nt is element nt of each of the lane's four V pieces.
+        // (4) O += P·V: n-tile nt is element nt of each of the lane's four V pieces, i.e. half
+        // nt % 2 of pair nt / 2 (each pair converted once, for two n-tiles).
         #[unroll]
         for nt in 0..v_tiles {
+            if comptime![nt % 2 == 0] {
+                #[unroll]
+                for kk in 0..4u32 {
+                    vp[kk as usize] = piece_pair::<M, NV>(
+                        &vr,
+                        comptime![kk * v_vecs],
+                        comptime![nt / 2],
+                        cfg.bits,
+                        nv,
+                    );
+                }
+            }
             #[unroll]
             for rg in 0..2u32 {
-                let lo_bits = piece_elem_to_half::<NV>(
-                    &vr,
-                    comptime![2 * rg * v_vecs],
-                    nt,
-                    0u32,
-                    cfg.bits,
-                    nv,
-                );
-                let hi_bits = piece_elem_to_half::<NV>(
-                    &vr,
-                    comptime![(2 * rg + 1) * v_vecs],
-                    nt,
-                    1u32,
-                    cfg.bits,
-                    nv,
-                );
-                b_tmp[rg as usize] = Vector::<M, Const<2>>::reinterpret(lo_bits | hi_bits);
+                let a = vp[comptime![(2 * rg) as usize]];
+                let b = vp[comptime![(2 * rg + 1) as usize]];
+                let bits = if comptime![nt % 2 == 0] {
+                    (a & 0xFFFFu32) | (b << 16u32)
+                } else {
+                    (a >> 16u32) | (b & 0xFFFF0000u32)
+                };
+                b_tmp[rg as usize] = Vector::<M, Const<2>>::reinterpret(bits);
             }
             c_tmp[0] = acc[(nt * 2) as usize];
             c_tmp[1] = acc[(nt * 2 + 1) as usize];
@@ -542,7 +570,9 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             acc[(nt * 2) as usize] = c_tmp[0];
             acc[(nt * 2 + 1) as usize] = c_tmp[1];
         }
-        t0 += comptime![MMA_BLOCK_TOKENS * MMA_WARPS];
+        load_v_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, cfg);
+        next_page = block_page(meta, bt_base, tn + stride, hi, page_size);
+        t0 = tn;
     }
 
     // ---- merge the four warps' states and write the partial state ----------------------------
@@ -607,7 +637,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     }
 
     let num_splits = params.num_splits;
-    let out_scale = params.v_scale * k_unit;
+    let out_scale = params.v_scale;
     let mut o = UNIT_POS;
     while o < comptime![MMA_ROWS * dv] {
         let r = o / dv;

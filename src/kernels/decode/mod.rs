@@ -262,7 +262,7 @@ pub fn tensor_cores_apply(
 /// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], for a cache
 /// of `cache_dtype` with these head dims on `client`'s device: [`KernelPath::TensorCores`]
 /// where that kernel applies, the device has the MMA it needs and [`plan::MMA_BY_DEFAULT`] is
-/// on, else [`KernelPath::CudaCores`] (window, softcap and ALiBi always take the latter).
+/// on, else [`KernelPath::CudaCores`] (the same with any options).
 pub fn auto_path<R: Runtime>(
     client: &cubecl::client::ComputeClient<R>,
     cache_dtype: crate::policy::Dtype,

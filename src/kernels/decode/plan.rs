@@ -11,17 +11,19 @@ pub const MAX_SPLITS: usize = 256;
 /// A split never covers fewer tokens than this: below it the split's fixed cost (query load,
 /// final reduction, workspace write, combine read) outweighs the parallelism gained.
 pub const MIN_SPLIT_TOKENS: usize = 256;
-/// Resident cubes per SM the planner aims for: enough loads in flight to saturate HBM
-/// (about 16 KiB per SM, each cube keeping about 8 KiB in flight), a little slack for tails.
+/// Cubes per SM the planner counts on for the CUDA-core split kernel: enough loads in flight
+/// to saturate HBM (about 16 KiB per SM, each cube keeping about 8 KiB in flight).
 pub const TARGET_CUBES_PER_SM: usize = 4;
+/// A cube's fixed cost in the plan's cost model, in cache tokens: loading the query, merging
+/// its warps, writing its state and the combine reading it back.
+pub const SPLIT_OVERHEAD_TOKENS: usize = 128;
 
 /// Which split kernel computes the partial states (both write the same workspace, merged by
 /// the same combine kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelPath {
     /// The launcher decides: the tensor-core kernel where it applies, the device has its MMA
-    /// and [`MMA_BY_DEFAULT`] is on (and no window, softcap or ALiBi is asked for), otherwise
-    /// the CUDA-core kernel.
+    /// and [`MMA_BY_DEFAULT`] is on, otherwise the CUDA-core kernel.
     #[default]
     Auto,
     /// The CUDA-core kernel (every shape and option).
@@ -31,12 +33,10 @@ pub enum KernelPath {
     TensorCores,
 }
 
-/// Whether [`KernelPath::Auto`] picks the tensor-core kernel where it applies and no sliding
-/// window, softcap or ALiBi is asked for. The kernel passed the GPU suite's plain comparisons
-/// (every case of the decode table it applies to, f16/bf16/f32 queries, FP8 and 16-bit caches,
-/// many splits) on an H100; its window/softcap/ALiBi branches have not yet run on a device, so
-/// [`KernelPath::Auto`] keeps the CUDA-core kernel for those (they can be forced with
-/// [`KernelPath::TensorCores`]).
+/// Whether [`KernelPath::Auto`] picks the tensor-core kernel where it applies. It passed the
+/// GPU suite on an H100 with every option (window, softcap, sinks, ALiBi, softmax scale) and
+/// every decode case it applies to, as the CUDA-core kernel did; off, Auto keeps the CUDA-core
+/// kernel everywhere.
 pub const MMA_BY_DEFAULT: bool = true;
 
 /// How the cache of every sequence is cut for one launch.
@@ -54,21 +54,40 @@ pub struct SplitPlan {
 
 impl SplitPlan {
     /// Plans the split count from the work that exists without splitting (`base_cubes` =
-    /// KV heads × sequences × query-row blocks), the longest context and the SM count: split
-    /// only until about `TARGET_CUBES_PER_SM` cubes per SM exist, and never into slices shorter
-    /// than [`MIN_SPLIT_TOKENS`]. Batch 1 × 32k with 8 KV heads gets 64 splits of 512 tokens on
-    /// 132 SMs; batch 128 × 32k (1024 cubes) gets 1.
-    pub fn new(base_cubes: usize, max_kv_len: usize, sm_count: usize) -> Self {
+    /// KV heads × sequences × query-row blocks), the longest context, the SM count and how many
+    /// cubes of the split kernel fit on one SM at once (`resident_per_sm`).
+    ///
+    /// Cubes of one launch take about equally long, so they run in waves of `sm_count ·
+    /// resident_per_sm`: the plan picks the split count that minimises waves × (tokens per
+    /// split + [`SPLIT_OVERHEAD_TOKENS`]), never slices shorter than [`MIN_SPLIT_TOKENS`], and
+    /// the fewest splits among equals. Batch 1 × 32k with 8 KV heads on 132 SMs × 3 gets 47
+    /// splits of 704 tokens (376 cubes, one wave; 64 of 512 would take two); batch 128 × 32k
+    /// gets a few long splits.
+    pub fn new(
+        base_cubes: usize,
+        max_kv_len: usize,
+        sm_count: usize,
+        resident_per_sm: usize,
+    ) -> Self {
         let max_kv_len = max_kv_len.max(1);
-        let target = sm_count.max(1) * TARGET_CUBES_PER_SM;
-        let wanted = target.div_ceil(base_cubes.max(1));
+        let base = base_cubes.max(1);
+        let slots = sm_count.max(1) * resident_per_sm.max(1);
         let most = max_kv_len.div_ceil(MIN_SPLIT_TOKENS).clamp(1, MAX_SPLITS);
-        let splits = wanted.clamp(1, most);
-        let split_tokens = max_kv_len.div_ceil(splits).next_multiple_of(TILE_TOKENS);
-        SplitPlan {
-            num_splits: max_kv_len.div_ceil(split_tokens),
-            split_tokens,
+        let mut best: Option<(usize, SplitPlan)> = None;
+        for wanted in 1..=most {
+            let split_tokens = max_kv_len.div_ceil(wanted).next_multiple_of(TILE_TOKENS);
+            let plan = SplitPlan {
+                num_splits: max_kv_len.div_ceil(split_tokens),
+                split_tokens,
+            };
+            let waves = (base * plan.num_splits).div_ceil(slots);
+            let cost = waves * (split_tokens + SPLIT_OVERHEAD_TOKENS);
+            if best.is_none_or(|(c, _)| cost < c) {
+                best = Some((cost, plan));
+            }
         }
+        best.map(|(_, p)| p)
+            .expect("at least one split count is tried")
     }
 
     /// A plan with exactly the given slice length (rounded up to whole tiles), for tests that
@@ -198,26 +217,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch1_long_context_fills_the_gpu_and_big_batch_does_not_split() {
-        let p = SplitPlan::new(8, 32768, 132);
+    fn batch1_long_context_fills_one_wave_and_big_batch_barely_splits() {
+        // 8 KV heads × batch 1 on 132 SMs × 3 resident cubes: one wave of long splits.
+        let p = SplitPlan::new(8, 32768, 132, 3);
         assert_eq!(
             p,
             SplitPlan {
-                num_splits: 64,
-                split_tokens: 512
+                num_splits: 47,
+                split_tokens: 704
             }
         );
-        assert_eq!(SplitPlan::new(8 * 128, 32768, 132).num_splits, 1);
-        let mid = SplitPlan::new(8 * 32, 4096, 132);
+        assert!(8 * p.num_splits <= 132 * 3);
+        // Batch 128: 1024 cubes already make 2.6 waves; splitting only evens the last one out.
+        let big = SplitPlan::new(8 * 128, 32768, 132, 3);
+        assert!(big.num_splits <= 8, "{big:?}");
+        let mid = SplitPlan::new(8 * 32, 4096, 132, 3);
         assert!(mid.num_splits >= 2 && mid.split_tokens.is_multiple_of(TILE_TOKENS));
         assert!(mid.num_splits * mid.split_tokens >= 4096);
+    }
+
+    #[test]
+    fn plan_never_costs_more_than_not_splitting() {
+        let cost = |p: SplitPlan, base: usize, slots: usize| {
+            (base * p.num_splits).div_ceil(slots) * (p.split_tokens + SPLIT_OVERHEAD_TOKENS)
+        };
+        for (base, kv) in [
+            (8, 32768),
+            (256, 4096),
+            (256, 32768),
+            (1024, 32768),
+            (3, 700),
+        ] {
+            let p = SplitPlan::new(base, kv, 132, 3);
+            let one = SplitPlan {
+                num_splits: 1,
+                split_tokens: kv.next_multiple_of(TILE_TOKENS),
+            };
+            assert!(cost(p, base, 396) <= cost(one, base, 396), "{p:?}");
+        }
     }
 
     #[test]
     fn plan_covers_every_token_and_handles_empty_batches() {
         for kv in [0, 1, 63, 64, 65, 1000, 100_000] {
             for base in [1, 7, 64, 5000] {
-                let p = SplitPlan::new(base, kv, 132);
+                let p = SplitPlan::new(base, kv, 132, 3);
                 assert!(p.num_splits >= 1 && p.num_splits <= MAX_SPLITS);
                 assert!(p.num_splits * p.split_tokens >= kv, "{p:?} kv {kv}");
                 assert_eq!(p.split_tokens % TILE_TOKENS, 0);
