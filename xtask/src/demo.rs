@@ -286,6 +286,17 @@ fn run_gpu(
             inputs.push((k, v, q, out));
         }
     }
+    // Compile the step kernels before the clock: step 0 of layer 0 once, untimed. Both calls
+    // are idempotent (the same token to the same slot, the same output), and the timed loop
+    // repeats them.
+    if let (Some(meta), Some(cache), Some((k, v, q, out))) =
+        (plan.steps.first(), caches.first_mut(), inputs.first_mut())
+    {
+        let batch = DeviceBatch::new(client, meta.clone(), &plan.layout, w.batch).map_err(err)?;
+        fill::fill(cache, k, v, &batch).map_err(err)?;
+        let opts = AttentionOptions::default();
+        decode::paged_decode(q, w.num_heads, cache, &batch, &opts, out).map_err(err)?;
+    }
     cubecl::future::block_on(client.sync()).map_err(|e| format!("device sync: {e:?}"))?;
     let start = Instant::now();
     let mut it = inputs.iter_mut();
