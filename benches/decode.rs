@@ -102,6 +102,20 @@ struct Shape {
     path: KernelPath,
 }
 
+impl Shape {
+    /// An e4m3 shape on the default path, without a target.
+    fn e4m3(batch: usize, context: usize, page_size: usize) -> Self {
+        Shape {
+            batch,
+            context,
+            page_size,
+            policy: QuantPolicy::Fp8E4m3,
+            target_us: None,
+            path: KernelPath::Auto,
+        }
+    }
+}
+
 const HEADS: usize = 32;
 const KV_HEADS: usize = 8;
 const HEAD_DIM: usize = 128;
@@ -224,15 +238,7 @@ fn main() {
             println!("--shape wants BATCHxCONTEXT, e.g. 1x32768");
             return;
         };
-        let shape = Shape {
-            batch,
-            context,
-            page_size: 64,
-            policy: QuantPolicy::Fp8E4m3,
-            target_us: None,
-            path: KernelPath::Auto,
-        };
-        if let Err(err) = bench_shape(&client, &shape, copy) {
+        if let Err(err) = bench_shape(&client, &Shape::e4m3(batch, context, 64), copy) {
             println!("  error: {err}");
         }
         return;
@@ -267,12 +273,8 @@ fn main() {
         let fp8 = bench_shape(
             &client,
             &Shape {
-                batch,
-                context,
-                page_size: 64,
-                policy: QuantPolicy::Fp8E4m3,
                 target_us: target,
-                path: KernelPath::Auto,
+                ..Shape::e4m3(batch, context, 64)
             },
             copy,
         );
@@ -302,30 +304,8 @@ fn main() {
         }
     }
     for (batch, context) in [(32, 4096), (32, 32768)] {
-        let p16 = bench_shape(
-            &client,
-            &Shape {
-                batch,
-                context,
-                page_size: 16,
-                policy: QuantPolicy::Fp8E4m3,
-                target_us: None,
-                path: KernelPath::Auto,
-            },
-            copy,
-        );
-        let p64 = bench_shape(
-            &client,
-            &Shape {
-                batch,
-                context,
-                page_size: 64,
-                policy: QuantPolicy::Fp8E4m3,
-                target_us: None,
-                path: KernelPath::Auto,
-            },
-            copy,
-        );
+        let p16 = bench_shape(&client, &Shape::e4m3(batch, context, 16), copy);
+        let p64 = bench_shape(&client, &Shape::e4m3(batch, context, 64), copy);
         if let (Ok(a), Ok(b)) = (p16, p64) {
             println!("  page 16 / page 64 time: {:.3} (target ≤ 1.10)", a / b);
         }

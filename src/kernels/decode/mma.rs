@@ -151,81 +151,71 @@ fn split_parts<M: Float>(
     }
 }
 
-/// Issues the loads of a lane's K pieces for the 16-token block at `t0` (tokens `t0 + gq` and
-/// `t0 + 8 + gq`, KV head `g`) from page `page` into `kr`; tokens at or past `hi` get zeros.
-/// The block lies in one page: `t0` is a multiple of 16 and pages are powers of two ≥ 16.
+/// Issues the loads of a lane's pieces of the 16-token block at `t0` (KV head `g`) from page
+/// `page` into `regs`; tokens at or past `hi` get zeros (their P is 0, and 0 · garbage could
+/// be NaN). K (`v_side` off): tokens `t0 + gq` and `t0 + 8 + gq`, head dims from `tq·dk/4`, as
+/// 16-byte vectors. V: tokens `t0 + 2tq + {0, 1, 8, 9}`, V dims from `gq·dv/8`, as vectors of
+/// `cfg.v_words` words. The block lies in one page: `t0` is a multiple of 16 and pages are
+/// powers of two ≥ 16.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn load_k_block(
-    k_cache: &Array<Vector<u32, Const<4>>>,
-    kr: &mut Array<Vector<u32, Const<4>>>,
+fn load_block<N: Size>(
+    cache: &Array<Vector<u32, N>>,
+    regs: &mut Array<Vector<u32, N>>,
     t0: u32,
     hi: u32,
     page: u32,
     g: u32,
     gq: u32,
     tq: u32,
+    #[comptime] v_side: bool,
     #[comptime] cfg: MmaConfig,
 ) {
+    let geom = comptime![if v_side { cfg.v } else { cfg.k }];
     let es = comptime![cfg.bits.elem_bytes()];
-    let k_vecs = comptime![cfg.k.head_dim / 4 * es / 16];
-    let page_size = comptime![cfg.k.page_size];
-    let k_page = comptime![cfg.k.page_stride() * es / 16];
-    let k_slot = comptime![cfg.k.slot_stride() * es / 16];
-    let k_head = comptime![cfg.k.head_stride() * es / 16];
+    // Bytes per vector, elements per lane's piece, tokens per lane.
+    let vec_bytes = comptime![if v_side { 4 * cfg.v_words } else { 16 }];
+    let piece = comptime![geom.head_dim / if v_side { 8 } else { 4 }];
+    let tokens = comptime![if v_side { 4u32 } else { 2u32 }];
+    let vecs = comptime![piece * es / vec_bytes];
+    let page_size = comptime![geom.page_size];
+    let page_stride = comptime![geom.page_stride() * es / vec_bytes];
+    let slot_stride = comptime![geom.slot_stride() * es / vec_bytes];
+    let head_stride = comptime![geom.head_stride() * es / vec_bytes];
+    let (lane_tok, lane_vec) = if comptime![v_side] {
+        (2 * tq, gq * vecs)
+    } else {
+        (gq, tq * vecs)
+    };
     #[unroll]
-    for j in 0..2u32 {
-        let t = t0 + 8 * j + gq;
-        #[unroll]
-        for c in 0..k_vecs {
-            kr[(j * k_vecs + c) as usize] = Vector::new(0u32);
-        }
-        if t < hi {
-            let base = page * k_page + (t % page_size) * k_slot + g * k_head + tq * k_vecs;
-            #[unroll]
-            for c in 0..k_vecs {
-                kr[(j * k_vecs + c) as usize] = k_cache[(base + c) as usize];
-            }
-        }
+    for i in 0..tokens {
+        let tok_off = comptime![if v_side { (i % 2) + 8 * (i / 2) } else { 8 * i }];
+        let t = t0 + lane_tok + tok_off;
+        let base = page * page_stride + (t % page_size) * slot_stride + g * head_stride + lane_vec;
+        load_piece(cache, regs, t, hi, base, comptime![i * vecs], vecs);
     }
 }
 
-/// Issues the loads of a lane's V pieces for the 16-token block at `t0` (tokens `t0 + 2tq +
-/// {0, 1, 8, 9}`, V dims from `gq·dv/8`) from page `page` into `vr`; tokens at or past `hi` get
-/// zeros (their P is 0, and 0 · garbage could be NaN).
+/// Loads `count` vectors of one token's piece at `base` into `regs[at..]`, or zeros when the
+/// token `t` is at or past `hi` (its address is then never read).
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn load_v_block<NV: Size>(
-    v_cache: &Array<Vector<u32, NV>>,
-    vr: &mut Array<Vector<u32, NV>>,
-    t0: u32,
+fn load_piece<N: Size>(
+    cache: &Array<Vector<u32, N>>,
+    regs: &mut Array<Vector<u32, N>>,
+    t: u32,
     hi: u32,
-    page: u32,
-    g: u32,
-    gq: u32,
-    tq: u32,
-    #[comptime] cfg: MmaConfig,
+    base: u32,
+    #[comptime] at: u32,
+    #[comptime] count: u32,
 ) {
-    let es = comptime![cfg.bits.elem_bytes()];
-    let nv = comptime![cfg.v_words];
-    let v_vecs = comptime![cfg.v.head_dim / 8 * es / (4 * nv)];
-    let page_size = comptime![cfg.v.page_size];
-    let v_page = comptime![cfg.v.page_stride() * es / (4 * nv)];
-    let v_slot = comptime![cfg.v.slot_stride() * es / (4 * nv)];
-    let v_head = comptime![cfg.v.head_stride() * es / (4 * nv)];
     #[unroll]
-    for kk in 0..4u32 {
-        let t = t0 + 2 * tq + comptime![(kk % 2) + 8 * (kk / 2)];
+    for c in 0..count {
+        regs[(at + c) as usize] = Vector::new(0u32);
+    }
+    if t < hi {
         #[unroll]
-        for c in 0..v_vecs {
-            vr[(kk * v_vecs + c) as usize] = Vector::new(0u32);
-        }
-        if t < hi {
-            let base = page * v_page + (t % page_size) * v_slot + g * v_head + gq * v_vecs;
-            #[unroll]
-            for c in 0..v_vecs {
-                vr[(kk * v_vecs + c) as usize] = v_cache[(base + c) as usize];
-            }
+        for c in 0..count {
+            regs[(at + c) as usize] = cache[(base + c) as usize];
         }
     }
 }
@@ -414,8 +404,8 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let stride = comptime![MMA_BLOCK_TOKENS * MMA_WARPS];
     let mut t0 = lo + warp * MMA_BLOCK_TOKENS;
     let page0 = block_page(meta, bt_base, t0, hi, page_size);
-    load_k_block(k_cache, &mut kr, t0, hi, page0, g, gq, tq, cfg);
-    load_v_block::<NV>(v_cache, &mut vr, t0, hi, page0, g, gq, tq, cfg);
+    load_block::<Const<4>>(k_cache, &mut kr, t0, hi, page0, g, gq, tq, false, cfg);
+    load_block::<NV>(v_cache, &mut vr, t0, hi, page0, g, gq, tq, true, cfg);
     let mut next_page = block_page(meta, bt_base, t0 + stride, hi, page_size);
     while t0 < hi {
         let tn = t0 + stride;
@@ -474,7 +464,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             }
         }
 
-        load_k_block(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, cfg);
+        load_block::<Const<4>>(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, false, cfg);
 
         // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
         let mut grew = false;
@@ -570,7 +560,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             acc[(nt * 2) as usize] = c_tmp[0];
             acc[(nt * 2 + 1) as usize] = c_tmp[1];
         }
-        load_v_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, cfg);
+        load_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, true, cfg);
         next_page = block_page(meta, bt_base, tn + stride, hi, page_size);
         t0 = tn;
     }
