@@ -269,13 +269,18 @@ pub struct BatchOffsets {
 impl BatchOffsets {
     /// Offsets for `batch` sequences with `max_pages_per_seq` block-table columns.
     pub fn new(batch: usize, max_pages_per_seq: usize) -> Self {
+        use crate::kernels::meta::{
+            BLOCK_TABLE, KV_SEQLENS, KV_START_LOC, Q_SEQ_LENGTH, Q_START_LOC,
+        };
+        let at = |section: u32| section as usize * batch;
+        let block_table = at(BLOCK_TABLE) + 1;
         BatchOffsets {
-            q_start_loc: 0,
-            q_seq_length: batch,
-            kv_seqlens: 2 * batch,
-            kv_start_loc: 3 * batch,
-            block_table: 4 * batch + 1,
-            len: 4 * batch + 1 + batch * max_pages_per_seq,
+            q_start_loc: at(Q_START_LOC),
+            q_seq_length: at(Q_SEQ_LENGTH),
+            kv_seqlens: at(KV_SEQLENS),
+            kv_start_loc: at(KV_START_LOC),
+            block_table,
+            len: block_table + batch * max_pages_per_seq,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod codec;
 pub mod decode;
 pub mod fill;
 pub mod flatten;
+pub(crate) mod meta;
 
 use crate::error::KvSide;
 use crate::layout::{KvLayoutKind, PagedKvLayout};

@@ -9,6 +9,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::meta as batch_meta;
+
 use super::DecodeConfig;
 
 /// Stands for −inf in the kernels: the largest-magnitude negative finite f32. CubeCL 0.10's
@@ -166,10 +168,10 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
     let b = CUBE_POS_Y;
     let split = CUBE_POS_Z;
     let batch = params.batch;
-    let q_start = u32::cast_from(meta[b as usize]);
-    let q_len = u32::cast_from(meta[(batch + b) as usize]);
-    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
-    let bt_base = 4 * batch + 1 + b * params.max_pages;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let bt_base = batch_meta::block_table_row(batch, params.max_pages, b);
     let rows_total = q_len * group;
     let row0 = rb * rows;
     if row0 >= rows_total {
@@ -595,11 +597,11 @@ pub fn decode_combine_kernel<F: Float>(
     let i = CUBE_POS_Z;
     let tid = UNIT_POS;
     let warp = tid / PLANE_LANES;
-    let q_len = u32::cast_from(meta[(batch + b) as usize]);
+    let q_len = batch_meta::q_len(meta, batch, b);
     if i >= q_len {
         terminate!();
     }
-    let tok = u32::cast_from(meta[b as usize]) + i;
+    let tok = batch_meta::q_start(meta, batch, b) + i;
     let base = (tok * num_heads + h) * num_splits;
     let mut w_s = SharedMemory::<f32>::new(comptime![max_splits as usize]);
     // Per-warp partials: [0, warps) maxima, [warps, 2·warps) counts of non-empty splits, then

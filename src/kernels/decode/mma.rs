@@ -37,6 +37,8 @@ use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 use cubecl::{e4m3, e5m2};
 
+use crate::kernels::meta as batch_meta;
+
 use super::kernel::{SplitParams, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
 
@@ -294,10 +296,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let b = CUBE_POS_Y;
     let split = CUBE_POS_Z;
     let batch = params.batch;
-    let q_start = u32::cast_from(meta[b as usize]);
-    let q_len = u32::cast_from(meta[(batch + b) as usize]);
-    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
-    let bt_base = 4 * batch + 1 + b * params.max_pages;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let bt_base = batch_meta::block_table_row(batch, params.max_pages, b);
     let rows_total = q_len * group;
     let row0 = rb * MMA_ROWS;
     if row0 >= rows_total {

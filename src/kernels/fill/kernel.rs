@@ -2,6 +2,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::meta as batch_meta;
+
 use super::FillConfig;
 use crate::fp8::Fp8Format;
 use crate::kernels::codec::{fp8_quantize, ScaleDiv};
@@ -39,10 +41,10 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
     #[define(F, Q)] _dtypes: [StorageType; 2],
 ) {
     let b = CUBE_POS_Y;
-    let q_start = u32::cast_from(meta[b as usize]);
-    let q_len = u32::cast_from(meta[(batch + b) as usize]);
-    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
-    let bt_base = 4 * batch + 1 + b * max_pages;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let bt_base = batch_meta::block_table_row(batch, max_pages, b);
     // The new tokens occupy positions [kv_len - q_len, kv_len) of the sequence.
     let first_pos = kv_len - q_len;
     if CUBE_POS_Z == 0 {

@@ -2,6 +2,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::meta as batch_meta;
+
 use super::FlattenConfig;
 use crate::kernels::CacheGeometry;
 
@@ -32,10 +34,10 @@ pub fn flatten_kernel<Q: Float, O: Float, N: Size>(
     #[define(Q, O)] _dtypes: [StorageType; 2],
 ) {
     let b = CUBE_POS_Y;
-    let kv_len = u32::cast_from(meta[(2 * batch + b) as usize]);
-    let start = u32::cast_from(meta[(3 * batch + b) as usize]);
-    let total = u32::cast_from(meta[(4 * batch) as usize]);
-    let bt_base = 4 * batch + 1 + b * max_pages;
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let start = batch_meta::kv_start(meta, batch, b);
+    let total = batch_meta::kv_total(meta, batch);
+    let bt_base = batch_meta::block_table_row(batch, max_pages, b);
     if CUBE_POS_Z == 0 {
         flatten_side::<Q, O, N>(
             k_cache,
