@@ -89,6 +89,91 @@ pub struct SplitParams {
     pub window: u32,
 }
 
+/// The rows and keys one split cube owns, as both split kernels compute them.
+#[derive(CubeType, Clone)]
+pub struct WorkRange {
+    /// KV head.
+    pub g: u32,
+    /// Split (grid z).
+    pub split: u32,
+    /// The sequence's first new token among the packed tokens.
+    pub q_start: u32,
+    /// Query rows of the sequence and KV head (`q_len · group`).
+    pub rows_total: u32,
+    /// The cube's first row.
+    pub row0: u32,
+    /// Cached tokens before the new ones: row `r` sits at position `hist + r / group`.
+    pub hist: u32,
+    /// Index of the sequence's first block-table entry.
+    pub bt_base: u32,
+    /// First key visited.
+    pub lo: u32,
+    /// One past the last key visited.
+    pub hi: u32,
+}
+
+/// The work of split cube `(g · row_blocks + rb, b, split)` with blocks of `rows` query rows;
+/// ends the cube (`terminate!`) when its row block lies past the sequence's rows. Keys past the
+/// last row's position are masked for every row, so `hi` stops there; with a sliding window
+/// `lo` skips the keys no row sees (the first row sees keys `j > first_pos − window`, later
+/// rows fewer old ones), rounded down to a multiple of `lo_align`.
+#[cube]
+// A comptime flag and a runtime condition cannot share one `if` in `#[cube]` code.
+#[allow(clippy::collapsible_if)]
+pub fn work_range(
+    meta: &Array<i32>,
+    params: &SplitParams,
+    #[comptime] group: u32,
+    #[comptime] rows: u32,
+    #[comptime] window: bool,
+    #[comptime] lo_align: u32,
+) -> WorkRange {
+    let g = CUBE_POS_X / params.row_blocks;
+    let rb = CUBE_POS_X % params.row_blocks;
+    let b = CUBE_POS_Y;
+    let split = CUBE_POS_Z;
+    let batch = params.batch;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let bt_base = batch_meta::block_table_row(batch, params.max_pages, b);
+    let rows_total = q_len * group;
+    let row0 = rb * rows;
+    if row0 >= rows_total {
+        terminate!();
+    }
+    // Query i of the sequence sits at position hist + i (DESIGN.md §1); rows are token-major.
+    let hist = kv_len - q_len;
+    let last_row = (row0 + rows).min(rows_total) - 1;
+    let first_pos = hist + row0 / group;
+    let last_pos = hist + last_row / group;
+    let split_lo = split * params.split_tokens;
+    let hi = (split_lo + params.split_tokens)
+        .min(kv_len)
+        .min(last_pos + 1);
+    let mut lo = split_lo;
+    if comptime![window] {
+        if first_pos + 1 > params.window {
+            if comptime![lo_align > 1] {
+                lo = lo.max((first_pos + 1 - params.window) / lo_align * lo_align);
+            } else {
+                lo = lo.max(first_pos + 1 - params.window);
+            }
+        }
+    }
+    WorkRange {
+        g,
+        split,
+        q_start,
+        rows_total,
+        row0,
+        hist,
+        bt_base,
+        lo,
+        hi,
+    }
+}
+
 /// Split kernel: partial attention of a block of query rows of one KV group over one split of
 /// one sequence's cache.
 ///
@@ -163,37 +248,10 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
 
     // ---- which rows and tokens this cube owns -------------------------------------------
     let tid = UNIT_POS;
-    let g = CUBE_POS_X / params.row_blocks;
-    let rb = CUBE_POS_X % params.row_blocks;
-    let b = CUBE_POS_Y;
-    let split = CUBE_POS_Z;
-    let batch = params.batch;
-    let q_start = batch_meta::q_start(meta, batch, b);
-    let q_len = batch_meta::q_len(meta, batch, b);
-    let kv_len = batch_meta::kv_len(meta, batch, b);
-    let bt_base = batch_meta::block_table_row(batch, params.max_pages, b);
-    let rows_total = q_len * group;
-    let row0 = rb * rows;
-    if row0 >= rows_total {
-        terminate!();
-    }
-    // Query i of the sequence sits at position hist + i (DESIGN.md §1); rows are token-major.
-    let hist = kv_len - q_len;
-    let last_row = (row0 + rows).min(rows_total) - 1;
-    let first_pos = hist + row0 / group;
-    let last_pos = hist + last_row / group;
-    let split_lo = split * params.split_tokens;
-    // Keys past the last row's position are masked for every row: stop there.
-    let hi = (split_lo + params.split_tokens)
-        .min(kv_len)
-        .min(last_pos + 1);
-    let mut lo = split_lo;
-    if comptime![cfg.window] {
-        // The first row sees keys j > first_pos - window; later rows see fewer old keys.
-        if first_pos + 1 > params.window {
-            lo = lo.max(first_pos + 1 - params.window);
-        }
-    }
+    let work = work_range(meta, &params, group, rows, cfg.window, 1u32);
+    let (g, split, q_start) = (work.g, work.split, work.q_start);
+    let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
+    let (lo, hi) = (work.lo, work.hi);
 
     // ---- shared memory ----------------------------------------------------------------
     // Queries pre-multiplied by the score scale, f32, [rows][dk] as 4-wide vectors.

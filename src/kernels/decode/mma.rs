@@ -37,9 +37,7 @@ use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 use cubecl::{e4m3, e5m2};
 
-use crate::kernels::meta as batch_meta;
-
-use super::kernel::{SplitParams, NO_SCORE, PLANE_LANES};
+use super::kernel::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
 
 /// Query rows per cube: the MMA's M.
@@ -291,36 +289,12 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let warp = UNIT_POS / PLANE_LANES;
     let gq = lane / 4;
     let tq = lane % 4;
-    let g = CUBE_POS_X / params.row_blocks;
-    let rb = CUBE_POS_X % params.row_blocks;
-    let b = CUBE_POS_Y;
-    let split = CUBE_POS_Z;
-    let batch = params.batch;
-    let q_start = batch_meta::q_start(meta, batch, b);
-    let q_len = batch_meta::q_len(meta, batch, b);
-    let kv_len = batch_meta::kv_len(meta, batch, b);
-    let bt_base = batch_meta::block_table_row(batch, params.max_pages, b);
-    let rows_total = q_len * group;
-    let row0 = rb * MMA_ROWS;
-    if row0 >= rows_total {
-        terminate!();
-    }
-    let hist = kv_len - q_len;
-    let last_row = (row0 + MMA_ROWS).min(rows_total) - 1;
-    let first_pos = hist + row0 / group;
-    let last_pos = hist + last_row / group;
-    let split_lo = split * params.split_tokens;
-    let hi = (split_lo + params.split_tokens)
-        .min(kv_len)
-        .min(last_pos + 1);
-    let mut lo = split_lo;
-    if comptime![cfg.window] {
-        if first_pos + 1 > params.window {
-            // Whole 16-token blocks (so each lies in one page); the keys below the window
-            // that this adds are masked per row, and `split_lo` is itself a multiple of 16.
-            lo = lo.max((first_pos + 1 - params.window) / MMA_BLOCK_TOKENS * MMA_BLOCK_TOKENS);
-        }
-    }
+    // Windowed splits start on whole 16-token blocks (so each lies in one page); the keys
+    // below the window that this adds are masked per row.
+    let work = work_range(meta, &params, group, MMA_ROWS, cfg.window, MMA_BLOCK_TOKENS);
+    let (g, split, q_start) = (work.g, work.split, work.q_start);
+    let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
+    let (lo, hi) = (work.lo, work.hi);
 
     // This lane's two rows (gq and gq + 8): validity, position, head, ALiBi slope.
     let mut row_ok = Array::<bool>::new(2usize);
