@@ -1,5 +1,6 @@
 //! Paged decode attention throughput (Llama-3-8B attention shape: 32 query heads, 8 KV heads,
-//! head dim 128, bf16 queries), FP8 e4m3 vs the unquantized bf16 cache, page 64 (and 16).
+//! head dim 128, bf16 queries), FP8 e4m3 vs the unquantized bf16 cache, page 64 (and 16), `bshd`
+//! (and `bhsd` at 32 × 32768, to compare the layouts' DRAM locality).
 //!
 //! Work is declared from the problem alone: bytes = the K and V cache bytes every sequence's
 //! context occupies (what decode must read at least). Time is device time (CubeCL's profiler:
@@ -100,10 +101,12 @@ struct Shape {
     target_us: Option<f64>,
     /// Which split kernel (`Auto` in the default table).
     path: KernelPath,
+    /// Cache layout (`bshd`, vLLM's and LMDeploy's default, unless a line says otherwise).
+    kind: KvLayoutKind,
 }
 
 impl Shape {
-    /// An e4m3 shape on the default path, without a target.
+    /// An e4m3 `bshd` shape on the default path, without a target.
     fn e4m3(batch: usize, context: usize, page_size: usize) -> Self {
         Shape {
             batch,
@@ -112,6 +115,7 @@ impl Shape {
             policy: QuantPolicy::Fp8E4m3,
             target_us: None,
             path: KernelPath::Auto,
+            kind: KvLayoutKind::Bshd,
         }
     }
 }
@@ -124,15 +128,8 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let pages_per_seq = s.context.div_ceil(s.page_size);
     let num_pages = s.batch * pages_per_seq;
-    let layout = PagedKvLayout::new(
-        num_pages,
-        s.page_size,
-        KV_HEADS,
-        HEAD_DIM,
-        HEAD_DIM,
-        KvLayoutKind::Bshd,
-    )
-    .map_err(e)?;
+    let layout = PagedKvLayout::new(num_pages, s.page_size, KV_HEADS, HEAD_DIM, HEAD_DIM, s.kind)
+        .map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
     let cache_bytes = layout.cache_bytes(s.policy);
     let copies = ROTATE_BYTES.div_ceil(cache_bytes).max(1);
@@ -194,13 +191,17 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
             if us <= t { "met" } else { "MISSED" }
         )
     });
+    let kind = match s.kind {
+        KvLayoutKind::Bshd => "",
+        KvLayoutKind::Bhsd => " [bhsd]",
+    };
     let path = match s.path {
         KernelPath::Auto => "",
         KernelPath::CudaCores => " [cuda cores]",
         KernelPath::TensorCores => " [tensor cores]",
     };
     println!(
-        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}",
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}",
         s.batch,
         s.context,
         s.page_size,
@@ -248,12 +249,9 @@ fn main() {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
                 for path in [KernelPath::CudaCores, KernelPath::TensorCores] {
                     let shape = Shape {
-                        batch,
-                        context,
-                        page_size: 64,
                         policy,
-                        target_us: None,
                         path,
+                        ..Shape::e4m3(batch, context, 64)
                     };
                     if let Err(err) = bench_shape(&client, &shape, copy) {
                         println!("  error: {err}");
@@ -281,12 +279,8 @@ fn main() {
         let bf16 = bench_shape(
             &client,
             &Shape {
-                batch,
-                context,
-                page_size: 64,
                 policy: QuantPolicy::None,
-                target_us: None,
-                path: KernelPath::Auto,
+                ..Shape::e4m3(batch, context, 64)
             },
             copy,
         );
@@ -301,6 +295,19 @@ fn main() {
                 }
             ),
             (a, b) => println!("  error: {a:?} {b:?}"),
+        }
+    }
+    // Layout: each head's page contiguous (bhsd) against heads interleaved per token (bshd).
+    for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
+        let shape = |kind| Shape {
+            policy,
+            kind,
+            ..Shape::e4m3(32, 32768, 64)
+        };
+        let bhsd = bench_shape(&client, &shape(KvLayoutKind::Bhsd), copy);
+        let bshd = bench_shape(&client, &shape(KvLayoutKind::Bshd), copy);
+        if let (Ok(a), Ok(b)) = (bhsd, bshd) {
+            println!("  bhsd / bshd time: {:.3}", a / b);
         }
     }
     for (batch, context) in [(32, 4096), (32, 32768)] {
