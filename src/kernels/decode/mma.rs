@@ -237,6 +237,21 @@ fn block_page(
     page
 }
 
+/// The largest running max of row `r` among the warps that saw a key for it (`NO_SCORE` when
+/// none did), from the per-warp states in shared memory.
+#[cube]
+fn warps_max(m_s: &SharedMemory<f32>, d_s: &SharedMemory<f32>, r: u32) -> f32 {
+    let mut mm = f32::new(NO_SCORE);
+    #[unroll]
+    for w in 0..MMA_WARPS {
+        let at = (w * MMA_ROWS + r) as usize;
+        if d_s[at] > 0.0 {
+            mm = mm.max(m_s[at]);
+        }
+    }
+    mm
+}
+
 /// Tensor-core split kernel: the partial attention state of 16 query rows of one KV group over
 /// one split of one sequence's cache, in the workspace format of
 /// [`super::kernel::decode_split_kernel()`].
@@ -567,15 +582,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut own = Array::<f32>::new(2usize);
     #[unroll]
     for x in 0..2u32 {
-        let r = gq + 8 * x;
-        let mut mm = f32::new(NO_SCORE);
-        #[unroll]
-        for w in 0..MMA_WARPS {
-            let at = (w * MMA_ROWS + r) as usize;
-            if d_s[at] > 0.0 {
-                mm = mm.max(m_s[at]);
-            }
-        }
+        let mm = warps_max(&m_s, &d_s, gq + 8 * x);
         let m_ref = select(mm == NO_SCORE, 0.0, mm);
         own[x as usize] = select(
             d_run[x as usize] > 0.0,
@@ -612,14 +619,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         if gr < rows_total {
             let tok = q_start + gr / group;
             let head = g * group + gr % group;
-            let mut mm = f32::new(NO_SCORE);
-            #[unroll]
-            for w in 0..MMA_WARPS {
-                let at = (w * MMA_ROWS + r) as usize;
-                if d_s[at] > 0.0 {
-                    mm = mm.max(m_s[at]);
-                }
-            }
+            let mm = warps_max(&m_s, &d_s, r);
             let m_ref = select(mm == NO_SCORE, 0.0, mm);
             let mut den = 0.0f32;
             #[unroll]
