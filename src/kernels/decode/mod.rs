@@ -286,8 +286,21 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
     use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
     use crate::policy::{Dtype, QuantPolicy};
     use crate::scales::KvScales;
+    /// One sample: heads / KV heads, K / V head dims, page size, policy and cache dtype, new
+    /// tokens per sequence, every option on.
+    struct Sample(
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        QuantPolicy,
+        Dtype,
+        i32,
+        bool,
+    );
     let samples = [
-        (
+        Sample(
             32,
             8,
             128,
@@ -298,7 +311,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             1,
             false,
         ),
-        (
+        Sample(
             32,
             8,
             128,
@@ -309,7 +322,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             1,
             false,
         ),
-        (
+        Sample(
             32,
             8,
             128,
@@ -320,7 +333,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             1,
             false,
         ),
-        (
+        Sample(
             16,
             1,
             576,
@@ -331,7 +344,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             1,
             false,
         ),
-        (
+        Sample(
             32,
             4,
             128,
@@ -343,7 +356,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             true,
         ),
     ];
-    for (heads, kv_heads, dk, dv, page, policy, dtype, q_len, all_opts) in samples {
+    for Sample(heads, kv_heads, dk, dv, page, policy, dtype, q_len, all_opts) in samples {
         let layout = PagedKvLayout::new(4, page, kv_heads, dk, dv, KvLayoutKind::Bshd)?;
         let cache = PagedKvCache::new(client, layout, policy, dtype, KvScales::default())?;
         let meta = BatchMetadata::new(vec![0], vec![q_len], vec![2 * page as i32], vec![0, 1], 2)?;
@@ -364,16 +377,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         };
         paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
         // The tensor-core kernel of the same sample, where it applies.
-        if launch::mma_config(
-            dtype,
-            Dtype::Bf16,
-            crate::kernels::CacheGeometry::new(&layout, crate::error::KvSide::K),
-            crate::kernels::CacheGeometry::new(&layout, crate::error::KvSide::V),
-            (heads / kv_heads) as u32,
-            &opts,
-        )
-        .is_some()
-        {
+        if tensor_cores_apply(dtype, dk, dv) {
             paged_decode_path(
                 &q,
                 heads,
