@@ -121,15 +121,7 @@ impl Plan {
     ) -> Result<Self, String> {
         let total = w.prefill_tokens + w.decode_steps;
         let pages_per_seq = total.div_ceil(w.page_size);
-        let layout = PagedKvLayout::new(
-            pages_per_seq * w.batch,
-            w.page_size,
-            w.num_kv_heads,
-            w.head_dim,
-            w.head_dim,
-            KvLayoutKind::Bshd,
-        )
-        .map_err(err)?;
+        let layout = cache_layout(w, pages_per_seq * w.batch)?;
         // Sequence b owns pages b, b + batch, b + 2·batch, ...: interleaved, as an allocator would.
         let table: Vec<i32> = (0..w.batch)
             .flat_map(|b| (0..pages_per_seq).map(move |i| (i * w.batch + b) as i32))
@@ -179,6 +171,12 @@ impl Plan {
 
 fn row(w: &Workload) -> usize {
     w.num_kv_heads * w.head_dim
+}
+
+/// The workload's `bshd` cache layout with `num_pages` pages.
+fn cache_layout(w: &Workload, num_pages: usize) -> Result<PagedKvLayout, String> {
+    let (p, kv, d) = (w.page_size, w.num_kv_heads, w.head_dim);
+    PagedKvLayout::new(num_pages, p, kv, d, d, KvLayoutKind::Bshd).map_err(err)
 }
 
 /// The prefill tokens of every sequence, packed.
@@ -354,15 +352,7 @@ pub fn run(_args: &[String]) -> Result<(), String> {
         (QuantPolicy::Fp8E5m2, ScaleMode::Default, "1.0"),
         (QuantPolicy::Fp8E5m2, ScaleMode::Calibrated, "calibrated"),
     ];
-    let bytes_layout = PagedKvLayout::new(
-        1,
-        w.page_size,
-        w.num_kv_heads,
-        w.head_dim,
-        w.head_dim,
-        KvLayoutKind::Bshd,
-    )
-    .map_err(err)?;
+    let bytes_layout = cache_layout(w, 1)?;
     let gpu = cuda_client();
 
     println!("\nCPU reference kernels (f64 attention); baseline: the unquantized bf16 cache");
