@@ -35,6 +35,8 @@ struct Run<'a> {
     split: SplitChoice,
     /// Which split kernel ([`both_paths`] makes one run per kernel that applies).
     path: KernelPath,
+    /// Power of two the generated queries are multiplied by (exact in every query dtype).
+    q_gain: f32,
 }
 
 /// Result of one comparison.
@@ -112,7 +114,10 @@ fn col_max(
 fn run_one(client: &ComputeClient<Cuda>, run: &Run) -> Result<Outcome, String> {
     let e = |x: Fp8KvError| x.to_string();
     let c = run.case;
-    let p = Problem::generate(c, run.act).map_err(e)?;
+    let mut p = Problem::generate(c, run.act).map_err(e)?;
+    for x in &mut p.q {
+        *x *= run.q_gain;
+    }
     let scales = c.kv_scales(run.policy).map_err(e)?;
     let host = p
         .full_cache(run.policy, run.cache_dtype, &scales, 0xCD)
@@ -234,6 +239,9 @@ fn describe(run: &Run) -> String {
         KernelPath::CudaCores => "cuda cores",
         KernelPath::TensorCores => "tensor cores",
     };
+    if run.q_gain != 1.0 {
+        opts.push(format!("q×2^{}", run.q_gain.log2()));
+    }
     format!(
         "{} cache {}/{} act {} [{}] {split} {path}",
         run.case.name,
@@ -313,6 +321,7 @@ fn plain(case: &PagedCase, policy: QuantPolicy, cache_dtype: Dtype, act: Dtype) 
         opts: AttentionOptions::default(),
         split: SplitChoice::Auto,
         path: KernelPath::Auto,
+        q_gain: 1.0,
     }
 }
 
@@ -392,6 +401,40 @@ fn gpu_decode_many_splits_merge_exactly() {
     check_all(&client, &both_paths(runs));
 }
 
+/// Queries far above f16's largest value (2^20 × the usual, up to about 10^6 > 65504) and far
+/// below its smallest normal (2^-30 ×, about 10^-9 < 2^-14), in bf16 and f32: the tensor-core
+/// kernel's f16 MMAs see each query row scaled by a power of two into f16's range (without it
+/// the first overflows to inf and the second flushes to zero). `sm_scale` takes the gain back
+/// out, so the scores, and the bound, are those of the plain case.
+#[test]
+fn gpu_decode_queries_beyond_f16_range() {
+    let Some(client) = client_or_skip("gpu_decode_queries_beyond_f16_range") else {
+        return;
+    };
+    let cases = decode_cases();
+    let c = case(&cases, "decode_b17_uneven");
+    let mut runs = Vec::new();
+    for gain in [2f32.powi(20), 2f32.powi(-30)] {
+        let opts = AttentionOptions {
+            sm_scale: Some(1.0 / ((c.head_dim_k as f32).sqrt() * gain)),
+            ..Default::default()
+        };
+        for (policy, dt, act) in [
+            (QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16),
+            (QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::F32),
+            (QuantPolicy::Fp8E5m2, Dtype::E5m2, Dtype::Bf16),
+            (QuantPolicy::None, Dtype::Bf16, Dtype::Bf16),
+        ] {
+            runs.push(Run {
+                opts: opts.clone(),
+                q_gain: gain,
+                ..plain(c, policy, dt, act)
+            });
+        }
+    }
+    check_all(&client, &both_paths(runs));
+}
+
 fn alibi_slopes(num_heads: usize) -> Vec<f32> {
     // The ALiBi paper's geometric slopes 2^(-8(h+1)/H).
     (0..num_heads)
@@ -461,13 +504,9 @@ fn gpu_decode_options_with_fp8() {
             ] {
                 for split in [SplitChoice::Auto, SplitChoice::Tokens(64)] {
                     runs.push(Run {
-                        case: c,
-                        policy,
-                        cache_dtype: dt,
-                        act: Dtype::Bf16,
                         opts: opts.clone(),
                         split,
-                        path: KernelPath::Auto,
+                        ..plain(c, policy, dt, Dtype::Bf16)
                     });
                 }
             }

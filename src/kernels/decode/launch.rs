@@ -83,9 +83,9 @@ pub(crate) fn mma_config(
         Dtype::F32 => return None,
     };
     // Query parts: one where the query dtype converts exactly (f16 → f16, bf16 → bf16, bf16 →
-    // f16 within f16's range: a bf16 query element beyond ±65504 would overflow, below 2^-14
-    // it keeps an absolute error ≤ 2^-25, far inside the score bound), else enough parts for 22+ bits (f32: 2 f16 / 3 bf16 of 11 / 8
-    // bits; f16 → bf16: 2). Probabilities are f32: 2 f16 parts (22 bits) or 3 bf16 (24).
+    // f16 once its row is scaled by a power of two into f16's range, see `q_scaled`), else
+    // enough parts for 22+ bits (f32: 2 f16 / 3 bf16 of 11 / 8 bits; f16 → bf16: 2).
+    // Probabilities are f32: 2 f16 parts (22 bits) or 3 bf16 (24).
     let q_parts = match (act, mma_bf16) {
         (Dtype::F32, false) => 2,
         (Dtype::F32, true) => 3,
@@ -101,6 +101,11 @@ pub(crate) fn mma_config(
         v_words: if piece_bytes >= 16 { 4 } else { 2 },
         q_parts,
         p_parts: if mma_bf16 { 3 } else { 2 },
+        // bf16 and f32 queries reach beyond f16's range (±65504, normal from 2^-14): each row
+        // is scaled by a power of two that puts its largest element at 2^14..2^15, so only
+        // elements below 2^-28 of the row's largest lose bits (an absolute error ≤ 2^-39 of
+        // it, far inside the score bound). bf16 MMAs need no scale.
+        q_scaled: !mma_bf16 && act != Dtype::F16,
         softcap: opts.softcap.is_some(),
         alibi: opts.alibi_slopes.is_some(),
         window: opts.window.is_some(),

@@ -89,6 +89,9 @@ pub struct MmaConfig {
     pub q_parts: u32,
     /// MMA-type parts each probability is split into.
     pub p_parts: u32,
+    /// Scale each query row by a power of two into f16's range (bf16 and f32 queries with f16
+    /// MMAs, whose values can lie beyond ±65504 or below f16's normal range).
+    pub q_scaled: bool,
     /// Logit softcap on.
     pub softcap: bool,
     /// ALiBi on.
@@ -126,6 +129,22 @@ fn piece_pair<M: Float, NW: Size>(
         }
     }
     out
+}
+
+/// The power of two `2^(14 − ⌊log2 mx⌋)` that puts `mx` (≥ 0) in `[2^14, 2^15)`, and its
+/// inverse, both normal f32 values: the biased exponent is clamped to `[1, 253]`, so a zero or
+/// tiny `mx` (below 2^-112) gets 2^126 and an infinite or NaN one stays non-finite.
+#[cube]
+fn pow2_row_scale(mx: f32) -> (f32, f32) {
+    let biased = (u32::reinterpret(mx) >> 23u32) & 0xFFu32;
+    // 127 + 14 − (biased − 127), clamped; biased ≤ 255, so no underflow.
+    let mut e = 268u32 - biased;
+    e = select(e < 1u32, 1u32, e);
+    e = select(e > 253u32, 253u32, e);
+    (
+        f32::reinterpret(e << 23u32),
+        f32::reinterpret((254u32 - e) << 23u32),
+    )
 }
 
 /// Splits `x` into `parts` values of the MMA type whose sum approximates `x` to
@@ -331,7 +350,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
     // Register x of step s holds row gq + 8·(x % 2) and the head dims that K's B slots of the
     // same registers hold (see the module doc): head dims (+0, +1) / (+2, +3) of the step's four.
-    let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
+    let mut qv = Array::<f32>::new(comptime![(k_steps * 8) as usize]);
+    let mut q_max = Array::<f32>::new(2usize);
+    q_max[0] = 0.0;
+    q_max[1] = 0.0;
     #[unroll]
     for s in 0..k_steps {
         #[unroll]
@@ -348,6 +370,40 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                     let head = g * group + gr % group;
                     val = f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
                 }
+                qv[comptime![(s * 8 + x * 2 + e) as usize]] = val;
+                q_max[comptime![(x % 2) as usize]] =
+                    q_max[comptime![(x % 2) as usize]].max(val.abs());
+            }
+        }
+    }
+    // Each row's power-of-two query scale: 1, or (`q_scaled`) 2^(14 − ⌊log2 max |q|⌋), which
+    // puts the row's largest element in [2^14, 2^15), inside f16's range whatever the query's
+    // magnitude; the scores take the inverse back exactly (both are powers of two).
+    let mut q_scale = Array::<f32>::new(2usize);
+    let mut row_score_scale = Array::<f32>::new(2usize);
+    #[unroll]
+    for x in 0..2u32 {
+        q_scale[x as usize] = 1.0;
+        row_score_scale[x as usize] = params.score_scale;
+        if comptime![cfg.q_scaled] {
+            // The four lanes of a quad hold the row's head dims.
+            let mut mx = q_max[x as usize];
+            mx = mx.max(plane_shuffle_xor(mx, 1u32));
+            mx = mx.max(plane_shuffle_xor(mx, 2u32));
+            let (scale, inverse) = pow2_row_scale(mx);
+            q_scale[x as usize] = scale;
+            row_score_scale[x as usize] = params.score_scale * inverse;
+        }
+    }
+    let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
+    #[unroll]
+    for s in 0..k_steps {
+        #[unroll]
+        for x in 0..4u32 {
+            #[unroll]
+            for e in 0..2u32 {
+                let val = qv[comptime![(s * 8 + x * 2 + e) as usize]]
+                    * q_scale[comptime![(x % 2) as usize]];
                 split_parts::<M>(
                     val,
                     &mut qa,
@@ -386,7 +442,6 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
     let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
     let mut pa = Array::<Vector<M, Const<2>>>::new(comptime![(p_parts * 4) as usize]);
-    let score_scale = params.score_scale;
 
     // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
     // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
@@ -439,7 +494,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                 for e in 0..2u32 {
                     let t = t0 + 8 * j + 2 * tq + e;
                     let pos = row_pos[x as usize];
-                    let mut s = c_tmp[x as usize][e as usize] * score_scale;
+                    let mut s = c_tmp[x as usize][e as usize] * row_score_scale[x as usize];
                     if comptime![cfg.softcap] {
                         s = params.softcap * (s / params.softcap).tanh();
                     }
