@@ -11,7 +11,8 @@
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
-//! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone.
+//! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
+//! with `--split-tokens N` at that split length instead of the planned one.
 
 use cubecl::prelude::*;
 
@@ -103,6 +104,8 @@ struct Shape {
     path: KernelPath,
     /// Cache layout (`bshd`, vLLM's and LMDeploy's default, unless a line says otherwise).
     kind: KvLayoutKind,
+    /// Split plan (`Auto` except under `--split-tokens`).
+    split: SplitChoice,
 }
 
 impl Shape {
@@ -116,6 +119,7 @@ impl Shape {
             target_us: None,
             path: KernelPath::Auto,
             kind: KvLayoutKind::Bshd,
+            split: SplitChoice::Auto,
         }
     }
 }
@@ -175,7 +179,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
             &caches[i % copies],
             &batch,
             &opts,
-            SplitChoice::Auto,
+            s.split,
             s.path,
             &mut o,
         )
@@ -239,7 +243,22 @@ fn main() {
             println!("--shape wants BATCHxCONTEXT, e.g. 1x32768");
             return;
         };
-        if let Err(err) = bench_shape(&client, &Shape::e4m3(batch, context, 64), copy) {
+        // `--split-tokens N`: that split length instead of the planned one (to test the plan).
+        let split = match args.iter().position(|a| a == "--split-tokens") {
+            Some(at) => match args.get(at + 1).and_then(|v| v.parse().ok()) {
+                Some(n) => SplitChoice::Tokens(n),
+                None => {
+                    println!("--split-tokens wants a token count, e.g. 512");
+                    return;
+                }
+            },
+            None => SplitChoice::Auto,
+        };
+        let shape = Shape {
+            split,
+            ..Shape::e4m3(batch, context, 64)
+        };
+        if let Err(err) = bench_shape(&client, &shape, copy) {
             println!("  error: {err}");
         }
         return;
