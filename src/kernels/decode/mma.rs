@@ -51,6 +51,13 @@ pub const MMA_BLOCK_TOKENS: u32 = 16;
 /// fit in an H100 SM's 64 K registers.
 pub const MMA_RESIDENT_CUBES: usize = 2;
 
+/// Stride (f32) between the 8 output columns of a row in the warps' merge buffer: ≥ 16
+/// n-tiles and ≡ 4 (mod 16), so the 4 lanes of a quad (columns 2tq) fall 8 banks apart.
+const O_COL: u32 = 20;
+/// Stride (f32) between rows of the merge buffer: ≡ 1 (mod 32), so the 8 quads (rows gq) fall
+/// on neighbouring banks.
+const O_ROW: u32 = 8 * O_COL + 1;
+
 /// How the cache's bits become MMA operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CacheBits {
@@ -612,60 +619,69 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     }
 
     // ---- merge the four warps' states and write the partial state ----------------------------
+    // Each warp stores its raw output tiles in its own region of shared memory, laid out as
+    // [row][column n][n-tile nt] with strides `O_ROW` / `O_COL` that put a warp's 32 lanes on 32
+    // different banks (lane (gq, tq) at bank gq + 8·tq + const); one thread per (warp, row)
+    // then turns the warps' (m, d) into one weight each, and every output element is the
+    // weighted sum of its four warp values.
     let mut m_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
     let mut d_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
-    let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_ROWS * dv) as usize]);
+    let mut w_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
+    let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS * O_ROW) as usize]);
     #[unroll]
     for x in 0..2u32 {
         let mut d = d_run[x as usize];
         d += plane_shuffle_xor(d, 1u32);
         d += plane_shuffle_xor(d, 2u32);
-        d_run[x as usize] = d;
         if tq == 0 {
             let at = (warp * MMA_ROWS + gq + 8 * x) as usize;
             m_s[at] = m_run[x as usize];
             d_s[at] = d;
         }
     }
-    let mut z = UNIT_POS;
-    while z < comptime![MMA_ROWS * dv] {
-        o_s[z as usize] = 0.0;
-        z += comptime![MMA_WARPS * PLANE_LANES];
-    }
-    sync_cube();
-    // Each warp's weight exp(m_w − M) relative to the merged max M of the row.
-    let mut own = Array::<f32>::new(2usize);
+    let region = warp * comptime![MMA_ROWS * O_ROW];
     #[unroll]
-    for x in 0..2u32 {
-        let mm = warps_max(&m_s, &d_s, gq + 8 * x);
-        let m_ref = select(mm == NO_SCORE, 0.0, mm);
-        own[x as usize] = select(
-            d_run[x as usize] > 0.0,
-            (m_run[x as usize] - m_ref).exp(),
-            0.0,
-        );
-    }
-    for w in 0..MMA_WARPS {
-        if warp == w {
+    for nt in 0..v_tiles {
+        #[unroll]
+        for x in 0..2u32 {
+            let v = acc[(nt * 2 + x) as usize];
             #[unroll]
-            for nt in 0..v_tiles {
-                #[unroll]
-                for x in 0..2u32 {
-                    let r = gq + 8 * x;
-                    let v = acc[(nt * 2 + x) as usize];
-                    #[unroll]
-                    for e in 0..2u32 {
-                        let d = (2 * tq + e) * v_tiles + nt;
-                        o_s[(r * dv + d) as usize] += v[e as usize] * own[x as usize];
-                    }
-                }
+            for e in 0..2u32 {
+                let at = region + (gq + 8 * x) * O_ROW + (2 * tq + e) * O_COL + nt;
+                o_s[at as usize] = v[e as usize];
             }
         }
-        sync_cube();
     }
+    sync_cube();
 
     let num_splits = params.num_splits;
-    let out_scale = params.v_scale;
+    if UNIT_POS < comptime![MMA_WARPS * MMA_ROWS] {
+        // Warp w's weight for row r: exp(m_w − M) · v_scale / den, with M the row's merged max
+        // and den = Σ_w d_w · exp(m_w − M); 0 for a warp that saw no key of the row.
+        let w = UNIT_POS / MMA_ROWS;
+        let r = UNIT_POS % MMA_ROWS;
+        let mm = warps_max(&m_s, &d_s, r);
+        let m_ref = select(mm == NO_SCORE, 0.0, mm);
+        let mut den = 0.0f32;
+        #[unroll]
+        for ww in 0..MMA_WARPS {
+            let at = (ww * MMA_ROWS + r) as usize;
+            den += select(d_s[at] > 0.0, d_s[at] * (m_s[at] - m_ref).exp(), 0.0);
+        }
+        let at = UNIT_POS as usize;
+        let own = select(d_s[at] > 0.0, (m_s[at] - m_ref).exp(), 0.0);
+        w_s[at] = select(den > 0.0, own * params.v_scale / den, 0.0);
+        let gr = row0 + r;
+        if w == 0 && gr < rows_total {
+            let tok = q_start + gr / group;
+            let head = g * group + gr % group;
+            let md = ((tok * params.num_heads + head) * num_splits + split) * 2;
+            ws_md[md as usize] = mm;
+            ws_md[(md + 1) as usize] = den;
+        }
+    }
+    sync_cube();
+
     let mut o = UNIT_POS;
     while o < comptime![MMA_ROWS * dv] {
         let r = o / dv;
@@ -674,21 +690,15 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         if gr < rows_total {
             let tok = q_start + gr / group;
             let head = g * group + gr % group;
-            let mm = warps_max(&m_s, &d_s, r);
-            let m_ref = select(mm == NO_SCORE, 0.0, mm);
-            let mut den = 0.0f32;
+            // Output column n of n-tile nt is V dim n·v_tiles + nt (see the module doc).
+            let at = r * O_ROW + (d / v_tiles) * O_COL + d % v_tiles;
+            let mut val = 0.0f32;
             #[unroll]
             for w in 0..MMA_WARPS {
-                let at = (w * MMA_ROWS + r) as usize;
-                den += select(d_s[at] > 0.0, d_s[at] * (m_s[at] - m_ref).exp(), 0.0);
+                val += o_s[(w * comptime![MMA_ROWS * O_ROW] + at) as usize]
+                    * w_s[(w * MMA_ROWS + r) as usize];
             }
-            let val = select(den > 0.0, o_s[o as usize] * out_scale / den, 0.0);
             ws_o[(((tok * params.num_heads + head) * num_splits + split) * dv + d) as usize] = val;
-            if d == 0 {
-                let at = ((tok * params.num_heads + head) * num_splits + split) * 2;
-                ws_md[at as usize] = mm;
-                ws_md[(at + 1) as usize] = den;
-            }
         }
         o += comptime![MMA_WARPS * PLANE_LANES];
     }
