@@ -47,29 +47,45 @@ fn copy_kernel(
     }
 }
 
-/// Device microseconds of `f` per call: `calls` back-to-back calls inside one profile.
-fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sync)) -> f64 {
+/// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
+/// the host's microseconds per call to issue them: where the second is the larger, the device
+/// waits on the host and the first measures the host.
+fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
+    let mut host = 0.0;
     let (_, dur) = client
         .profile(
             || {
+                let t = std::time::Instant::now();
                 for i in 0..calls {
                     f(i);
                 }
+                host = t.elapsed().as_secs_f64() * 1e6 / calls as f64;
             },
             "bench",
         )
         .expect("profile");
     let ticks = cubecl::future::block_on(dur.resolve());
-    ticks.duration().as_secs_f64() * 1e6 / calls as f64
+    (ticks.duration().as_secs_f64() * 1e6 / calls as f64, host)
 }
 
 /// Median device µs per call after warm-up, choosing the calls per run from a first estimate.
 fn median_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> f64 {
-    let first = device_us(client, 3, f);
+    median_device_host_us(client, f).0
+}
+
+/// Median device and host µs per call (see [`device_us`]) after warm-up.
+fn median_device_host_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
+    let (first, _) = device_us(client, 3, f);
     let calls = ((RUN_TARGET_US / first).ceil() as usize).clamp(3, 2000);
-    let mut t: Vec<f64> = (0..RUNS).map(|_| device_us(client, calls, f)).collect();
-    t.sort_by(f64::total_cmp);
-    t[RUNS / 2]
+    let runs: Vec<(f64, f64)> = (0..RUNS).map(|_| device_us(client, calls, f)).collect();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[RUNS / 2]
+    };
+    (
+        median(runs.iter().map(|r| r.0).collect()),
+        median(runs.iter().map(|r| r.1).collect()),
+    )
 }
 
 /// Copy bandwidth in TB/s (bytes read + written) over 1 GiB.
@@ -185,7 +201,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         )
         .expect("decode");
     };
-    let us = median_us(client, &f);
+    let (us, host_us) = median_device_host_us(client, &f);
     // Bytes of K and V the sequences' contexts occupy.
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
     let tbps = bytes as f64 / (us * 1e-6) / 1e12;
@@ -204,8 +220,15 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         KernelPath::CudaCores => " [cuda cores]",
         KernelPath::TensorCores => " [tensor cores]",
     };
+    // The host's cost per call, where it is at least half the device time: near or above it,
+    // the device time includes waits for the host.
+    let host = if host_us * 2.0 >= us {
+        format!("  (host {host_us:.1} µs/call)")
+    } else {
+        String::new()
+    };
     println!(
-        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}",
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}{host}",
         s.batch,
         s.context,
         s.page_size,

@@ -667,13 +667,29 @@ pub fn decode_combine_kernel<F: Float>(
     let mut red = SharedMemory::<f32>::new(comptime![(3 * warps) as usize]);
     let mut part = SharedMemory::<f32>::new(comptime![(groups * head_dim_v) as usize]);
 
-    // (1) M over the non-empty splits, and whether any exists.
+    // Each lane group's first vectors of `o` are loaded now, so their latency overlaps the
+    // (m, d) reads and reductions below instead of following them.
+    let grp = tid / lanes;
+    let l = tid % lanes;
+    let mut first = Array::<Vector<f32, Const<4>>>::new(COMBINE_UNROLL as usize);
+    #[unroll]
+    for u in 0..COMBINE_UNROLL {
+        let s = grp + u * groups;
+        first[u as usize] = Vector::new(0.0);
+        if grp < groups && s < num_splits {
+            first[u as usize] = ws_o[((base + s) * lanes + l) as usize];
+        }
+    }
+
+    // (1) M over the non-empty splits, and whether any exists (m and d read together).
     let mut m_loc = f32::new(NO_SCORE);
     let mut n_loc = 0.0f32;
     let mut s = tid;
     while s < num_splits {
-        if ws_md[((base + s) * 2 + 1) as usize] > 0.0 {
-            m_loc = m_loc.max(ws_md[((base + s) * 2) as usize]);
+        let ms = ws_md[((base + s) * 2) as usize];
+        let ds = ws_md[((base + s) * 2 + 1) as usize];
+        if ds > 0.0 {
+            m_loc = m_loc.max(ms);
             n_loc += 1.0;
         }
         s += threads;
@@ -725,12 +741,17 @@ pub fn decode_combine_kernel<F: Float>(
     }
     let inv = select(seen_count > 0.0, 1.0 / den, 0.0);
 
-    // (3) Each group of lanes sums its splits' weighted vectors.
-    let grp = tid / lanes;
-    let l = tid % lanes;
+    // (3) Each group of lanes sums its splits' weighted vectors (the first ones are loaded).
     if grp < groups {
         let mut acc = Vector::<f32, Const<4>>::new(0.0);
-        let mut s0 = grp;
+        #[unroll]
+        for u in 0..COMBINE_UNROLL {
+            let s = grp + u * groups;
+            if s < num_splits {
+                acc += first[u as usize] * Vector::new(w_s[s as usize]);
+            }
+        }
+        let mut s0 = grp + comptime![COMBINE_UNROLL * groups];
         while s0 < num_splits {
             #[unroll]
             for u in 0..COMBINE_UNROLL {
