@@ -162,6 +162,41 @@ pub(crate) fn check_u32_vectors(
     Ok(())
 }
 
+/// Vectors below which a fill or flatten launch gives each thread one vector: decode-sized
+/// steps want many small cubes, big steps several loads in flight per thread.
+pub(crate) const COPY_UNROLL_THRESHOLD_VECS: usize = 4096;
+
+/// `(threads, unroll, rounds)` of a fill or flatten launch over `items` vectors: `big` (or its
+/// `FP8KV_<FAMILY>_*` overrides, see [`tuning`]) from [`COPY_UNROLL_THRESHOLD_VECS`] on, else
+/// one vector per thread in a cube of a power of two between 32 and `big`'s threads.
+pub(crate) fn copy_cube_shape(
+    family: &'static str,
+    items: usize,
+    big: (u32, u32, u32),
+) -> (u32, u32, u32) {
+    if items >= COPY_UNROLL_THRESHOLD_VECS {
+        tuning(family, big)
+    } else {
+        let threads = items.next_power_of_two().clamp(32, big.0 as usize);
+        (threads as u32, 1, 1)
+    }
+}
+
+/// [`check_u32_vectors`] for a fill or flatten launch: both caches of `layout` and the two row
+/// buffers (`rows`: name and length in elements) as vectors of `vec` elements.
+pub(crate) fn check_copy_vectors(
+    layout: &crate::layout::PagedKvLayout,
+    vec: usize,
+    rows: [(&'static str, usize); 2],
+) -> crate::error::Result<()> {
+    check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
+    check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
+    for (what, elems) in rows {
+        check_u32_vectors(what, elems, vec)?;
+    }
+    Ok(())
+}
+
 /// Every cache kind the kernels serve: both FP8 formats and the unquantized cache in both half
 /// types (the codegen sample hooks walk it).
 pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [

@@ -12,12 +12,9 @@ use super::FillConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
 use crate::kernels::codec::ScaleDiv;
-use crate::kernels::{access_elems, array_len, check_u32_vectors, tuning, CacheGeometry};
+use crate::kernels::{access_elems, array_len, check_copy_vectors, copy_cube_shape, CacheGeometry};
 
-/// Items (vectors) below which a cube gets one vector per thread: decode-sized steps want
-/// many small cubes; big steps want several loads in flight per thread.
-const UNROLL_THRESHOLD_VECS: usize = 4096;
-/// Vectors per thread on the big path.
+/// Vectors per thread on the big path (from `COPY_UNROLL_THRESHOLD_VECS` vectors on).
 const UNROLL: u32 = 4;
 /// Threads per cube on the big path.
 const THREADS: u32 = 256;
@@ -52,22 +49,15 @@ pub(crate) fn launch_fill<R: Runtime>(
         &[dk, dv, k_new.row_stride(), v_new.row_stride()],
         &[k_new.handle(), v_new.handle()],
     );
-    check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
-    check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
-    check_u32_vectors("k_new", k_new.len_elems(), vec)?;
-    check_u32_vectors("v_new", v_new.len_elems(), vec)?;
+    check_copy_vectors(
+        &layout,
+        vec,
+        [("k_new", k_new.len_elems()), ("v_new", v_new.len_elems())],
+    )?;
     let heads = layout.num_kv_heads();
     let vec_per_row = heads * dk.max(dv) / vec;
     let items = max_q * vec_per_row;
-    let (threads, unroll, rounds) = if items >= UNROLL_THRESHOLD_VECS {
-        tuning("FILL", (THREADS, UNROLL, ROUNDS))
-    } else {
-        (
-            (items.next_power_of_two().clamp(32, THREADS as usize)) as u32,
-            1,
-            1,
-        )
-    };
+    let (threads, unroll, rounds) = copy_cube_shape("FILL", items, (THREADS, UNROLL, ROUNDS));
     let scales = cache.scales();
     let cfg = FillConfig {
         k: CacheGeometry::new(&layout, KvSide::K),

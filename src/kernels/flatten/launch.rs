@@ -11,12 +11,10 @@ use super::kernel::flatten_kernel;
 use super::FlattenConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
-use crate::kernels::{access_elems, array_len, check_u32_vectors, tuning, CacheGeometry};
+use crate::kernels::{access_elems, array_len, check_copy_vectors, copy_cube_shape, CacheGeometry};
 use crate::reference::FlattenLayout;
 
-/// Items (vectors) below which a cube gets one vector per thread.
-const UNROLL_THRESHOLD_VECS: usize = 4096;
-/// Vectors per thread on the big path (measured on an H100, 8×4096 e4m3 → bf16 hsd: unroll 4
+/// Vectors per thread on the big path (from `COPY_UNROLL_THRESHOLD_VECS` vectors on) (measured on an H100, 8×4096 e4m3 → bf16 hsd: unroll 4
 /// 2.55–2.62 TB/s, 8 2.53, 16 2.47).
 const UNROLL: u32 = 4;
 /// Threads per cube on the big path.
@@ -44,21 +42,14 @@ pub(crate) fn launch_flatten<R: Runtime>(
         &[dk, dv],
         &[k_out.handle(), v_out.handle()],
     );
-    check_u32_vectors("k cache", layout.cache_elems(KvSide::K), vec)?;
-    check_u32_vectors("v cache", layout.cache_elems(KvSide::V), vec)?;
-    check_u32_vectors("k_out", k_out.len_elems(), vec)?;
-    check_u32_vectors("v_out", v_out.len_elems(), vec)?;
+    check_copy_vectors(
+        &layout,
+        vec,
+        [("k_out", k_out.len_elems()), ("v_out", v_out.len_elems())],
+    )?;
     let vec_per_row = layout.num_kv_heads() * dk.max(dv) / vec;
     let items = max_kv * vec_per_row;
-    let (threads, unroll) = if items >= UNROLL_THRESHOLD_VECS {
-        let (t, u, _) = tuning("FLATTEN", (THREADS, UNROLL, 1));
-        (t, u)
-    } else {
-        (
-            (items.next_power_of_two().clamp(32, THREADS as usize)) as u32,
-            1,
-        )
-    };
+    let (threads, unroll, _) = copy_cube_shape("FLATTEN", items, (THREADS, UNROLL, 1));
     let cfg = FlattenConfig {
         k: CacheGeometry::new(&layout, KvSide::K),
         v: CacheGeometry::new(&layout, KvSide::V),
