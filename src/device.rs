@@ -444,6 +444,25 @@ fn rows_span(rows: usize, row_elems: usize, row_stride: usize) -> usize {
 }
 
 impl<R: Runtime> DeviceRows<R> {
+    /// The struct around a buffer whose shape the caller checked.
+    fn wrap(
+        client: &ComputeClient<R>,
+        handle: Handle,
+        dtype: Dtype,
+        rows: usize,
+        row_elems: usize,
+        row_stride: usize,
+    ) -> Self {
+        DeviceRows {
+            client: client.clone(),
+            handle,
+            dtype,
+            rows,
+            row_elems,
+            row_stride,
+        }
+    }
+
     /// Allocates uninitialised rows (`rows * row_stride` elements).
     pub fn empty(
         client: &ComputeClient<R>,
@@ -454,14 +473,9 @@ impl<R: Runtime> DeviceRows<R> {
     ) -> Result<Self> {
         check_rows_shape(dtype, row_elems, row_stride)?;
         let handle = client.empty(alloc_len(rows * row_stride * dtype.size_bytes()));
-        Ok(DeviceRows {
-            client: client.clone(),
-            handle,
-            dtype,
-            rows,
-            row_elems,
-            row_stride,
-        })
+        Ok(Self::wrap(
+            client, handle, dtype, rows, row_elems, row_stride,
+        ))
     }
 
     /// Uploads f32 values converted to `dtype` (round to nearest even). `data` holds at least
@@ -491,14 +505,9 @@ impl<R: Runtime> DeviceRows<R> {
             dtype.store(x, &mut bytes[i * es..(i + 1) * es]);
         }
         let handle = client.create_from_slice(&bytes);
-        Ok(DeviceRows {
-            client: client.clone(),
-            handle,
-            dtype,
-            rows,
-            row_elems,
-            row_stride,
-        })
+        Ok(Self::wrap(
+            client, handle, dtype, rows, row_elems, row_stride,
+        ))
     }
 
     /// Wraps an existing buffer (e.g. a slice of a fused QKV output: offset the handle with
@@ -520,14 +529,9 @@ impl<R: Runtime> DeviceRows<R> {
                 actual: format!("{} bytes", handle.size_in_used()),
             });
         }
-        Ok(DeviceRows {
-            client: client.clone(),
-            handle,
-            dtype,
-            rows,
-            row_elems,
-            row_stride,
-        })
+        Ok(Self::wrap(
+            client, handle, dtype, rows, row_elems, row_stride,
+        ))
     }
 
     /// Downloads all `rows * row_stride` elements as f32 (padding included; fewer if a wrapped
