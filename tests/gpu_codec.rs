@@ -7,6 +7,7 @@
 mod common;
 
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 use fp8kv::fp8::Fp8Format;
 use fp8kv::kernels::codec::{fp8_encode, fp8_quantize, ScaleDiv, FAST_DIV_SCALE_RANGE};
 use fp8kv::testing::Rng;
@@ -132,6 +133,39 @@ fn inputs(format: Fp8Format, n: usize) -> Vec<f32> {
     v
 }
 
+/// A code mismatch: (index, x, gpu code, cpu code).
+type CodeMismatch = (usize, f32, u32, u8);
+
+/// Runs `launch(client, input, out, n)` on [`inputs`] for `format` (f32 in, one u32 code out
+/// per value) and compares every code with the software codec's; NaN inputs are skipped when
+/// `skip_nan`. Returns the value count, the mismatch count and the first mismatch.
+fn codes_against_codec(
+    client: &ComputeClient<Cuda>,
+    format: Fp8Format,
+    skip_nan: bool,
+    launch: impl FnOnce(&ComputeClient<Cuda>, &Handle, &Handle, usize),
+) -> (usize, usize, Option<CodeMismatch>) {
+    let xs = inputs(format, 1 << 20);
+    let n = xs.len();
+    let input = client.create_from_slice(bytemuck::cast_slice(&xs));
+    let out = client.empty(n * 4);
+    launch(client, &input, &out, n);
+    let got: Vec<u32> = bytemuck::cast_slice(&client.read_one(out).unwrap()).to_vec();
+    let mut mismatches = 0usize;
+    let mut first = None;
+    for (i, (&x, &g)) in xs.iter().zip(&got).enumerate() {
+        if skip_nan && x.is_nan() {
+            continue;
+        }
+        let want = format.encode(x);
+        if g != want as u32 {
+            mismatches += 1;
+            first.get_or_insert((i, x, g, want));
+        }
+    }
+    (n, mismatches, first)
+}
+
 #[test]
 fn gpu_encoder_matches_software_codec_on_a_million_values() {
     let Some(client) =
@@ -140,30 +174,17 @@ fn gpu_encoder_matches_software_codec_on_a_million_values() {
         return;
     };
     for format in Fp8Format::ALL {
-        let xs = inputs(format, 1 << 20);
-        let n = xs.len();
-        let input = client.create_from_slice(bytemuck::cast_slice(&xs));
-        let out = client.empty(n * 4);
-        unsafe {
-            encode_kernel::launch_unchecked::<Cuda>(
-                &client,
-                cube_count(n),
-                CubeDim::new_1d(256),
-                ArrayArg::from_raw_parts(input.clone(), n),
-                ArrayArg::from_raw_parts(out.clone(), n),
-                format,
-            );
-        }
-        let got: Vec<u32> = bytemuck::cast_slice(&client.read_one(out).unwrap()).to_vec();
-        let mut mismatches = 0usize;
-        let mut first = None;
-        for (i, (&x, &g)) in xs.iter().zip(&got).enumerate() {
-            let want = format.encode(x);
-            if g != want as u32 {
-                mismatches += 1;
-                first.get_or_insert((i, x, g, want));
-            }
-        }
+        let (n, mismatches, first) =
+            codes_against_codec(&client, format, false, |client, input, out, n| unsafe {
+                encode_kernel::launch_unchecked::<Cuda>(
+                    client,
+                    cube_count(n),
+                    CubeDim::new_1d(256),
+                    ArrayArg::from_raw_parts(input.clone(), n),
+                    ArrayArg::from_raw_parts(out.clone(), n),
+                    format,
+                );
+            });
         println!("{format:?}: {n} values encoded on the GPU, {mismatches} mismatches");
         assert_eq!(
             mismatches, 0,
@@ -224,37 +245,20 @@ fn clamped_cubecl_cast_matches_software_codec_on_non_nan() {
         return;
     };
     for format in Fp8Format::ALL {
-        let xs = inputs(format, 1 << 20);
-        let n = xs.len();
-        let input = client.create_from_slice(bytemuck::cast_slice(&xs));
-        let out = client.empty(n * 4);
-        unsafe {
-            cast_kernel::launch_unchecked::<Cuda>(
-                &client,
-                cube_count(n),
-                CubeDim::new_1d(256),
-                ArrayArg::from_raw_parts(input.clone(), n),
-                ArrayArg::from_raw_parts(out.clone(), n),
-                format.max_finite(),
-                storage(format),
-            );
-        }
-        let got: Vec<u32> = bytemuck::cast_slice(&client.read_one(out).unwrap()).to_vec();
-        let mut mismatches = 0usize;
-        let mut first = None;
-        for (i, (&x, &g)) in xs.iter().zip(&got).enumerate() {
-            let want = format.encode(x);
-            // NaN never reaches the cast as NaN: the device's clamp (fmin/fmax) maps it to a
-            // bound. Only non-NaN inputs say something about the cast itself.
-            if x.is_nan() {
-                continue;
-            }
-            let ok = g == want as u32;
-            if !ok {
-                mismatches += 1;
-                first.get_or_insert((i, x, g, want));
-            }
-        }
+        // NaN never reaches the cast as NaN: the device's clamp (fmin/fmax) maps it to a
+        // bound. Only non-NaN inputs say something about the cast itself.
+        let (n, mismatches, first) =
+            codes_against_codec(&client, format, true, |client, input, out, n| unsafe {
+                cast_kernel::launch_unchecked::<Cuda>(
+                    client,
+                    cube_count(n),
+                    CubeDim::new_1d(256),
+                    ArrayArg::from_raw_parts(input.clone(), n),
+                    ArrayArg::from_raw_parts(out.clone(), n),
+                    format.max_finite(),
+                    storage(format),
+                );
+            });
         println!("{format:?}: clamped CubeCL cast, {n} values (NaN inputs skipped), {mismatches} mismatches");
         assert_eq!(
             mismatches, 0,
