@@ -77,6 +77,18 @@ pub fn flatten_kernel<Q: Float, O: Float, N: Size>(
 
 /// One side of [`flatten_kernel`]: item `i` is vector `i % vec_per_row` of token
 /// `i / vec_per_row` of the sequence; loads first (`unroll` in flight), then stores.
+/// Token, KV head and vector within the head of work item `item` (items enumerate the vectors
+/// of the sequence's token rows, all heads of a token in a row).
+#[cube]
+fn item_coords(
+    item: u32,
+    #[comptime] vec_per_row: u32,
+    #[comptime] vec_per_head: u32,
+) -> (u32, u32, u32) {
+    let v = item % vec_per_row;
+    (item / vec_per_row, v / vec_per_head, v % vec_per_head)
+}
+
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn flatten_side<Q: Float, O: Float, N: Size>(
@@ -107,12 +119,8 @@ fn flatten_side<Q: Float, O: Float, N: Size>(
     let mut vals = Array::<Vector<Q, N>>::new(comptime![unroll as usize]);
     #[unroll]
     for u in 0..unroll {
-        let item = base + u * threads;
-        let token = item / vec_per_row;
+        let (token, head, dv) = item_coords(base + u * threads, vec_per_row, vec_per_head);
         if token < kv_len {
-            let v = item % vec_per_row;
-            let head = v / vec_per_head;
-            let dv = v % vec_per_head;
             let page = u32::cast_from(meta[(bt_base + token / page_size) as usize]);
             let slot = token % page_size;
             vals[u as usize] =
@@ -121,12 +129,8 @@ fn flatten_side<Q: Float, O: Float, N: Size>(
     }
     #[unroll]
     for u in 0..unroll {
-        let item = base + u * threads;
-        let token = item / vec_per_row;
+        let (token, head, dv) = item_coords(base + u * threads, vec_per_row, vec_per_head);
         if token < kv_len {
-            let v = item % vec_per_row;
-            let head = v / vec_per_head;
-            let dv = v % vec_per_head;
             let row = if hsd {
                 head * total + start + token
             } else {
