@@ -174,6 +174,22 @@ pub fn work_range(
     }
 }
 
+/// Index, in cache vectors, of the start of token `t`'s row of one KV head (`head_off`
+/// vectors into the token's slot), through the sequence's block-table row at `bt_base`.
+#[cube]
+fn token_row(
+    meta: &Array<i32>,
+    bt_base: u32,
+    t: u32,
+    head_off: u32,
+    #[comptime] page_size: u32,
+    #[comptime] page_stride: u32,
+    #[comptime] slot_stride: u32,
+) -> u32 {
+    let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
+    page * page_stride + (t % page_size) * slot_stride + head_off
+}
+
 /// Split kernel: partial attention of a block of query rows of one KV group over one split of
 /// one sequence's cache.
 ///
@@ -349,10 +365,8 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
                 let tl = tg + vp * v_groups;
                 let t = t0 + tl;
                 if v_active && tl < tile && t < hi {
-                    let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                    let slot = t % page_size;
-                    v_regs[vp as usize] =
-                        v_cache[(page * v_page + slot * v_slot + g * v_head + cv) as usize];
+                    let row = token_row(meta, bt_base, t, g * v_head, page_size, v_page, v_slot);
+                    v_regs[vp as usize] = v_cache[(row + cv) as usize];
                 }
             }
         }
@@ -364,9 +378,7 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
             for kp in 0..k_passes {
                 let t = t0 + kp * k_tokens_per_pass + k_tok;
                 if t < hi {
-                    let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                    let slot = t % page_size;
-                    let base = page * k_page + slot * k_slot + g * k_head;
+                    let base = token_row(meta, bt_base, t, g * k_head, page_size, k_page, k_slot);
                     #[unroll]
                     for kv in 0..k_vecs_per_lane {
                         let c = k_lane + kv * k_lanes;
@@ -389,9 +401,7 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
                 dots[r as usize] = 0.0;
             }
             if t < hi {
-                let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                let slot = t % page_size;
-                let base = page * k_page + slot * k_slot + g * k_head;
+                let base = token_row(meta, bt_base, t, g * k_head, page_size, k_page, k_slot);
                 #[unroll]
                 for kv in 0..k_vecs_per_lane {
                     let c = k_lane + kv * k_lanes;
@@ -514,9 +524,9 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
                     let vq = if comptime![cfg.v_prefetch] {
                         v_regs[vp as usize]
                     } else {
-                        let page = u32::cast_from(meta[(bt_base + t / page_size) as usize]);
-                        let slot = t % page_size;
-                        v_cache[(page * v_page + slot * v_slot + g * v_head + cv) as usize]
+                        let row =
+                            token_row(meta, bt_base, t, g * v_head, page_size, v_page, v_slot);
+                        v_cache[(row + cv) as usize]
                     };
                     let vf = decode_vector::<Q, NV>(vq, cfg.fp8_shift);
                     #[unroll]
