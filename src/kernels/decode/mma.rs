@@ -31,7 +31,10 @@
 //! two n-tiles. The f16/bf16 cache is fed as is.
 //! Queries and probabilities that the MMA type cannot hold exactly are split into a sum of
 //! `q_parts` / `p_parts` MMA-type values (`x = Σ part_i` to 22+ bits), each its own MMA, so the
-//! result stays within the f32-accumulation error bound the tests derive.
+//! result stays within the f32-accumulation error bound the tests derive. With f16 MMAs, bf16
+//! and f32 query rows are first scaled by a power of two that puts their largest element in
+//! `[2^14, 2^15)` (`MmaConfig::q_scaled`), and the scores take the inverse back exactly, so
+//! no query magnitude overflows f16 or sinks into its subnormals.
 
 use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
@@ -47,7 +50,7 @@ pub const MMA_WARPS: u32 = 4;
 /// Cache tokens one warp handles per trip (one PV k-block, two QK n-tiles).
 pub const MMA_BLOCK_TOKENS: u32 = 16;
 /// Cubes of this kernel resident on one SM, which the split planner counts on: ptxas gives it
-/// 204–246 registers (`cargo xtask codegen --ptx` reports them), so two cubes of 128 threads
+/// 206–249 registers (`cargo xtask codegen --ptx` reports them), so two cubes of 128 threads
 /// fit in an H100 SM's 64 K registers.
 pub const MMA_RESIDENT_CUBES: usize = 2;
 
