@@ -10,9 +10,7 @@
 use cubecl::prelude::*;
 
 use super::kernel::{decode_combine_kernel, decode_split_kernel, SplitParamsLaunch, PLANE_LANES};
-use super::mma::{
-    decode_split_mma_kernel, CacheBits, MmaConfig, MMA_RESIDENT_CUBES, MMA_ROWS, MMA_WARPS,
-};
+use super::mma::{decode_split_mma_kernel, CacheBits, MmaConfig, MMA_TILE_ROWS, MMA_WARPS};
 use super::plan::{
     KernelPath, SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT, TARGET_CUBES_PER_SM,
     TILE_TOKENS,
@@ -51,10 +49,10 @@ fn row_blocking(max_rows: usize) -> (usize, usize) {
 /// Rows per cube and row blocks of the chosen split kernel.
 fn row_blocking_for(mma: Option<&MmaConfig>, max_rows: usize) -> (usize, usize) {
     match mma {
-        Some(_) => (
-            MMA_ROWS as usize,
-            max_rows.max(1).div_ceil(MMA_ROWS as usize),
-        ),
+        Some(m) => {
+            let rows = (MMA_TILE_ROWS * m.row_tiles) as usize;
+            (rows, max_rows.max(1).div_ceil(rows))
+        }
         None => row_blocking(max_rows),
     }
 }
@@ -62,13 +60,15 @@ fn row_blocking_for(mma: Option<&MmaConfig>, max_rows: usize) -> (usize, usize) 
 /// The tensor-core configuration where that kernel applies, `None` where it does not: K and V
 /// head dims equal and 64 or 128 (256 would need more than 255 registers for its 32 output
 /// tiles and query fragments: it keeps the CUDA-core kernel), any cache dtype, any query dtype,
-/// any group (blocks of 16 rows), every option.
+/// any group (blocks of 8 rows where every sequence has at most `max_rows` = group × q_len ≤ 8,
+/// else of 16), every option.
 pub(crate) fn mma_config(
     cache: Dtype,
     act: Dtype,
     k: CacheGeometry,
     v: CacheGeometry,
     group: u32,
+    max_rows: usize,
     opts: &AttentionOptions,
 ) -> Option<MmaConfig> {
     if k.head_dim != v.head_dim || !matches!(k.head_dim, 64 | 128) {
@@ -99,6 +99,11 @@ pub(crate) fn mma_config(
         group,
         bits,
         v_words: if piece_bytes >= 16 { 4 } else { 2 },
+        row_tiles: if max_rows <= MMA_TILE_ROWS as usize {
+            1
+        } else {
+            2
+        },
         q_parts,
         p_parts: if mma_bf16 { 3 } else { 2 },
         // bf16 and f32 queries reach beyond f16's range (±65504, normal from 2^-14): each row
@@ -117,16 +122,19 @@ pub(crate) fn choose_mma<R: Runtime>(
     cache: &PagedKvCache<R>,
     act: Dtype,
     num_heads: usize,
+    max_q_len: usize,
     opts: &AttentionOptions,
     path: KernelPath,
 ) -> Result<Option<MmaConfig>> {
     let layout = cache.layout();
+    let group = num_heads / layout.num_kv_heads();
     let candidate = mma_config(
         cache.dtype(),
         act,
         CacheGeometry::new(layout, KvSide::K),
         CacheGeometry::new(layout, KvSide::V),
-        (num_heads / layout.num_kv_heads()) as u32,
+        group as u32,
+        group * max_q_len,
         opts,
     );
     match path {
@@ -185,11 +193,7 @@ pub(crate) fn plan_for<R: Runtime>(
                 .num_streaming_multiprocessors
                 .map_or(DEFAULT_SM_COUNT, |n| n as usize);
             let base = cache.layout().num_kv_heads() * meta.batch() * row_blocks;
-            let resident = if mma.is_some() {
-                MMA_RESIDENT_CUBES
-            } else {
-                TARGET_CUBES_PER_SM
-            };
+            let resident = mma.map_or(TARGET_CUBES_PER_SM, MmaConfig::resident_cubes);
             Ok(SplitPlan::new(base, meta.max_kv_len(), sm, resident))
         }
         SplitChoice::Tokens(n) => SplitPlan::with_split_tokens(n, meta.max_kv_len()),
@@ -440,7 +444,7 @@ mod tests {
         for &(dk, dv) in crate::layout::SUPPORTED_HEAD_DIMS.iter() {
             for cache in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
                 for act in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
-                    let Some(c) = mma_config(cache, act, geom(dk), geom(dv), 4, &opts) else {
+                    let Some(c) = mma_config(cache, act, geom(dk), geom(dv), 4, 4, &opts) else {
                         assert!(dk != dv || !matches!(dk, 64 | 128), "{dk}/{dv} {cache}");
                         continue;
                     };

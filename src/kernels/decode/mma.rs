@@ -19,16 +19,19 @@
 //!   lane's four k-slots are head dims `tq·dk/4 + 4s + {0..3}`: each lane reads `dk/4`
 //!   contiguous elements of one token row (a quad reads the whole row); `b0` holds the pair
 //!   of dims `+0, +1` and `b1` the pair `+2, +3`, and Q's A fragment uses the same order.
-//! - PV, 16 tokens per k-block: slot `k` is token `k` of the block, which is exactly the column
-//!   order of the two score C tiles (FA2's "C fragment = A fragment" reuse). Output column `n`
-//!   of V n-tile `nt` is V dim `n·dv/8 + nt`, so lane `(gq, tq)` reads the `dv/8` contiguous
-//!   elements at `gq·dv/8` of its four tokens `2tq, 2tq+1, 2tq+8, 2tq+9` (one 16-byte load each
-//!   for dv = 128 FP8) and picks element `nt` of each for n-tile `nt`.
+//! - PV runs transposed, `O^T = V^T · P^T` (V dims as M, query rows as N), so a row tile of 8
+//!   rows (half of it or all of it at GQA 4 or 8 decode, against a quarter or half of a
+//!   16-row M) costs `dv/16` MMAs per part instead of `dv/8`, and half the accumulators. K-slot `k` is token `k` of the 16-token
+//!   block, so P^T's B fragment of row tile `x` is exactly the two score C tiles' register `x`
+//!   (`b0` = tokens `2tq, 2tq+1` of row `gq + 8x`, `b1` = tokens `2tq+8, 2tq+9`): no shuffle.
+//!   Row `n` of V m-tile `mt` is V dim `gq·dv/8 + 2mt + (n ≥ 8)` for `n mod 8 = gq`, so lane
+//!   `(gq, tq)` reads the `dv/8` contiguous elements at `gq·dv/8` of its four tokens `2tq,
+//!   2tq+1, 2tq+8, 2tq+9` (one 16-byte load each for dv = 128 FP8); each converted pair of a
+//!   token (dims `2mt, 2mt+1`) feeds both halves of m-tile `mt`'s A fragment.
 //!
 //! FP8 → f16 is exact: every E4M3 and E5M2 value is an f16, and the conversion is the
 //! hardware's two-at-a-time `cvt.rn.f16x2.e4m3x2` / `e5m2x2` (sm_89 and later; CUDA's header
-//! falls back to integer code on older GPUs), one per pair of cache bytes, each V pair shared by
-//! two n-tiles. The f16/bf16 cache is fed as is.
+//! falls back to integer code on older GPUs), one per pair of cache bytes. The f16/bf16 cache is fed as is.
 //! Queries and probabilities that the MMA type cannot hold exactly are split into a sum of
 //! `q_parts` / `p_parts` MMA-type values (`x = Σ part_i` to 22+ bits), each its own MMA, so the
 //! result stays within the f32-accumulation error bound the tests derive. With f16 MMAs, bf16
@@ -43,23 +46,17 @@ use cubecl::{e4m3, e5m2};
 use super::kernel::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
 
-/// Query rows per cube: the MMA's M.
-pub const MMA_ROWS: u32 = 16;
+/// Query rows per row tile: the N of the transposed PV (the QK's M holds two row tiles).
+pub const MMA_TILE_ROWS: u32 = 8;
 /// Warps per cube; each walks its own 16-token blocks with its own softmax state.
 pub const MMA_WARPS: u32 = 4;
 /// Cache tokens one warp handles per trip (one PV k-block, two QK n-tiles).
 pub const MMA_BLOCK_TOKENS: u32 = 16;
-/// Cubes of this kernel resident on one SM, which the split planner counts on: ptxas gives it
-/// 206–249 registers (`cargo xtask codegen --ptx` reports them), so two cubes of 128 threads
-/// fit in an H100 SM's 64 K registers.
-pub const MMA_RESIDENT_CUBES: usize = 2;
 
-/// Stride (f32) between the 8 output columns of a row in the warps' merge buffer: ≥ 16
-/// n-tiles and ≡ 4 (mod 16), so the 4 lanes of a quad (columns 2tq) fall 8 banks apart.
-const O_COL: u32 = 20;
-/// Stride (f32) between rows of the merge buffer: ≡ 1 (mod 32), so the 8 quads (rows gq) fall
-/// on neighbouring banks.
-const O_ROW: u32 = 8 * O_COL + 1;
+/// Padding (f32) of a row of the warps' merge buffer: rows `dv + 4` apart are ≡ 4 (mod 16),
+/// so the lanes of a store (rows 2tq + e, columns over gq, see [`merge_col()`]) fall on 32
+/// different banks.
+const O_PAD: u32 = 4;
 
 /// How the cache's bits become MMA operands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +92,10 @@ pub struct MmaConfig {
     pub bits: CacheBits,
     /// 32-bit words per V vector load (4, or 2 when a lane's V piece is 8 bytes).
     pub v_words: u32,
+    /// Row tiles of 8 query rows per cube: 1 where every sequence has at most 8 rows
+    /// (`group × q_len`), else 2 (the QK's M covers 16 rows either way; PV and the output
+    /// accumulators scale with it).
+    pub row_tiles: u32,
     /// MMA-type parts each query value is split into (1 when the query dtype converts exactly).
     pub q_parts: u32,
     /// MMA-type parts each probability is split into.
@@ -108,6 +109,20 @@ pub struct MmaConfig {
     pub alibi: bool,
     /// Sliding window on.
     pub window: bool,
+}
+
+impl MmaConfig {
+    /// Cubes of this configuration resident on one SM, which the split planner counts on
+    /// (`cargo xtask codegen --ptx` reports the registers): an FP8 cache with one row tile and
+    /// a one-part query takes 142–144 registers, so three cubes of 128 threads fit in an H100
+    /// SM's 64 K registers; the others take up to 178, which leaves room for two.
+    pub fn resident_cubes(&self) -> usize {
+        if self.bits != CacheBits::Half && self.row_tiles == 1 && self.q_parts == 1 {
+            3
+        } else {
+            2
+        }
+    }
 }
 
 /// Elements `2p, 2p + 1` of a lane's piece of a cache row as MMA-type bits (element `2p` in the
@@ -267,13 +282,18 @@ fn block_page(
 }
 
 /// The largest running max of row `r` among the warps that saw a key for it (`NO_SCORE` when
-/// none did), from the per-warp states in shared memory.
+/// none did), from the per-warp states in shared memory (`rows` per warp).
 #[cube]
-fn warps_max(m_s: &SharedMemory<f32>, d_s: &SharedMemory<f32>, r: u32) -> f32 {
+fn warps_max(
+    m_s: &SharedMemory<f32>,
+    d_s: &SharedMemory<f32>,
+    r: u32,
+    #[comptime] rows: u32,
+) -> f32 {
     let mut mm = f32::new(NO_SCORE);
     #[unroll]
     for w in 0..MMA_WARPS {
-        let at = (w * MMA_ROWS + r) as usize;
+        let at = (w * rows + r) as usize;
         if d_s[at] > 0.0 {
             mm = mm.max(m_s[at]);
         }
@@ -281,13 +301,23 @@ fn warps_max(m_s: &SharedMemory<f32>, d_s: &SharedMemory<f32>, r: u32) -> f32 {
     mm
 }
 
-/// Tensor-core split kernel: the partial attention state of 16 query rows of one KV group over
-/// one split of one sequence's cache, in the workspace format of
-/// [`super::kernel::decode_split_kernel()`].
+/// Offset in a row of the warps' merge buffer of V dim `gq · piece + k` (`piece` = dv/8, the
+/// lane's V dims): `[k][gq]`, with gq rotated by `2·(k / 4)` so that both the stores (lanes
+/// over gq and rows) and the row-wise loads (lanes over consecutive dims) fall on distinct
+/// banks (see [`O_PAD`]).
+#[cube]
+fn merge_col(gq: u32, k: u32) -> u32 {
+    8 * k + ((gq + 2 * (k / 4)) % 8)
+}
+
+/// Tensor-core split kernel: the partial attention state of 8 or 16 query rows
+/// (`8 · cfg.row_tiles`) of one KV group over one split of one sequence's cache, in the
+/// workspace format of [`super::kernel::decode_split_kernel()`].
 ///
-/// Grid `(num_kv_heads * row_blocks, batch, num_splits)` with blocks of [`MMA_ROWS`] rows, cube
-/// `(MMA_WARPS · 32, 1, 1)`. Rows as in the CUDA-core kernel (row `i * group + hh` = new token
-/// `i`, query head `g * group + hh`; rows past `q_len * group` are zero padding, masked).
+/// Grid `(num_kv_heads * row_blocks, batch, num_splits)` with blocks of `8 · cfg.row_tiles`
+/// rows, cube `(MMA_WARPS · 32, 1, 1)`. Rows as in the CUDA-core kernel (row `i * group + hh`
+/// = new token `i`, query head `g * group + hh`; rows past `q_len * group` are zero padding,
+/// masked).
 ///
 /// - `q`: `[num_tokens, num_heads, head_dim_k]` of `F`, tokens `q_row_stride` elements apart.
 /// - `k_cache`: the K cache's bytes as 16-byte vectors of u32; `v_cache`: the V cache's bytes
@@ -295,9 +325,11 @@ fn warps_max(m_s: &SharedMemory<f32>, d_s: &SharedMemory<f32>, r: u32) -> f32 {
 /// - `meta`, `alibi`, `ws_o`, `ws_md`, `params`: as [`super::kernel::decode_split_kernel()`].
 ///
 /// Warp `w` takes the 16-token blocks `lo + 16·(w + 4·i)` of the cube's token range: K and V
-/// loads go straight to registers, QK (two n8 tiles), masking and online softmax on the C
-/// fragments (row max and sum across the 4 lanes of a quad), PV into `dv/8` f32 C tiles. At
-/// the end the four warps' states merge through shared memory.
+/// loads go straight to registers, QK (two n8 tiles, query rows as M), masking and online
+/// softmax on the C fragments (row max and sum across the 4 lanes of a quad), then PV
+/// transposed (V dims as M, each row tile's probabilities as N, straight from the score
+/// fragments) into `dv/16` f32 C tiles per row tile. At the end the four warps' states merge
+/// through shared memory.
 #[cube(launch_unchecked)]
 // A comptime flag and a runtime condition cannot share one `if` in `#[cube]` code.
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
@@ -320,13 +352,17 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let es = comptime![cfg.bits.elem_bytes()];
     let page_size = comptime![cfg.k.page_size];
     let k_steps = comptime![dk / 16];
-    let v_tiles = comptime![dv / 8];
+    // PV's M tiles: 16 V dims each, two per lane and tile (dims 2mt, 2mt + 1 of its piece).
+    let m_tiles = comptime![dv / 16];
+    let rt = comptime![cfg.row_tiles];
+    let rows = comptime![MMA_TILE_ROWS * cfg.row_tiles];
     let q_parts = comptime![cfg.q_parts];
     let p_parts = comptime![cfg.p_parts];
     let nv = comptime![cfg.v_words];
     // A lane's piece of a K row (dk/4 elements) in 16-byte vectors, of a V row (dv/8) in NV words.
     let k_vecs = comptime![dk / 4 * es / 16];
     let v_vecs = comptime![dv / 8 * es / (4 * nv)];
+    let o_row = comptime![dv + O_PAD];
 
     // ---- which rows and tokens this cube owns (as the CUDA-core kernel) ----------------------
     let lane = UNIT_POS % PLANE_LANES;
@@ -335,17 +371,17 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let tq = lane % 4;
     // Windowed splits start on whole 16-token blocks (so each lies in one page); the keys
     // below the window that this adds are masked per row.
-    let work = work_range(meta, &params, group, MMA_ROWS, cfg.window, MMA_BLOCK_TOKENS);
+    let work = work_range(meta, &params, group, rows, cfg.window, MMA_BLOCK_TOKENS);
     let (g, split, q_start) = (work.g, work.split, work.q_start);
     let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
     let (lo, hi) = (work.lo, work.hi);
 
-    // This lane's two rows (gq and gq + 8): validity, position, head, ALiBi slope.
+    // This lane's rows gq + 8x (x < row tiles): validity, position, ALiBi slope.
     let mut row_ok = Array::<bool>::new(2usize);
     let mut row_pos = Array::<u32>::new(2usize);
     let mut row_slope = Array::<f32>::new(2usize);
     #[unroll]
-    for x in 0..2u32 {
+    for x in 0..rt {
         let gr = row0 + gq + 8 * x;
         row_ok[x as usize] = gr < rows_total;
         row_pos[x as usize] = hist + gr / group;
@@ -358,8 +394,9 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     }
 
     // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
-    // Register x of step s holds row gq + 8·(x % 2) and the head dims that K's B slots of the
-    // same registers hold (see the module doc): head dims (+0, +1) / (+2, +3) of the step's four.
+    // Register x of step s holds row gq + 8·(x % 2) (zero when the cube has one row tile) and
+    // the head dims that K's B slots of the same registers hold (see the module doc): head dims
+    // (+0, +1) / (+2, +3) of the step's four.
     let mut qv = Array::<f32>::new(comptime![(k_steps * 8) as usize]);
     let mut q_max = Array::<f32>::new(2usize);
     q_max[0] = 0.0;
@@ -368,21 +405,24 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     for s in 0..k_steps {
         #[unroll]
         for x in 0..4u32 {
-            let gr = row0 + gq + 8 * (x % 2);
             let hiword = comptime![x / 2];
             #[unroll]
             for e in 0..2u32 {
-                let off = comptime![hiword * 2 + e];
-                let d = tq * comptime![dk / 4] + comptime![s * 4 + off];
                 let mut val = 0.0f32;
-                if gr < rows_total {
-                    let tok = q_start + gr / group;
-                    let head = g * group + gr % group;
-                    val = f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
+                if comptime![x % 2 < rt] {
+                    let gr = row0 + gq + 8 * (x % 2);
+                    let off = comptime![hiword * 2 + e];
+                    let d = tq * comptime![dk / 4] + comptime![s * 4 + off];
+                    if gr < rows_total {
+                        let tok = q_start + gr / group;
+                        let head = g * group + gr % group;
+                        val =
+                            f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
+                    }
+                    q_max[comptime![(x % 2) as usize]] =
+                        q_max[comptime![(x % 2) as usize]].max(val.abs());
                 }
                 qv[comptime![(s * 8 + x * 2 + e) as usize]] = val;
-                q_max[comptime![(x % 2) as usize]] =
-                    q_max[comptime![(x % 2) as usize]].max(val.abs());
             }
         }
     }
@@ -395,7 +435,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     for x in 0..2u32 {
         q_scale[x as usize] = 1.0;
         row_score_scale[x as usize] = params.score_scale;
-        if comptime![cfg.q_scaled] {
+        if comptime![cfg.q_scaled && x < rt] {
             // The four lanes of a quad hold the row's head dims.
             let mut mx = q_max[x as usize];
             mx = mx.max(plane_shuffle_xor(mx, 1u32));
@@ -428,17 +468,18 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
 
     // ---- per-warp state ------------------------------------------------------------------------
     let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
-    // Output C tiles, [v_tiles][2 registers].
-    let mut acc = Array::<Vector<f32, Const<2>>>::new(comptime![(v_tiles * 2) as usize]);
+    // Output C tiles of O^T, [m-tile][row tile][2 registers]: register h of (mt, x) holds V dim
+    // gq·dv/8 + 2mt + h of rows 8x + 2tq, 8x + 2tq + 1.
+    let mut acc = Array::<Vector<f32, Const<2>>>::new(comptime![(m_tiles * rt * 2) as usize]);
     #[unroll]
-    for i in 0..v_tiles * 2 {
+    for i in 0..m_tiles * rt * 2 {
         acc[i as usize] = Vector::new(0.0);
     }
-    // Running max of rows gq, gq + 8 (quad-uniform) and this lane's part of their sums.
+    // Running max of rows gq + 8x (quad-uniform) and this lane's part of their sums.
     let mut m_run = Array::<f32>::new(2usize);
     let mut d_run = Array::<f32>::new(2usize);
     #[unroll]
-    for x in 0..2u32 {
+    for x in 0..rt {
         m_run[x as usize] = NO_SCORE;
         d_run[x as usize] = 0.0;
     }
@@ -451,7 +492,8 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
     let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
     let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
-    let mut pa = Array::<Vector<M, Const<2>>>::new(comptime![(p_parts * 4) as usize]);
+    // P as PV's B fragments, [row tile][part][2 registers].
+    let mut pb = Array::<Vector<M, Const<2>>>::new(comptime![(rt * p_parts * 2) as usize]);
 
     // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
     // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
@@ -499,7 +541,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                 }
             }
             #[unroll]
-            for x in 0..2u32 {
+            for x in 0..rt {
                 #[unroll]
                 for e in 0..2u32 {
                     let t = t0 + 8 * j + 2 * tq + e;
@@ -525,7 +567,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
         let mut grew = false;
         #[unroll]
-        for x in 0..2u32 {
+        for x in 0..rt {
             let mut mx = sc[(x * 4) as usize];
             #[unroll]
             for i in 1..4u32 {
@@ -552,69 +594,71 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         }
         // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
         // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
+        // The lane's output rows 8x + 2tq + e have their alpha in quad 2tq + e.
         if plane_any(grew) {
             #[unroll]
-            for x in 0..2u32 {
+            for x in 0..rt {
+                let mut av = Vector::<f32, Const<2>>::new(0.0);
+                av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
+                av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
                 #[unroll]
-                for nt in 0..v_tiles {
-                    let i = (nt * 2 + x) as usize;
-                    acc[i] = acc[i] * Vector::new(row_alpha[x as usize]);
+                for i in 0..m_tiles * 2 {
+                    let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
+                    acc[at as usize] = acc[at as usize] * av;
                 }
             }
         }
 
-        // (3) P as the A fragment (a0/a1 from n-tile 0, a2/a3 from n-tile 1), split into parts.
+        // (3) P^T as PV's B fragment of row tile x: b0 = tokens 2tq, 2tq + 1 of row gq + 8x
+        // (score tile 0's C register x), b1 = tokens 2tq + 8, 2tq + 9 (tile 1's), split into
+        // parts.
         #[unroll]
-        for r in 0..4u32 {
+        for x in 0..rt {
             #[unroll]
-            for e in 0..2u32 {
-                // Register r: row gq + 8·(r % 2), tile r / 2.
-                let p = sc[comptime![((r % 2) * 4 + (r / 2) * 2 + e) as usize]];
-                split_parts::<M>(p, &mut pa, r, 4u32, e, p_parts);
+            for j in 0..2u32 {
+                #[unroll]
+                for e in 0..2u32 {
+                    let p = sc[comptime![(x * 4 + j * 2 + e) as usize]];
+                    split_parts::<M>(p, &mut pb, comptime![x * p_parts * 2 + j], 2u32, e, p_parts);
+                }
             }
         }
 
-        // (4) O += P·V: n-tile nt is element nt of each of the lane's four V pieces, i.e. half
-        // nt % 2 of pair nt / 2 (each pair converted once, for two n-tiles).
+        // (4) O^T += V^T·P^T: m-tile mt's A fragment is dims 2mt (rows gq) and 2mt + 1 (rows
+        // gq + 8) of the lane's four V pieces, token pairs (2tq, 2tq + 1) and (2tq + 8, 2tq + 9):
+        // the low and high halves of each piece's converted pair mt.
         #[unroll]
-        for nt in 0..v_tiles {
-            if comptime![nt % 2 == 0] {
-                #[unroll]
-                for kk in 0..4u32 {
-                    vp[kk as usize] = piece_pair::<M, NV>(
-                        &vr,
-                        comptime![kk * v_vecs],
-                        comptime![nt / 2],
-                        cfg.bits,
-                        nv,
-                    );
-                }
+        for mt in 0..m_tiles {
+            #[unroll]
+            for kk in 0..4u32 {
+                vp[kk as usize] =
+                    piece_pair::<M, NV>(&vr, comptime![kk * v_vecs], mt, cfg.bits, nv);
             }
             #[unroll]
-            for rg in 0..2u32 {
-                let a = vp[comptime![(2 * rg) as usize]];
-                let b = vp[comptime![(2 * rg + 1) as usize]];
-                let bits = if comptime![nt % 2 == 0] {
-                    (a & 0xFFFFu32) | (b << 16u32)
-                } else {
-                    (a >> 16u32) | (b & 0xFFFF0000u32)
-                };
-                b_tmp[rg as usize] = Vector::<M, Const<2>>::reinterpret(bits);
+            for half in 0..2u32 {
+                let a = vp[comptime![(2 * half) as usize]];
+                let b = vp[comptime![(2 * half + 1) as usize]];
+                a_tmp[comptime![(2 * half) as usize]] =
+                    Vector::<M, Const<2>>::reinterpret((a & 0xFFFFu32) | (b << 16u32));
+                a_tmp[comptime![(2 * half + 1) as usize]] =
+                    Vector::<M, Const<2>>::reinterpret((a >> 16u32) | (b & 0xFFFF0000u32));
             }
-            c_tmp[0] = acc[(nt * 2) as usize];
-            c_tmp[1] = acc[(nt * 2 + 1) as usize];
             #[unroll]
-            for p in 0..p_parts {
+            for x in 0..rt {
+                let at = comptime![(mt * rt + x) * 2];
+                c_tmp[0] = acc[at as usize];
+                c_tmp[1] = acc[(at + 1) as usize];
                 #[unroll]
-                for x in 0..4u32 {
-                    a_tmp[x as usize] = pa[(p * 4 + x) as usize];
+                for p in 0..p_parts {
+                    b_tmp[0] = pb[comptime![((x * p_parts + p) * 2) as usize]];
+                    b_tmp[1] = pb[comptime![((x * p_parts + p) * 2 + 1) as usize]];
+                    let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                    c_tmp[0] = d[0];
+                    c_tmp[1] = d[1];
                 }
-                let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                c_tmp[0] = d[0];
-                c_tmp[1] = d[1];
+                acc[at as usize] = c_tmp[0];
+                acc[(at + 1) as usize] = c_tmp[1];
             }
-            acc[(nt * 2) as usize] = c_tmp[0];
-            acc[(nt * 2 + 1) as usize] = c_tmp[1];
         }
         load_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, true, cfg);
         next_page = block_page(meta, bt_base, tn + stride, hi, page_size);
@@ -623,52 +667,55 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
 
     // ---- merge the four warps' states and write the partial state ----------------------------
     // Each warp stores its raw output tiles in its own region of shared memory, laid out as
-    // [row][column n][n-tile nt] with strides `O_ROW` / `O_COL` that put a warp's 32 lanes on 32
-    // different banks (lane (gq, tq) at bank gq + 8·tq + const); one thread per (warp, row)
-    // then turns the warps' (m, d) into one weight each, and every output element is the
-    // weighted sum of its four warp values.
-    let mut m_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
-    let mut d_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
-    let mut w_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS) as usize]);
-    let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * MMA_ROWS * O_ROW) as usize]);
+    // [row][merge_col(dim)] (rows `dv + O_PAD` apart), so a warp's 32 stores fall on 32
+    // different banks; one thread per (warp, row) then turns the warps' (m, d) into one weight
+    // each, and every output element is the weighted sum of its four warp values.
+    let mut m_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows) as usize]);
+    let mut d_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows) as usize]);
+    let mut w_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows) as usize]);
+    let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows * o_row) as usize]);
     #[unroll]
-    for x in 0..2u32 {
+    for x in 0..rt {
         let mut d = d_run[x as usize];
         d += plane_shuffle_xor(d, 1u32);
         d += plane_shuffle_xor(d, 2u32);
         if tq == 0 {
-            let at = (warp * MMA_ROWS + gq + 8 * x) as usize;
+            let at = (warp * rows + gq + 8 * x) as usize;
             m_s[at] = m_run[x as usize];
             d_s[at] = d;
         }
     }
-    let region = warp * comptime![MMA_ROWS * O_ROW];
+    let region = warp * comptime![rows * o_row];
     #[unroll]
-    for nt in 0..v_tiles {
+    for mt in 0..m_tiles {
         #[unroll]
-        for x in 0..2u32 {
-            let v = acc[(nt * 2 + x) as usize];
+        for x in 0..rt {
             #[unroll]
-            for e in 0..2u32 {
-                let at = region + (gq + 8 * x) * O_ROW + (2 * tq + e) * O_COL + nt;
-                o_s[at as usize] = v[e as usize];
+            for h in 0..2u32 {
+                let v = acc[comptime![((mt * rt + x) * 2 + h) as usize]];
+                let col = merge_col(gq, comptime![2 * mt + h]);
+                #[unroll]
+                for e in 0..2u32 {
+                    let at = region + (8 * x + 2 * tq + e) * o_row + col;
+                    o_s[at as usize] = v[e as usize];
+                }
             }
         }
     }
     sync_cube();
 
     let num_splits = params.num_splits;
-    if UNIT_POS < comptime![MMA_WARPS * MMA_ROWS] {
+    if UNIT_POS < comptime![MMA_WARPS * rows] {
         // Warp w's weight for row r: exp(m_w − M) · v_scale / den, with M the row's merged max
         // and den = Σ_w d_w · exp(m_w − M); 0 for a warp that saw no key of the row.
-        let w = UNIT_POS / MMA_ROWS;
-        let r = UNIT_POS % MMA_ROWS;
-        let mm = warps_max(&m_s, &d_s, r);
+        let w = UNIT_POS / rows;
+        let r = UNIT_POS % rows;
+        let mm = warps_max(&m_s, &d_s, r, rows);
         let m_ref = select(mm == NO_SCORE, 0.0, mm);
         let mut den = 0.0f32;
         #[unroll]
         for ww in 0..MMA_WARPS {
-            let at = (ww * MMA_ROWS + r) as usize;
+            let at = (ww * rows + r) as usize;
             den += select(d_s[at] > 0.0, d_s[at] * (m_s[at] - m_ref).exp(), 0.0);
         }
         let at = UNIT_POS as usize;
@@ -685,21 +732,21 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     }
     sync_cube();
 
+    let piece = comptime![dv / 8];
     let mut o = UNIT_POS;
-    while o < comptime![MMA_ROWS * dv] {
+    while o < comptime![rows * dv] {
         let r = o / dv;
         let d = o % dv;
         let gr = row0 + r;
         if gr < rows_total {
             let tok = q_start + gr / group;
             let head = g * group + gr % group;
-            // Output column n of n-tile nt is V dim n·v_tiles + nt (see the module doc).
-            let at = r * O_ROW + (d / v_tiles) * O_COL + d % v_tiles;
+            let at = r * o_row + merge_col(d / piece, d % piece);
             let mut val = 0.0f32;
             #[unroll]
             for w in 0..MMA_WARPS {
-                val += o_s[(w * comptime![MMA_ROWS * O_ROW] + at) as usize]
-                    * w_s[(w * MMA_ROWS + r) as usize];
+                val +=
+                    o_s[(w * comptime![rows * o_row] + at) as usize] * w_s[(w * rows + r) as usize];
             }
             ws_o[(((tok * params.num_heads + head) * num_splits + split) * dv + d) as usize] = val;
         }

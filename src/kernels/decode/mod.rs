@@ -220,7 +220,14 @@ pub fn paged_decode_path<R: Runtime>(
         layout.cache_elems(KvSide::V) * cache.dtype().size_bytes() / 16,
     )?;
     too_big("q", q.len_elems())?;
-    let mma = launch::choose_mma(cache, q.dtype(), num_heads, opts, path)?;
+    let mma = launch::choose_mma(
+        cache,
+        q.dtype(),
+        num_heads,
+        batch.meta().max_q_len(),
+        opts,
+        path,
+    )?;
     let plan = launch::plan_for(cache, batch, num_heads, split, mma.as_ref())?;
     too_big(
         "workspace",
@@ -253,6 +260,7 @@ pub fn tensor_cores_apply(
         crate::policy::Dtype::Bf16,
         geom(head_dim_k),
         geom(head_dim_v),
+        1,
         1,
         &AttentionOptions::default(),
     )
