@@ -10,6 +10,8 @@
 //! same run (a vectorised copy kernel, bytes read + written).
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
+//! `-- --bench --models` runs a catalogue of real models' attention shapes instead (batch 32 ×
+//! 8192, e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one.
@@ -114,7 +116,65 @@ fn copy_tbps(client: &ComputeClient<Cuda>) -> f64 {
     2.0 * bytes as f64 / (us * 1e-6) / 1e12
 }
 
+/// An attention shape of a real model: what decode's cost depends on.
+#[derive(Clone, Copy)]
+struct Model {
+    name: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    head_dim_k: usize,
+    head_dim_v: usize,
+}
+
+/// Llama-3-8B: the shape of the targets.
+const LLAMA3_8B: Model = Model {
+    name: "Llama-3-8B",
+    heads: 32,
+    kv_heads: 8,
+    head_dim_k: 128,
+    head_dim_v: 128,
+};
+
+/// The model catalogue of `--models` (DESIGN.md §3.11): GQA 8 and 7, head dims 64 and 256, and
+/// an MLA-like latent cache (one KV head, K 576 / V 512).
+const CATALOGUE: [Model; 6] = [
+    LLAMA3_8B,
+    Model {
+        name: "Llama-3-70B",
+        heads: 64,
+        ..LLAMA3_8B
+    },
+    Model {
+        name: "Qwen2.5-7B",
+        heads: 28,
+        kv_heads: 4,
+        ..LLAMA3_8B
+    },
+    Model {
+        name: "Llama-3.2-1B(d64)",
+        heads: 32,
+        kv_heads: 8,
+        head_dim_k: 64,
+        head_dim_v: 64,
+    },
+    Model {
+        name: "Gemma-2-9B",
+        heads: 16,
+        kv_heads: 8,
+        head_dim_k: 256,
+        head_dim_v: 256,
+    },
+    Model {
+        name: "MLA 576/512",
+        heads: 16,
+        kv_heads: 1,
+        head_dim_k: 576,
+        head_dim_v: 512,
+    },
+];
+
 struct Shape {
+    model: Model,
     batch: usize,
     context: usize,
     page_size: usize,
@@ -132,6 +192,7 @@ impl Shape {
     /// An e4m3 `bshd` shape on the default path, without a target.
     fn e4m3(batch: usize, context: usize, page_size: usize) -> Self {
         Shape {
+            model: LLAMA3_8B,
             batch,
             context,
             page_size,
@@ -144,16 +205,20 @@ impl Shape {
     }
 }
 
-const HEADS: usize = 32;
-const KV_HEADS: usize = 8;
-const HEAD_DIM: usize = 128;
-
 fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64, String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let pages_per_seq = s.context.div_ceil(s.page_size);
     let num_pages = s.batch * pages_per_seq;
-    let layout = PagedKvLayout::new(num_pages, s.page_size, KV_HEADS, HEAD_DIM, HEAD_DIM, s.kind)
-        .map_err(e)?;
+    let m = s.model;
+    let layout = PagedKvLayout::new(
+        num_pages,
+        s.page_size,
+        m.kv_heads,
+        m.head_dim_k,
+        m.head_dim_v,
+        s.kind,
+    )
+    .map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
     let cache_bytes = layout.cache_bytes(s.policy);
     let copies = ROTATE_BYTES.div_ceil(cache_bytes).max(1);
@@ -168,34 +233,21 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let meta =
         BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
     let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
-    let q_vals: Vec<f32> = (0..s.batch * HEADS * HEAD_DIM)
+    let (q_width, out_width) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
+    let q_vals: Vec<f32> = (0..s.batch * q_width)
         .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
         .collect();
-    let q = DeviceRows::from_f32(
-        client,
-        &q_vals,
-        Dtype::Bf16,
-        s.batch,
-        HEADS * HEAD_DIM,
-        HEADS * HEAD_DIM,
-    )
-    .map_err(e)?;
+    let q =
+        DeviceRows::from_f32(client, &q_vals, Dtype::Bf16, s.batch, q_width, q_width).map_err(e)?;
     let out = std::sync::Mutex::new(
-        DeviceRows::empty(
-            client,
-            Dtype::Bf16,
-            s.batch,
-            HEADS * HEAD_DIM,
-            HEADS * HEAD_DIM,
-        )
-        .map_err(e)?,
+        DeviceRows::empty(client, Dtype::Bf16, s.batch, out_width, out_width).map_err(e)?,
     );
     let opts = AttentionOptions::default();
     let f = |i: usize| {
         let mut o = out.lock().unwrap();
         paged_decode_path(
             &q,
-            HEADS,
+            m.heads,
             &caches[i % copies],
             &batch,
             &opts,
@@ -239,8 +291,16 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     } else {
         String::new()
     };
+    let model = if m.name == LLAMA3_8B.name {
+        String::new()
+    } else {
+        format!(
+            " [{}: {}/{} heads, d {}/{}]",
+            m.name, m.heads, m.kv_heads, m.head_dim_k, m.head_dim_v
+        )
+    };
     println!(
-        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}{host}",
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}{model}{host}",
         s.batch,
         s.context,
         s.page_size,
@@ -295,6 +355,24 @@ fn main() {
         };
         if let Err(err) = bench_shape(&client, &shape, copy) {
             println!("  error: {err}");
+        }
+        return;
+    }
+    if std::env::args().any(|a| a == "--models") {
+        // The catalogue at batch 32 × 8192, e4m3 against the bf16 cache, each on its default
+        // kernel (tensor cores for head dims 64 and 128, CUDA cores for the others).
+        for model in CATALOGUE {
+            let shape = |policy| Shape {
+                model,
+                policy,
+                ..Shape::e4m3(32, 8192, 64)
+            };
+            let fp8 = bench_shape(&client, &shape(QuantPolicy::Fp8E4m3), copy);
+            let bf16 = bench_shape(&client, &shape(QuantPolicy::None), copy);
+            match (fp8, bf16) {
+                (Ok(a), Ok(b)) => println!("  e4m3 / bf16 time: {:.3}", a / b),
+                (a, b) => println!("  error: {a:?} {b:?}"),
+            }
         }
         return;
     }
