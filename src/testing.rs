@@ -249,6 +249,12 @@ pub fn decode_cases() -> Vec<PagedCase> {
             .heads(16, 4)
             .page(32)
             .bhsd(),
+        // Gemma-2-like decode (head dim 256, GQA 2, a 4-token speculative step): 8 rows per
+        // sequence, which the tensor-core kernel takes at head dim 256.
+        PagedCase::base("d256_gqa2_decode", &[(1, 300), (4, 70), (1, 17), (1, 1)])
+            .heads(8, 4)
+            .dims(256, 256)
+            .page(32),
     ]);
     cases
 }

@@ -10,8 +10,8 @@ use cubecl::client::ComputeClient;
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::plan::TILE_TOKENS;
 use fp8kv::kernels::decode::{
-    auto_path, paged_decode, paged_decode_path, tensor_cores_apply, AttentionOptions, KernelPath,
-    SplitChoice,
+    auto_path, paged_decode, paged_decode_path, tensor_cores_apply_to, AttentionOptions,
+    KernelPath, SplitChoice,
 };
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
@@ -331,8 +331,13 @@ fn both_paths(runs: Vec<Run<'_>>) -> Vec<Run<'_>> {
     let only = std::env::var("FP8KV_DECODE_TEST_PATHS").unwrap_or_default();
     let mut out = Vec::new();
     for run in runs {
-        let (dk, dv) = (run.case.head_dim_k, run.case.head_dim_v);
-        if only != "cuda" && tensor_cores_apply(run.cache_dtype, dk, dv) {
+        let c = run.case;
+        let group = c.num_heads / c.num_kv_heads;
+        let max_q_len = c.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+        let (dk, dv) = (c.head_dim_k, c.head_dim_v);
+        if only != "cuda"
+            && tensor_cores_apply_to(run.cache_dtype, run.act, dk, dv, group, max_q_len)
+        {
             out.push(Run {
                 path: KernelPath::TensorCores,
                 opts: run.opts.clone(),

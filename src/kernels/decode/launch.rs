@@ -58,10 +58,12 @@ fn row_blocking_for(mma: Option<&MmaConfig>, max_rows: usize) -> (usize, usize) 
 }
 
 /// The tensor-core configuration where that kernel applies, `None` where it does not: K and V
-/// head dims equal and 64 or 128 (256 would need more than 255 registers for its 32 output
-/// tiles and query fragments: it keeps the CUDA-core kernel), any cache dtype, any query dtype,
-/// any group (blocks of 8 rows where every sequence has at most `max_rows` = group × q_len ≤ 8,
-/// else of 16), every option.
+/// head dims equal and 64 or 128 with any cache dtype, any query dtype, any group (blocks of 8
+/// rows where every sequence has at most `max_rows` = group × q_len ≤ 8, else of 16), every
+/// option; and head dim 256 with an FP8 cache, a one-part query (bf16 or f16) and one row tile
+/// (`max_rows` ≤ 8): its 16 output tiles, 16 query k-steps and 16-byte K and V pieces take
+/// about 200 registers there, while a second row tile, a second query part or 16-bit cache
+/// elements would pass the 255-register limit and spill (those keep the CUDA-core kernel).
 pub(crate) fn mma_config(
     cache: Dtype,
     act: Dtype,
@@ -71,7 +73,7 @@ pub(crate) fn mma_config(
     max_rows: usize,
     opts: &AttentionOptions,
 ) -> Option<MmaConfig> {
-    if k.head_dim != v.head_dim || !matches!(k.head_dim, 64 | 128) {
+    if k.head_dim != v.head_dim || !matches!(k.head_dim, 64 | 128 | 256) {
         return None;
     }
     // The MMA operand type: bf16 for the bf16 cache, f16 otherwise (FP8 converts exactly).
@@ -93,17 +95,21 @@ pub(crate) fn mma_config(
         _ => 1,
     };
     let piece_bytes = v.head_dim / 8 * bits.elem_bytes();
+    let row_tiles = if max_rows <= MMA_TILE_ROWS as usize {
+        1
+    } else {
+        2
+    };
+    if k.head_dim == 256 && (bits == CacheBits::Half || q_parts != 1 || row_tiles != 1) {
+        return None;
+    }
     Some(MmaConfig {
         k,
         v,
         group,
         bits,
         v_words: if piece_bytes >= 16 { 4 } else { 2 },
-        row_tiles: if max_rows <= MMA_TILE_ROWS as usize {
-            1
-        } else {
-            2
-        },
+        row_tiles,
         q_parts,
         p_parts: if mma_bf16 { 3 } else { 2 },
         // bf16 and f32 queries reach beyond f16's range (±65504, normal from 2^-14): each row
@@ -457,6 +463,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn head_dim_256_takes_tensor_cores_only_within_the_register_budget() {
+        let geom = |d: u32| CacheGeometry {
+            page_size: 32,
+            num_kv_heads: 4,
+            head_dim: d,
+            bhsd: false,
+        };
+        let opts = AttentionOptions::default();
+        let cfg = |cache, act, group, rows| {
+            mma_config(cache, act, geom(256), geom(256), group, rows, &opts)
+        };
+        for cache in [Dtype::E4m3, Dtype::E5m2] {
+            for act in [Dtype::Bf16, Dtype::F16] {
+                for rows in 1..=8 {
+                    let c = cfg(cache, act, 2, rows).expect("FP8, one-part query, one row tile");
+                    assert_eq!((c.row_tiles, c.q_parts), (1, 1));
+                }
+                assert!(cfg(cache, act, 2, 9).is_none(), "two row tiles at d256");
+            }
+            assert!(
+                cfg(cache, Dtype::F32, 2, 2).is_none(),
+                "two-part query at d256"
+            );
+        }
+        for cache in [Dtype::Bf16, Dtype::F16] {
+            assert!(cfg(cache, cache, 2, 2).is_none(), "16-bit cache at d256");
+        }
+        assert!(cfg(Dtype::E4m3, Dtype::Bf16, 2, 2).is_some());
     }
 
     #[test]

@@ -113,11 +113,16 @@ pub struct MmaConfig {
 
 impl MmaConfig {
     /// Cubes of this configuration resident on one SM, which the split planner counts on
-    /// (`cargo xtask codegen --ptx` reports the registers): an FP8 cache with one row tile and
-    /// a one-part query takes 142–144 registers, so three cubes of 128 threads fit in an H100
-    /// SM's 64 K registers; the others take up to 178, which leaves room for two.
+    /// (`cargo xtask codegen --ptx` reports the registers): an FP8 cache with head dim ≤ 128,
+    /// one row tile and a one-part query takes 142–144 registers, so three cubes of 128 threads
+    /// fit in a Hopper SM's 64 K registers; the others take up to 178 (head dim 256: 255), which
+    /// leaves room for two.
     pub fn resident_cubes(&self) -> usize {
-        if self.bits != CacheBits::Half && self.row_tiles == 1 && self.q_parts == 1 {
+        if self.bits != CacheBits::Half
+            && self.row_tiles == 1
+            && self.q_parts == 1
+            && self.k.head_dim <= 128
+        {
             3
         } else {
             2

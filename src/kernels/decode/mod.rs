@@ -243,11 +243,35 @@ pub fn paged_decode_path<R: Runtime>(
 }
 
 /// Whether [`KernelPath::TensorCores`] applies to a cache of `cache_dtype` with these head
-/// dims (every query dtype, group, page size, layout and option is supported by it).
+/// dims for every query dtype, group and number of new tokens (and every page size, layout
+/// and option): head dims 64 and 128. See [`tensor_cores_apply_to()`] for one launch's shape.
 pub fn tensor_cores_apply(
     cache_dtype: crate::policy::Dtype,
     head_dim_k: usize,
     head_dim_v: usize,
+) -> bool {
+    // f32 queries and two row tiles are the most the kernel can be asked for.
+    tensor_cores_apply_to(
+        cache_dtype,
+        crate::policy::Dtype::F32,
+        head_dim_k,
+        head_dim_v,
+        16,
+        1,
+    )
+}
+
+/// Whether [`KernelPath::TensorCores`] applies to one launch: a cache of `cache_dtype`, queries
+/// of `query_dtype`, these head dims, `group` query heads per KV head and at most `max_q_len`
+/// new tokens per sequence. Beyond [`tensor_cores_apply()`]'s head dims 64 and 128 this
+/// includes head dim 256 with an FP8 cache, bf16 or f16 queries and `group × max_q_len ≤ 8`.
+pub fn tensor_cores_apply_to(
+    cache_dtype: crate::policy::Dtype,
+    query_dtype: crate::policy::Dtype,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    group: usize,
+    max_q_len: usize,
 ) -> bool {
     let geom = |d: usize| crate::kernels::CacheGeometry {
         page_size: 16,
@@ -257,11 +281,11 @@ pub fn tensor_cores_apply(
     };
     launch::mma_config(
         cache_dtype,
-        crate::policy::Dtype::Bf16,
+        query_dtype,
         geom(head_dim_k),
         geom(head_dim_v),
-        1,
-        1,
+        group as u32,
+        group * max_q_len,
         &AttentionOptions::default(),
     )
     .is_some()
@@ -343,6 +367,17 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         ),
         Sample(
             16,
+            8,
+            256,
+            256,
+            64,
+            QuantPolicy::Fp8E4m3,
+            Dtype::E4m3,
+            1,
+            false,
+        ),
+        Sample(
+            16,
             1,
             576,
             512,
@@ -385,7 +420,7 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         };
         paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
         // The tensor-core kernel of the same sample, where it applies.
-        if tensor_cores_apply(dtype, dk, dv) {
+        if tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, heads / kv_heads, q_len as usize) {
             paged_decode_path(
                 &q,
                 heads,
