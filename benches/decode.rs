@@ -360,7 +360,8 @@ fn main() {
     }
     if std::env::args().any(|a| a == "--models") {
         // The catalogue at batch 32 × 8192, e4m3 against the bf16 cache, each on its default
-        // kernel (tensor cores for head dims 64 and 128, CUDA cores for the others).
+        // kernel (tensor cores for head dims 64 and 128, and 256 at these small groups; CUDA cores
+        // for the MLA dims).
         for model in CATALOGUE {
             let shape = |policy| Shape {
                 model,

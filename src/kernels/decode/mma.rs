@@ -21,9 +21,10 @@
 //!   of dims `+0, +1` and `b1` the pair `+2, +3`, and Q's A fragment uses the same order.
 //! - PV runs transposed, `O^T = V^T · P^T` (V dims as M, query rows as N), so a row tile of 8
 //!   rows (half of it or all of it at GQA 4 or 8 decode, against a quarter or half of a
-//!   16-row M) costs `dv/16` MMAs per part instead of `dv/8`, and half the accumulators. K-slot `k` is token `k` of the 16-token
-//!   block, so P^T's B fragment of row tile `x` is exactly the two score C tiles' register `x`
-//!   (`b0` = tokens `2tq, 2tq+1` of row `gq + 8x`, `b1` = tokens `2tq+8, 2tq+9`): no shuffle.
+//!   16-row M) costs `dv/16` MMAs per part instead of `dv/8`, and half the accumulators.
+//!   K-slot `k` is token `k` of the 16-token block, so P^T's B fragment of row tile `x` is
+//!   exactly the two score C tiles' register `x` (`b0` = tokens `2tq, 2tq+1` of row `gq + 8x`,
+//!   `b1` = tokens `2tq+8, 2tq+9`): no shuffle.
 //!   Row `n` of V m-tile `mt` is V dim `gq·dv/8 + 2mt + (n ≥ 8)` for `n mod 8 = gq`, so lane
 //!   `(gq, tq)` reads the `dv/8` contiguous elements at `gq·dv/8` of its four tokens `2tq,
 //!   2tq+1, 2tq+8, 2tq+9` (one 16-byte load each for dv = 128 FP8); each converted pair of a
@@ -31,7 +32,8 @@
 //!
 //! FP8 → f16 is exact: every E4M3 and E5M2 value is an f16, and the conversion is the
 //! hardware's two-at-a-time `cvt.rn.f16x2.e4m3x2` / `e5m2x2` (sm_89 and later; CUDA's header
-//! falls back to integer code on older GPUs), one per pair of cache bytes. The f16/bf16 cache is fed as is.
+//! falls back to integer code on older GPUs), one per pair of cache bytes. The f16/bf16 cache
+//! is fed as is.
 //! Queries and probabilities that the MMA type cannot hold exactly are split into a sum of
 //! `q_parts` / `p_parts` MMA-type values (`x = Σ part_i` to 22+ bits), each its own MMA, so the
 //! result stays within the f32-accumulation error bound the tests derive. With f16 MMAs, bf16
