@@ -494,6 +494,36 @@ mod tests {
             assert!(cfg(cache, cache, 2, 2).is_none(), "16-bit cache at d256");
         }
         assert!(cfg(Dtype::E4m3, Dtype::Bf16, 2, 2).is_some());
+        // The public predicates agree: one launch's shape, and "every shape" (64 and 128 only).
+        use super::super::{tensor_cores_apply, tensor_cores_apply_to};
+        assert!(tensor_cores_apply_to(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            256,
+            256,
+            2,
+            4
+        ));
+        assert!(!tensor_cores_apply_to(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            256,
+            256,
+            2,
+            5
+        ));
+        assert!(!tensor_cores_apply_to(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            128,
+            128,
+            0,
+            1
+        ));
+        assert!(!tensor_cores_apply(Dtype::E4m3, 256, 256));
+        assert!(
+            tensor_cores_apply(Dtype::E4m3, 128, 128) && tensor_cores_apply(Dtype::Bf16, 64, 64)
+        );
     }
 
     #[test]

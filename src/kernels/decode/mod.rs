@@ -265,6 +265,7 @@ pub fn tensor_cores_apply(
 /// of `query_dtype`, these head dims, `group` query heads per KV head and at most `max_q_len`
 /// new tokens per sequence. Beyond [`tensor_cores_apply()`]'s head dims 64 and 128 this
 /// includes head dim 256 with an FP8 cache, bf16 or f16 queries and `group × max_q_len ≤ 8`.
+/// False for a group of 0, which no launch accepts.
 pub fn tensor_cores_apply_to(
     cache_dtype: crate::policy::Dtype,
     query_dtype: crate::policy::Dtype,
@@ -273,6 +274,9 @@ pub fn tensor_cores_apply_to(
     group: usize,
     max_q_len: usize,
 ) -> bool {
+    if group == 0 {
+        return false;
+    }
     let geom = |d: usize| crate::kernels::CacheGeometry {
         page_size: 16,
         num_kv_heads: 1,
