@@ -312,6 +312,22 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     Ok(us)
 }
 
+/// Benches `a` then `b` and prints the time ratio `a / b` as `  {label} time: R{note}`, or
+/// both results where either failed.
+fn bench_ratio(
+    client: &ComputeClient<Cuda>,
+    copy: f64,
+    a: &Shape,
+    b: &Shape,
+    label: &str,
+    note: &str,
+) {
+    match (bench_shape(client, a, copy), bench_shape(client, b, copy)) {
+        (Ok(ta), Ok(tb)) => println!("  {label} time: {:.3}{note}", ta / tb),
+        (ra, rb) => println!("  error: {ra:?} {rb:?}"),
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only for the former.
     if !std::env::args().any(|a| a == "--bench") {
@@ -368,12 +384,14 @@ fn main() {
                 policy,
                 ..Shape::e4m3(32, 8192, 64)
             };
-            let fp8 = bench_shape(&client, &shape(QuantPolicy::Fp8E4m3), copy);
-            let bf16 = bench_shape(&client, &shape(QuantPolicy::None), copy);
-            match (fp8, bf16) {
-                (Ok(a), Ok(b)) => println!("  e4m3 / bf16 time: {:.3}", a / b),
-                (a, b) => println!("  error: {a:?} {b:?}"),
-            }
+            bench_ratio(
+                &client,
+                copy,
+                &shape(QuantPolicy::Fp8E4m3),
+                &shape(QuantPolicy::None),
+                "e4m3 / bf16",
+                "",
+            );
         }
         return;
     }
@@ -401,34 +419,20 @@ fn main() {
         (128, 32768, Some(2980.0)),
     ];
     for (batch, context, target) in shapes {
-        let fp8 = bench_shape(
-            &client,
-            &Shape {
-                target_us: target,
-                ..Shape::e4m3(batch, context, 64)
-            },
-            copy,
-        );
-        let bf16 = bench_shape(
-            &client,
-            &Shape {
-                policy: QuantPolicy::None,
-                ..Shape::e4m3(batch, context, 64)
-            },
-            copy,
-        );
-        match (fp8, bf16) {
-            (Ok(a), Ok(b)) => println!(
-                "  e4m3 / bf16 time: {:.3}{}",
-                a / b,
-                if context >= 16384 {
-                    " (target ≤ 0.53)"
-                } else {
-                    ""
-                }
-            ),
-            (a, b) => println!("  error: {a:?} {b:?}"),
-        }
+        let fp8 = Shape {
+            target_us: target,
+            ..Shape::e4m3(batch, context, 64)
+        };
+        let bf16 = Shape {
+            policy: QuantPolicy::None,
+            ..Shape::e4m3(batch, context, 64)
+        };
+        let note = if context >= 16384 {
+            " (target ≤ 0.53)"
+        } else {
+            ""
+        };
+        bench_ratio(&client, copy, &fp8, &bf16, "e4m3 / bf16", note);
     }
     // Layout: each head's page contiguous (bhsd) against heads interleaved per token (bshd).
     for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
@@ -437,17 +441,21 @@ fn main() {
             kind,
             ..Shape::e4m3(32, 32768, 64)
         };
-        let bhsd = bench_shape(&client, &shape(KvLayoutKind::Bhsd), copy);
-        let bshd = bench_shape(&client, &shape(KvLayoutKind::Bshd), copy);
-        if let (Ok(a), Ok(b)) = (bhsd, bshd) {
-            println!("  bhsd / bshd time: {:.3}", a / b);
-        }
+        let (bhsd, bshd) = (shape(KvLayoutKind::Bhsd), shape(KvLayoutKind::Bshd));
+        bench_ratio(&client, copy, &bhsd, &bshd, "bhsd / bshd", "");
     }
     for (batch, context) in [(32, 4096), (32, 32768)] {
-        let p16 = bench_shape(&client, &Shape::e4m3(batch, context, 16), copy);
-        let p64 = bench_shape(&client, &Shape::e4m3(batch, context, 64), copy);
-        if let (Ok(a), Ok(b)) = (p16, p64) {
-            println!("  page 16 / page 64 time: {:.3} (target ≤ 1.10)", a / b);
-        }
+        let (p16, p64) = (
+            Shape::e4m3(batch, context, 16),
+            Shape::e4m3(batch, context, 64),
+        );
+        bench_ratio(
+            &client,
+            copy,
+            &p16,
+            &p64,
+            "page 16 / page 64",
+            " (target ≤ 1.10)",
+        );
     }
 }
