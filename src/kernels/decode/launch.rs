@@ -61,9 +61,10 @@ fn row_blocking_for(mma: Option<&MmaConfig>, max_rows: usize) -> (usize, usize) 
 /// head dims equal and 64 or 128 with any cache dtype, any query dtype, any group (blocks of 8
 /// rows where every sequence has at most `max_rows` = group × q_len ≤ 8, else of 16), every
 /// option; and head dim 256 with an FP8 cache, a one-part query (bf16 or f16) and one row tile
-/// (`max_rows` ≤ 8): its 16 output tiles, 16 query k-steps and 16-byte K and V pieces take
-/// about 200 registers there, while a second row tile, a second query part or 16-bit cache
-/// elements would pass the 255-register limit and spill (those keep the CUDA-core kernel).
+/// (`max_rows` ≤ 8): its 16 output tiles, 16 query k-steps and 64-byte K / 32-byte V pieces
+/// per lane take 255 registers there (ptxas: 20 bytes of spills), so a second row tile, a
+/// second query part or 16-bit cache elements would spill far more (those keep the CUDA-core
+/// kernel).
 pub(crate) fn mma_config(
     cache: Dtype,
     act: Dtype,
@@ -496,30 +497,10 @@ mod tests {
         assert!(cfg(Dtype::E4m3, Dtype::Bf16, 2, 2).is_some());
         // The public predicates agree: one launch's shape, and "every shape" (64 and 128 only).
         use super::super::{tensor_cores_apply, tensor_cores_apply_to};
-        assert!(tensor_cores_apply_to(
-            Dtype::E4m3,
-            Dtype::Bf16,
-            256,
-            256,
-            2,
-            4
-        ));
-        assert!(!tensor_cores_apply_to(
-            Dtype::E4m3,
-            Dtype::Bf16,
-            256,
-            256,
-            2,
-            5
-        ));
-        assert!(!tensor_cores_apply_to(
-            Dtype::E4m3,
-            Dtype::Bf16,
-            128,
-            128,
-            0,
-            1
-        ));
+        let e4m3_bf16 =
+            |d, group, q_len| tensor_cores_apply_to(Dtype::E4m3, Dtype::Bf16, d, d, group, q_len);
+        assert!(e4m3_bf16(256, 2, 4) && !e4m3_bf16(256, 2, 5));
+        assert!(!e4m3_bf16(128, 0, 1), "a group of 0");
         assert!(!tensor_cores_apply(Dtype::E4m3, 256, 256));
         assert!(
             tensor_cores_apply(Dtype::E4m3, 128, 128) && tensor_cores_apply(Dtype::Bf16, 64, 64)
