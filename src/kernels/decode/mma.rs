@@ -134,9 +134,7 @@ impl MmaConfig {
 
 /// Elements `2p, 2p + 1` of a lane's piece of a cache row as MMA-type bits (element `2p` in the
 /// low 16 bits); `words` holds the piece as 32-bit words, `nw` (= `NW`) per vector. A 16-bit
-/// cache word is such a pair already; an FP8 pair is half a word, converted exactly by the
-/// hardware (`cvt.rn.f16x2.e4m3x2` / `e5m2x2` on sm_89 and later: every E4M3 and E5M2 value,
-/// subnormals included, is an f16).
+/// cache word is such a pair already; an FP8 pair is half a word, converted by [`fp8_pair()`].
 #[cube]
 fn piece_pair<M: Float, NW: Size>(
     words: &Array<Vector<u32, NW>>,
@@ -149,18 +147,40 @@ fn piece_pair<M: Float, NW: Size>(
     let w = words[comptime![(base + word / nw) as usize]][comptime![(word % nw) as usize]];
     let mut out = w;
     if comptime![bits != CacheBits::Half] {
-        let w16 = u16::cast_from(w >> comptime![(p % 2) * 16]);
-        if comptime![bits == CacheBits::E4m3] {
-            out = u32::reinterpret(Vector::<M, Const<2>>::cast_from(
-                Vector::<e4m3, Const<2>>::reinterpret(w16),
-            ));
-        } else {
-            out = u32::reinterpret(Vector::<M, Const<2>>::cast_from(
-                Vector::<e5m2, Const<2>>::reinterpret(w16),
-            ));
-        }
+        out = fp8_pair::<M>(w, comptime![p % 2], bits);
     }
     out
+}
+
+/// The FP8 codes in half `h` of `w` (bytes `2h`, `2h + 1`) as two MMA-type values (byte `2h` in
+/// the low 16 bits), converted exactly by the hardware (`cvt.rn.f16x2.e4m3x2` / `e5m2x2` on
+/// sm_89 and later: every E4M3 and E5M2 value, subnormals included, is an f16).
+#[cube]
+fn fp8_pair<M: Float>(w: u32, #[comptime] h: u32, #[comptime] bits: CacheBits) -> u32 {
+    // The half as a struct member (not a shift): ptxas then feeds the conversion the
+    // register's high half directly (`F2FP … R.H1`), one SHF fewer per pair.
+    let w16 = Vector::<u16, Const<2>>::reinterpret(w)[h as usize];
+    if comptime![bits == CacheBits::E4m3] {
+        u32::reinterpret(Vector::<M, Const<2>>::cast_from(
+            Vector::<e4m3, Const<2>>::reinterpret(w16),
+        ))
+    } else {
+        u32::reinterpret(Vector::<M, Const<2>>::cast_from(
+            Vector::<e5m2, Const<2>>::reinterpret(w16),
+        ))
+    }
+}
+
+/// The word whose 16-bit halves are half `h` of `a` (low) and half `h` of `b` (high), built as
+/// a struct so that ptxas emits one `PRMT` (a mask-shift-or form costs two instructions).
+#[cube]
+fn interleave_halves(a: u32, b: u32, #[comptime] h: u32) -> u32 {
+    let ha = Vector::<u16, Const<2>>::reinterpret(a);
+    let hb = Vector::<u16, Const<2>>::reinterpret(b);
+    let mut out = Vector::<u16, Const<2>>::new(0u16);
+    out[0] = ha[h as usize];
+    out[1] = hb[h as usize];
+    u32::reinterpret(out)
 }
 
 /// The power of two `2^(14 − ⌊log2 mx⌋)` that puts `mx` (≥ 0) in `[2^14, 2^15)`, and its
@@ -494,8 +514,6 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs) as usize]);
     let mut sc = Array::<f32>::new(8usize);
     let mut row_alpha = Array::<f32>::new(2usize);
-    // The four V pieces' current pair (tokens 2tq, 2tq + 1, 2tq + 8, 2tq + 9).
-    let mut vp = Array::<u32>::new(4usize);
     let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
     let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
     let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
@@ -632,23 +650,20 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         }
 
         // (4) O^T += V^T·P^T: m-tile mt's A fragment is dims 2mt (rows gq) and 2mt + 1 (rows
-        // gq + 8) of the lane's four V pieces, token pairs (2tq, 2tq + 1) and (2tq + 8, 2tq + 9):
-        // the low and high halves of each piece's converted pair mt.
+        // gq + 8) of the lane's four V pieces, pieces (0, 1) in a0/a1 and (2, 3) in a2/a3 (the
+        // tokens of k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9): the low and high halves of the
+        // pieces' converted pairs mt, interleaved.
         #[unroll]
         for mt in 0..m_tiles {
             #[unroll]
-            for kk in 0..4u32 {
-                vp[kk as usize] =
-                    piece_pair::<M, NV>(&vr, comptime![kk * v_vecs], mt, cfg.bits, nv);
-            }
-            #[unroll]
             for half in 0..2u32 {
-                let a = vp[comptime![(2 * half) as usize]];
-                let b = vp[comptime![(2 * half + 1) as usize]];
+                let a = piece_pair::<M, NV>(&vr, comptime![2 * half * v_vecs], mt, cfg.bits, nv);
+                let b =
+                    piece_pair::<M, NV>(&vr, comptime![(2 * half + 1) * v_vecs], mt, cfg.bits, nv);
                 a_tmp[comptime![(2 * half) as usize]] =
-                    Vector::<M, Const<2>>::reinterpret((a & 0xFFFFu32) | (b << 16u32));
+                    Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 0u32));
                 a_tmp[comptime![(2 * half + 1) as usize]] =
-                    Vector::<M, Const<2>>::reinterpret((a >> 16u32) | (b & 0xFFFF0000u32));
+                    Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 1u32));
             }
             #[unroll]
             for x in 0..rt {
