@@ -15,11 +15,16 @@
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one.
+//! `--key-major` runs every tensor-core shape of any mode on the experimental key-major kernel
+//! (`KernelPath::TensorCoresKeyMajor`) instead of the default path; `-- --bench --ab` compares
+//! the two tensor-core kernels shape by shape (the target shapes and the model catalogue).
 
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::{paged_decode_path, AttentionOptions, KernelPath, SplitChoice};
+use fp8kv::kernels::decode::{
+    paged_decode_path, tensor_cores_apply_to, AttentionOptions, KernelPath, SplitChoice,
+};
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
@@ -189,7 +194,8 @@ struct Shape {
 }
 
 impl Shape {
-    /// An e4m3 `bshd` shape on the default path, without a target.
+    /// An e4m3 `bshd` shape on the default path (the key-major kernel under `--key-major`),
+    /// without a target.
     fn e4m3(batch: usize, context: usize, page_size: usize) -> Self {
         Shape {
             model: LLAMA3_8B,
@@ -198,7 +204,11 @@ impl Shape {
             page_size,
             policy: QuantPolicy::Fp8E4m3,
             target_us: None,
-            path: KernelPath::Auto,
+            path: if std::env::args().any(|a| a == "--key-major") {
+                KernelPath::TensorCoresKeyMajor
+            } else {
+                KernelPath::Auto
+            },
             kind: KvLayoutKind::Bshd,
             split: SplitChoice::Auto,
         }
@@ -220,6 +230,22 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     )
     .map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
+    // The key-major kernel covers what the tensor-core kernel does; other shapes (MLA) keep
+    // their default kernel under `--key-major`.
+    let group = m.heads / m.kv_heads;
+    let path = if s.path == KernelPath::TensorCoresKeyMajor
+        && !tensor_cores_apply_to(
+            cache_dtype,
+            Dtype::Bf16,
+            m.head_dim_k,
+            m.head_dim_v,
+            group,
+            1,
+        ) {
+        KernelPath::Auto
+    } else {
+        s.path
+    };
     let cache_bytes = layout.cache_bytes(s.policy);
     let copies = ROTATE_BYTES.div_ceil(cache_bytes).max(1);
     let scales = KvScales::new(0.05, 0.02).map_err(e)?;
@@ -252,7 +278,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
             &batch,
             &opts,
             s.split,
-            s.path,
+            path,
             &mut o,
         )
         .expect("decode");
@@ -279,10 +305,11 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         KvLayoutKind::Bshd => "",
         KvLayoutKind::Bhsd => " [bhsd]",
     };
-    let path = match s.path {
+    let path = match path {
         KernelPath::Auto => "",
         KernelPath::CudaCores => " [cuda cores]",
         KernelPath::TensorCores => " [tensor cores]",
+        KernelPath::TensorCoresKeyMajor => " [key-major]",
     };
     // The host's cost per call, where it is at least half the device time: near or above it,
     // the device time includes waits for the host.
@@ -395,10 +422,47 @@ fn main() {
         }
         return;
     }
+    if std::env::args().any(|a| a == "--ab") {
+        // The key-major tensor-core kernel against the default one, same shapes, same run.
+        let ab = |a: Shape| {
+            let b = Shape {
+                path: KernelPath::TensorCores,
+                ..a
+            };
+            let a = Shape {
+                path: KernelPath::TensorCoresKeyMajor,
+                ..b
+            };
+            bench_ratio(&client, copy, &a, &b, "key-major / tensor cores", "");
+        };
+        for (batch, context) in [(1, 32768), (32, 4096), (32, 32768), (128, 32768)] {
+            for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
+                ab(Shape {
+                    policy,
+                    ..Shape::e4m3(batch, context, 64)
+                });
+            }
+        }
+        for model in CATALOGUE {
+            let group = model.heads / model.kv_heads;
+            let (dk, dv) = (model.head_dim_k, model.head_dim_v);
+            if tensor_cores_apply_to(Dtype::E4m3, Dtype::Bf16, dk, dv, group, 1) {
+                ab(Shape {
+                    model,
+                    ..Shape::e4m3(32, 8192, 64)
+                });
+            }
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "--paths") {
         for (batch, context) in [(1, 32768), (32, 4096), (32, 32768)] {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
-                for path in [KernelPath::CudaCores, KernelPath::TensorCores] {
+                for path in [
+                    KernelPath::CudaCores,
+                    KernelPath::TensorCores,
+                    KernelPath::TensorCoresKeyMajor,
+                ] {
                     let shape = Shape {
                         policy,
                         path,

@@ -26,6 +26,7 @@ const U32: f64 = 1.0 / (1u64 << 24) as f64;
 const EXP_REL: f64 = 64.0 * U32;
 
 /// Everything one comparison needs.
+#[derive(Clone)]
 struct Run<'a> {
     case: &'a PagedCase,
     policy: QuantPolicy,
@@ -238,6 +239,7 @@ fn describe(run: &Run) -> String {
         KernelPath::Auto => "auto",
         KernelPath::CudaCores => "cuda cores",
         KernelPath::TensorCores => "tensor cores",
+        KernelPath::TensorCoresKeyMajor => "tensor cores, key-major",
     };
     if run.q_gain != 1.0 {
         opts.push(format!("q×2^{}", run.q_gain.log2()));
@@ -325,26 +327,32 @@ fn plain(case: &PagedCase, policy: QuantPolicy, cache_dtype: Dtype, act: Dtype) 
     }
 }
 
-/// Each run once per split kernel: the CUDA-core kernel always, the tensor-core kernel where
-/// it applies. `FP8KV_DECODE_TEST_PATHS=cuda` or `=tensor` keeps one of them (device time).
+/// Each run once per split kernel: the CUDA-core kernel always, the tensor-core kernel and its
+/// key-major variant where they apply. `FP8KV_DECODE_TEST_PATHS=cuda`, `=tensor` or
+/// `=key-major` keeps one of them (device time).
 fn both_paths(runs: Vec<Run<'_>>) -> Vec<Run<'_>> {
     let only = std::env::var("FP8KV_DECODE_TEST_PATHS").unwrap_or_default();
+    let keep = |name: &str| only.is_empty() || only == name;
     let mut out = Vec::new();
     for run in runs {
         let c = run.case;
         let group = c.num_heads / c.num_kv_heads;
         let max_q_len = c.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
         let (dk, dv) = (c.head_dim_k, c.head_dim_v);
-        if only != "cuda"
-            && tensor_cores_apply_to(run.cache_dtype, run.act, dk, dv, group, max_q_len)
-        {
-            out.push(Run {
-                path: KernelPath::TensorCores,
-                opts: run.opts.clone(),
-                ..run
-            });
+        if tensor_cores_apply_to(run.cache_dtype, run.act, dk, dv, group, max_q_len) {
+            for (name, path) in [
+                ("tensor", KernelPath::TensorCores),
+                ("key-major", KernelPath::TensorCoresKeyMajor),
+            ] {
+                if keep(name) {
+                    out.push(Run {
+                        path,
+                        ..run.clone()
+                    });
+                }
+            }
         }
-        if only != "tensor" {
+        if keep("cuda") {
             out.push(Run {
                 path: KernelPath::CudaCores,
                 ..run
@@ -665,12 +673,14 @@ fn gpu_decode_reports_the_default_kernel_path() {
     }
     let cases = decode_cases();
     let c = case(&cases, "mla_576_512");
-    let run = Run {
-        path: KernelPath::TensorCores,
-        ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
-    };
-    let err = run_one(&client, &run)
-        .err()
-        .expect("tensor cores do not apply to 576/512");
-    assert!(err.contains("does not apply"), "{err}");
+    for path in [KernelPath::TensorCores, KernelPath::TensorCoresKeyMajor] {
+        let run = Run {
+            path,
+            ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
+        };
+        let err = run_one(&client, &run)
+            .err()
+            .expect("tensor cores do not apply to 576/512");
+        assert!(err.contains("does not apply"), "{path:?}: {err}");
+    }
 }

@@ -121,6 +121,7 @@ pub(crate) fn mma_config(
         softcap: opts.softcap.is_some(),
         alibi: opts.alibi_slopes.is_some(),
         window: opts.window.is_some(),
+        key_major: false,
     })
 }
 
@@ -146,14 +147,21 @@ pub(crate) fn choose_mma<R: Runtime>(
     );
     match path {
         KernelPath::CudaCores => Ok(None),
-        KernelPath::TensorCores => candidate.map(Some).ok_or_else(|| {
-            Fp8KvError::InvalidOption(format!(
+        KernelPath::TensorCores | KernelPath::TensorCoresKeyMajor => candidate
+            .map(|c| {
+                Some(MmaConfig {
+                    key_major: path == KernelPath::TensorCoresKeyMajor,
+                    ..c
+                })
+            })
+            .ok_or_else(|| {
+                Fp8KvError::InvalidOption(format!(
                 "the tensor-core decode kernel does not apply to head dims {}/{} with a {} cache",
                 layout.head_dim_k(),
                 layout.head_dim_v(),
                 cache.dtype()
             ))
-        }),
+            }),
         KernelPath::Auto => {
             let supported = mma_supported(cache.client(), cache.dtype());
             Ok(candidate.filter(|_| MMA_BY_DEFAULT && supported))
@@ -505,6 +513,37 @@ mod tests {
         assert!(
             tensor_cores_apply(Dtype::E4m3, 128, 128) && tensor_cores_apply(Dtype::Bf16, 64, 64)
         );
+    }
+
+    #[test]
+    fn key_major_counts_the_cubes_its_registers_allow() {
+        let geom = |d: u32| CacheGeometry {
+            page_size: 64,
+            num_kv_heads: 8,
+            head_dim: d,
+            bhsd: false,
+        };
+        let opts = AttentionOptions::default();
+        let resident = |cache, act, d, rows, key_major| {
+            let c = mma_config(cache, act, geom(d), geom(d), 4, rows, &opts)
+                .expect("tensor cores apply");
+            MmaConfig { key_major, ..c }.resident_cubes()
+        };
+        // Llama-3-8B decode: 142 registers (3 cubes) against 128 key-major (4).
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, false), 3);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true), 4);
+        assert_eq!(resident(Dtype::E5m2, Dtype::F16, 64, 8, true), 4);
+        // Two-part queries and 16-bit caches: 166 key-major (3); two row tiles and d256: 2.
+        assert_eq!(resident(Dtype::E4m3, Dtype::F32, 128, 4, true), 3);
+        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, true), 3);
+        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, false), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 12, true), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 256, 4, true), 2);
+        // The planner turns the fourth cube into shorter splits at batch 1 × 32k (8 KV heads,
+        // 132 SMs): 64 of 512 tokens in one wave instead of 47 of 704.
+        let plan = |cubes| SplitPlan::new(8, 32768, 132, cubes);
+        assert_eq!(plan(3).split_tokens, 704);
+        assert_eq!((plan(4).num_splits, plan(4).split_tokens), (64, 512));
     }
 
     #[test]

@@ -29,6 +29,17 @@
 //!   `(gq, tq)` reads the `dv/8` contiguous elements at `gq·dv/8` of its four tokens `2tq,
 //!   2tq+1, 2tq+8, 2tq+9` (one 16-byte load each for dv = 128 FP8); each converted pair of a
 //!   token (dims `2mt, 2mt+1`) feeds both halves of m-tile `mt`'s A fragment.
+//! - With [`MmaConfig::key_major`] QK runs transposed too, `S^T = K·Q^T`: the block's 16 tokens
+//!   fill the M (lane `(gq, tq)`: tokens `gq`, `gq + 8`, the same K pieces as above, as `a0/a2`
+//!   and `a1/a3`) and each row tile's 8 query rows the N (Q's B fragment is the A fragment's
+//!   row-`gq` registers of the default layout, so no zero registers: 128 registers instead of
+//!   142 for FP8 at d128, and `rt · dk/16` QK MMAs per block instead of `2 · dk/16`). Lane
+//!   `(gq, tq)` then holds rows `2tq, 2tq + 1`: a row's max reduces over the 8 lanes of column
+//!   `tq`, and these are the rows of the lane's O^T columns, so the output rescale needs no
+//!   shuffle. The probabilities reach PV's B fragment by two shuffles per part and row tile,
+//!   with PV's k-slots `2tq, 2tq + 1, 2tq + 8, 2tq + 9` standing for tokens `tq, tq + 8,
+//!   tq + 4, tq + 12` (the V loads follow). `key_major_model` below checks this algebra on the
+//!   CPU with the PTX fragment layouts.
 //!
 //! FP8 → f16 is exact: every E4M3 and E5M2 value is an f16, and the conversion is the
 //! hardware's two-at-a-time `cvt.rn.f16x2.e4m3x2` / `e5m2x2` (sm_89 and later; CUDA's header
@@ -111,23 +122,32 @@ pub struct MmaConfig {
     pub alibi: bool,
     /// Sliding window on.
     pub window: bool,
+    /// QK transposed too, `S^T = K·Q^T` (see the module doc): keys fill the MMA's 16-row M
+    /// and each row tile's 8 query rows its N, so QK costs `rt · dk/16` MMAs per block instead
+    /// of `2 · dk/16`, and the query's B fragments need no zero registers
+    /// ([`super::KernelPath::TensorCoresKeyMajor`]).
+    pub key_major: bool,
 }
 
 impl MmaConfig {
     /// Cubes of this configuration resident on one SM, which the split planner counts on
-    /// (`cargo xtask codegen --ptx` reports the registers): an FP8 cache with head dim ≤ 128,
-    /// one row tile and a one-part query takes 142–144 registers, so three cubes of 128 threads
-    /// fit in a Hopper SM's 64 K registers; the others take up to 178 (head dim 256: 255), which
-    /// leaves room for two.
+    /// (`cargo xtask codegen --ptx` reports the registers; a Hopper SM has 64 K of them and
+    /// allocates 8 per thread at a time). With one row tile and head dims ≤ 128:
+    /// - the default layout, FP8 cache, one-part query: 142–146 registers, 3 cubes of 128
+    ///   threads;
+    /// - `key_major`, FP8 cache, one-part query: 128 registers, 4 cubes; FP8 with a two-part
+    ///   (f32) query, or a 16-bit cache with a one-part query: 166, 3 cubes.
+    ///
+    /// The others take up to 255 (two row tiles 213–231, head dim 256 255): 2 cubes.
     pub fn resident_cubes(&self) -> usize {
-        if self.bits != CacheBits::Half
-            && self.row_tiles == 1
-            && self.q_parts == 1
-            && self.k.head_dim <= 128
-        {
-            3
-        } else {
-            2
+        if self.row_tiles != 1 || self.k.head_dim > 128 {
+            return 2;
+        }
+        let fp8 = self.bits != CacheBits::Half;
+        match (self.key_major, fp8, self.q_parts) {
+            (true, true, 1) => 4,
+            (true, true, 2) | (true, false, 1) | (false, true, 1) => 3,
+            _ => 2,
         }
     }
 }
@@ -253,14 +273,23 @@ fn load_block<N: Size>(
     let page_stride = comptime![geom.page_stride() * es / vec_bytes];
     let slot_stride = comptime![geom.slot_stride() * es / vec_bytes];
     let head_stride = comptime![geom.head_stride() * es / vec_bytes];
+    // V with `key_major`: tokens tq, tq + 8, tq + 4, tq + 12 (the k-slots the exchanged P^T
+    // fragment stands for).
+    let km = comptime![v_side && cfg.key_major];
     let (lane_tok, lane_vec) = if comptime![v_side] {
-        (2 * tq, gq * vecs)
+        (if comptime![km] { tq } else { 2 * tq }, gq * vecs)
     } else {
         (gq, tq * vecs)
     };
     #[unroll]
     for i in 0..tokens {
-        let tok_off = comptime![if v_side { (i % 2) + 8 * (i / 2) } else { 8 * i }];
+        let tok_off = comptime![if km {
+            8 * (i % 2) + 4 * (i / 2)
+        } else if v_side {
+            (i % 2) + 8 * (i / 2)
+        } else {
+            8 * i
+        }];
         let t = t0 + lane_tok + tok_off;
         let base = page * page_stride + (t % page_size) * slot_stride + g * head_stride + lane_vec;
         load_piece(cache, regs, t, hi, base, comptime![i * vecs], vecs);
@@ -403,19 +432,25 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
     let (lo, hi) = (work.lo, work.hi);
 
-    // This lane's rows gq + 8x (x < row tiles): validity, position, ALiBi slope.
-    let mut row_ok = Array::<bool>::new(2usize);
-    let mut row_pos = Array::<u32>::new(2usize);
-    let mut row_slope = Array::<f32>::new(2usize);
+    // The rows whose scores this lane holds, by slot: row gq + 8x in slot x (x < row tiles),
+    // or with `key_major` rows 8x + 2tq + e in slot 2x + e. Validity, position, ALiBi slope.
+    let score_rows = comptime![if cfg.key_major { 2 * rt } else { rt }];
+    let mut row_ok = Array::<bool>::new(4usize);
+    let mut row_pos = Array::<u32>::new(4usize);
+    let mut row_slope = Array::<f32>::new(4usize);
     #[unroll]
-    for x in 0..rt {
-        let gr = row0 + gq + 8 * x;
-        row_ok[x as usize] = gr < rows_total;
-        row_pos[x as usize] = hist + gr / group;
-        row_slope[x as usize] = 0.0;
+    for i in 0..score_rows {
+        let gr = if comptime![cfg.key_major] {
+            row0 + comptime![8 * (i / 2) + i % 2] + 2 * tq
+        } else {
+            row0 + gq + comptime![8 * i]
+        };
+        row_ok[i as usize] = gr < rows_total;
+        row_pos[i as usize] = hist + gr / group;
+        row_slope[i as usize] = 0.0;
         if comptime![cfg.alibi] {
             if gr < rows_total {
-                row_slope[x as usize] = alibi[(g * group + gr % group) as usize];
+                row_slope[i as usize] = alibi[(g * group + gr % group) as usize];
             }
         }
     }
@@ -457,7 +492,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // puts the row's largest element in [2^14, 2^15), inside f16's range whatever the query's
     // magnitude; the scores take the inverse back exactly (both are powers of two).
     let mut q_scale = Array::<f32>::new(2usize);
-    let mut row_score_scale = Array::<f32>::new(2usize);
+    let mut row_score_scale = Array::<f32>::new(4usize);
     #[unroll]
     for x in 0..2u32 {
         q_scale[x as usize] = 1.0;
@@ -470,6 +505,23 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             let (scale, inverse) = pow2_row_scale(mx);
             q_scale[x as usize] = scale;
             row_score_scale[x as usize] = params.score_scale * inverse;
+        }
+    }
+    if comptime![cfg.key_major] {
+        // Slot 2x + e scores row 8x + 2tq + e, whose query quad is 2tq + e (every lane of a
+        // quad holds its rows' scale). Slots are filled from the top so that none is read
+        // after it is overwritten (slot 2x + e ≥ x).
+        #[unroll]
+        for i in 0..score_rows {
+            let slot = comptime![score_rows - 1 - i];
+            let x = comptime![slot / 2];
+            if comptime![cfg.q_scaled] {
+                let from = row_score_scale[x as usize];
+                row_score_scale[slot as usize] =
+                    plane_shuffle(from, 4 * (2 * tq + comptime![slot % 2]));
+            } else {
+                row_score_scale[slot as usize] = params.score_scale;
+            }
         }
     }
     let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
@@ -502,23 +554,33 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     for i in 0..m_tiles * rt * 2 {
         acc[i as usize] = Vector::new(0.0);
     }
-    // Running max of rows gq + 8x (quad-uniform) and this lane's part of their sums.
-    let mut m_run = Array::<f32>::new(2usize);
-    let mut d_run = Array::<f32>::new(2usize);
+    // Running max of the lane's score rows (uniform over the lanes sharing a row) and this
+    // lane's part of their sums, by score slot.
+    let mut m_run = Array::<f32>::new(4usize);
+    let mut d_run = Array::<f32>::new(4usize);
     #[unroll]
-    for x in 0..rt {
-        m_run[x as usize] = NO_SCORE;
-        d_run[x as usize] = 0.0;
+    for i in 0..score_rows {
+        m_run[i as usize] = NO_SCORE;
+        d_run[i as usize] = 0.0;
     }
     let mut kr = Array::<Vector<u32, Const<4>>>::new(comptime![(2 * k_vecs) as usize]);
     let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs) as usize]);
     let mut sc = Array::<f32>::new(8usize);
-    let mut row_alpha = Array::<f32>::new(2usize);
+    let mut row_alpha = Array::<f32>::new(4usize);
+    // `key_major`: the S^T C tiles of the row tiles, [row tile][2 registers].
+    let mut st = Array::<Vector<f32, Const<2>>>::new(4usize);
     let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
     let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
     let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
     // P as PV's B fragments, [row tile][part][2 registers].
     let mut pb = Array::<Vector<M, Const<2>>>::new(comptime![(rt * p_parts * 2) as usize]);
+    // `key_major`: a row tile's packed probabilities before the exchange, [e][part], and the
+    // exchange's lanes (see step 3).
+    let mut pw = Array::<Vector<M, Const<2>>>::new(comptime![(2 * p_parts) as usize]);
+    let low_lane = gq < 4;
+    let even_lane = (gq & 1u32) == 0u32;
+    let src_first = 4 * (tq + 4 * (gq % 2)) + gq / 2;
+    let src_second = 4 * (tq + 4 * (1 - gq % 2)) + gq / 2;
 
     // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
     // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
@@ -532,123 +594,267 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut next_page = block_page(meta, bt_base, t0 + stride, hi, page_size);
     while t0 < hi {
         let tn = t0 + stride;
-        // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
-        #[unroll]
-        for j in 0..2u32 {
-            c_tmp[0] = Vector::new(0.0);
-            c_tmp[1] = Vector::new(0.0);
+        if comptime![cfg.key_major] {
+            // (1) S^T = K·Q^T per row tile x: the block's tokens gq, gq + 8 as M, rows
+            // 8x + 0..7 as N. Each k-step's K fragment is converted once for every row tile.
+            #[unroll]
+            for i in 0..2 * rt {
+                st[i as usize] = Vector::new(0.0);
+            }
             #[unroll]
             for s in 0..k_steps {
-                // Head dims 4s .. 4s+3 of the lane's piece: pairs 2s and 2s + 1.
-                b_tmp[0] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
-                    &kr,
-                    comptime![j * k_vecs],
-                    comptime![2 * s],
-                    cfg.bits,
-                    4u32,
-                ));
-                b_tmp[1] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
-                    &kr,
-                    comptime![j * k_vecs],
-                    comptime![2 * s + 1],
-                    cfg.bits,
-                    4u32,
-                ));
+                // a0/a2: token gq, a1/a3: token gq + 8; a0/a1: head dims (+0, +1) of the
+                // step's four, a2/a3: (+2, +3), the dims the query's b0/b1 hold.
                 #[unroll]
-                for p in 0..q_parts {
+                for r in 0..4u32 {
+                    a_tmp[r as usize] =
+                        Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                            &kr,
+                            comptime![(r % 2) * k_vecs],
+                            comptime![2 * s + r / 2],
+                            cfg.bits,
+                            4u32,
+                        ));
+                }
+                #[unroll]
+                for x in 0..rt {
+                    c_tmp[0] = st[comptime![(2 * x) as usize]];
+                    c_tmp[1] = st[comptime![(2 * x + 1) as usize]];
                     #[unroll]
-                    for x in 0..4u32 {
-                        a_tmp[x as usize] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                    for p in 0..q_parts {
+                        // Q^T's B fragment of row tile x: Q's registers x and 2 + x (row
+                        // gq + 8x, dims (+0, +1) and (+2, +3)).
+                        b_tmp[0] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                        b_tmp[1] = qa[comptime![((p * k_steps + s) * 4 + 2 + x) as usize]];
+                        let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                        c_tmp[0] = d[0];
+                        c_tmp[1] = d[1];
                     }
-                    let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                    c_tmp[0] = d[0];
-                    c_tmp[1] = d[1];
+                    st[comptime![(2 * x) as usize]] = c_tmp[0];
+                    st[comptime![(2 * x + 1) as usize]] = c_tmp[1];
                 }
             }
+            // Register c of tile x: token gq + 8c, rows 8x + 2tq + e (slot 2x + e), kept in
+            // sc[4x + 2e + c].
             #[unroll]
             for x in 0..rt {
                 #[unroll]
-                for e in 0..2u32 {
-                    let t = t0 + 8 * j + 2 * tq + e;
-                    let pos = row_pos[x as usize];
-                    let mut s = c_tmp[x as usize][e as usize] * row_score_scale[x as usize];
-                    if comptime![cfg.softcap] {
-                        s = params.softcap * (s / params.softcap).tanh();
+                for c in 0..2u32 {
+                    #[unroll]
+                    for e in 0..2u32 {
+                        let slot = comptime![(2 * x + e) as usize];
+                        let t = t0 + gq + comptime![8 * c];
+                        let pos = row_pos[slot];
+                        let mut s =
+                            st[comptime![(2 * x + c) as usize]][e as usize] * row_score_scale[slot];
+                        if comptime![cfg.softcap] {
+                            s = params.softcap * (s / params.softcap).tanh();
+                        }
+                        if comptime![cfg.alibi] {
+                            s += row_slope[slot] * (f32::cast_from(t) - f32::cast_from(pos));
+                        }
+                        let mut visible = row_ok[slot] && t < hi && t <= pos;
+                        if comptime![cfg.window] {
+                            visible = visible && t + params.window > pos;
+                        }
+                        sc[comptime![(4 * x + 2 * e + c) as usize]] = select(visible, s, NO_SCORE);
                     }
-                    if comptime![cfg.alibi] {
-                        s += row_slope[x as usize] * (f32::cast_from(t) - f32::cast_from(pos));
-                    }
-                    let mut visible = row_ok[x as usize] && t < hi && t <= pos;
-                    if comptime![cfg.window] {
-                        visible = visible && t + params.window > pos;
-                    }
-                    sc[(x * 4 + j * 2 + e) as usize] = select(visible, s, NO_SCORE);
                 }
             }
-        }
-
-        load_block::<Const<4>>(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, false, cfg);
-
-        // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
-        let mut grew = false;
-        #[unroll]
-        for x in 0..rt {
-            let mut mx = sc[(x * 4) as usize];
-            #[unroll]
-            for i in 1..4u32 {
-                mx = mx.max(sc[(x * 4 + i) as usize]);
-            }
-            mx = mx.max(plane_shuffle_xor(mx, 1u32));
-            mx = mx.max(plane_shuffle_xor(mx, 2u32));
-            let m_old = m_run[x as usize];
-            let m_new = m_old.max(mx);
-            // Nothing visible yet: m = 0 keeps every p = exp(NO_SCORE) = 0 and alpha = 0.
-            let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
-            let alpha = (m_old - m_ref).exp();
-            let mut sum = 0.0f32;
-            #[unroll]
-            for i in 0..4u32 {
-                let p = (sc[(x * 4 + i) as usize] - m_ref).exp();
-                sum += p;
-                sc[(x * 4 + i) as usize] = p;
-            }
-            m_run[x as usize] = m_new;
-            d_run[x as usize] = d_run[x as usize] * alpha + sum;
-            row_alpha[x as usize] = alpha;
-            grew = grew || m_new > m_old;
-        }
-        // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
-        // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
-        // The lane's output rows 8x + 2tq + e have their alpha in quad 2tq + e.
-        if plane_any(grew) {
-            #[unroll]
-            for x in 0..rt {
-                let mut av = Vector::<f32, Const<2>>::new(0.0);
-                av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
-                av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
-                #[unroll]
-                for i in 0..m_tiles * 2 {
-                    let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
-                    acc[at as usize] = acc[at as usize] * av;
-                }
-            }
-        }
-
-        // (3) P^T as PV's B fragment of row tile x: b0 = tokens 2tq, 2tq + 1 of row gq + 8x
-        // (score tile 0's C register x), b1 = tokens 2tq + 8, 2tq + 9 (tile 1's), split into
-        // parts.
-        #[unroll]
-        for x in 0..rt {
+        } else {
+            // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
             #[unroll]
             for j in 0..2u32 {
+                c_tmp[0] = Vector::new(0.0);
+                c_tmp[1] = Vector::new(0.0);
                 #[unroll]
-                for e in 0..2u32 {
-                    let p = sc[comptime![(x * 4 + j * 2 + e) as usize]];
-                    split_parts::<M>(p, &mut pb, comptime![x * p_parts * 2 + j], 2u32, e, p_parts);
+                for s in 0..k_steps {
+                    // Head dims 4s .. 4s+3 of the lane's piece: pairs 2s and 2s + 1.
+                    b_tmp[0] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                        &kr,
+                        comptime![j * k_vecs],
+                        comptime![2 * s],
+                        cfg.bits,
+                        4u32,
+                    ));
+                    b_tmp[1] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                        &kr,
+                        comptime![j * k_vecs],
+                        comptime![2 * s + 1],
+                        cfg.bits,
+                        4u32,
+                    ));
+                    #[unroll]
+                    for p in 0..q_parts {
+                        #[unroll]
+                        for x in 0..4u32 {
+                            a_tmp[x as usize] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                        }
+                        let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                        c_tmp[0] = d[0];
+                        c_tmp[1] = d[1];
+                    }
+                }
+                #[unroll]
+                for x in 0..rt {
+                    #[unroll]
+                    for e in 0..2u32 {
+                        let t = t0 + 8 * j + 2 * tq + e;
+                        let pos = row_pos[x as usize];
+                        let mut s = c_tmp[x as usize][e as usize] * row_score_scale[x as usize];
+                        if comptime![cfg.softcap] {
+                            s = params.softcap * (s / params.softcap).tanh();
+                        }
+                        if comptime![cfg.alibi] {
+                            s += row_slope[x as usize] * (f32::cast_from(t) - f32::cast_from(pos));
+                        }
+                        let mut visible = row_ok[x as usize] && t < hi && t <= pos;
+                        if comptime![cfg.window] {
+                            visible = visible && t + params.window > pos;
+                        }
+                        sc[(x * 4 + j * 2 + e) as usize] = select(visible, s, NO_SCORE);
+                    }
                 }
             }
         }
+        load_block::<Const<4>>(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, false, cfg);
 
+        let mut grew = false;
+        if comptime![cfg.key_major] {
+            // (2) Online softmax per row; the 8 lanes of a tq column hold one row's 16 scores.
+            #[unroll]
+            for x in 0..rt {
+                #[unroll]
+                for e in 0..2u32 {
+                    let slot = comptime![(2 * x + e) as usize];
+                    let i0 = comptime![(4 * x + 2 * e) as usize];
+                    let mut mx = sc[i0].max(sc[i0 + 1]);
+                    mx = mx.max(plane_shuffle_xor(mx, 4u32));
+                    mx = mx.max(plane_shuffle_xor(mx, 8u32));
+                    mx = mx.max(plane_shuffle_xor(mx, 16u32));
+                    let m_old = m_run[slot];
+                    let m_new = m_old.max(mx);
+                    let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
+                    let alpha = (m_old - m_ref).exp();
+                    let p0 = (sc[i0] - m_ref).exp();
+                    let p1 = (sc[i0 + 1] - m_ref).exp();
+                    sc[i0] = p0;
+                    sc[i0 + 1] = p1;
+                    m_run[slot] = m_new;
+                    d_run[slot] = d_run[slot] * alpha + (p0 + p1);
+                    row_alpha[slot] = alpha;
+                    grew = grew || m_new > m_old;
+                }
+            }
+            // The lane's output rows 8x + 2tq + e are its own score rows: no shuffle.
+            if plane_any(grew) {
+                #[unroll]
+                for x in 0..rt {
+                    let mut av = Vector::<f32, Const<2>>::new(0.0);
+                    av[0] = row_alpha[comptime![(2 * x) as usize]];
+                    av[1] = row_alpha[comptime![(2 * x + 1) as usize]];
+                    #[unroll]
+                    for i in 0..m_tiles * 2 {
+                        let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
+                        acc[at as usize] = acc[at as usize] * av;
+                    }
+                }
+            }
+
+            // (3) P^T as PV's B fragment (k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9 stand for tokens
+            // tq, tq + 8, tq + 4, tq + 12; column gq for row 8x + gq). Each lane packs, per
+            // part, w_e = (token gq, token gq + 8) of its row 8x + 2tq + e; lane (gq, tq) needs
+            // w_(gq % 2) of lane (tq, gq / 2) as b0 and of lane (tq + 4, gq / 2) as b1. Two
+            // shuffles move both: lanes gq < 4 offer w_0 then w_1, lanes gq ≥ 4 w_1 then w_0,
+            // and an even gq reads b0 first, an odd one b1.
+            #[unroll]
+            for x in 0..rt {
+                #[unroll]
+                for e in 0..2u32 {
+                    #[unroll]
+                    for c in 0..2u32 {
+                        let p = sc[comptime![(4 * x + 2 * e + c) as usize]];
+                        split_parts::<M>(p, &mut pw, comptime![e * p_parts], 1u32, c, p_parts);
+                    }
+                }
+                #[unroll]
+                for i in 0..p_parts {
+                    let w0 = u32::reinterpret(pw[i as usize]);
+                    let w1 = u32::reinterpret(pw[comptime![(p_parts + i) as usize]]);
+                    let r1 = plane_shuffle(select(low_lane, w0, w1), src_first);
+                    let r2 = plane_shuffle(select(low_lane, w1, w0), src_second);
+                    let at = comptime![((x * p_parts + i) * 2) as usize];
+                    pb[at] = Vector::<M, Const<2>>::reinterpret(select(even_lane, r1, r2));
+                    pb[at + 1] = Vector::<M, Const<2>>::reinterpret(select(even_lane, r2, r1));
+                }
+            }
+        } else {
+            // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
+            #[unroll]
+            for x in 0..rt {
+                let mut mx = sc[(x * 4) as usize];
+                #[unroll]
+                for i in 1..4u32 {
+                    mx = mx.max(sc[(x * 4 + i) as usize]);
+                }
+                mx = mx.max(plane_shuffle_xor(mx, 1u32));
+                mx = mx.max(plane_shuffle_xor(mx, 2u32));
+                let m_old = m_run[x as usize];
+                let m_new = m_old.max(mx);
+                // Nothing visible yet: m = 0 keeps every p = exp(NO_SCORE) = 0 and alpha = 0.
+                let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
+                let alpha = (m_old - m_ref).exp();
+                let mut sum = 0.0f32;
+                #[unroll]
+                for i in 0..4u32 {
+                    let p = (sc[(x * 4 + i) as usize] - m_ref).exp();
+                    sum += p;
+                    sc[(x * 4 + i) as usize] = p;
+                }
+                m_run[x as usize] = m_new;
+                d_run[x as usize] = d_run[x as usize] * alpha + sum;
+                row_alpha[x as usize] = alpha;
+                grew = grew || m_new > m_old;
+            }
+            // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
+            // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
+            // The lane's output rows 8x + 2tq + e have their alpha in quad 2tq + e.
+            if plane_any(grew) {
+                #[unroll]
+                for x in 0..rt {
+                    let mut av = Vector::<f32, Const<2>>::new(0.0);
+                    av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
+                    av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
+                    #[unroll]
+                    for i in 0..m_tiles * 2 {
+                        let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
+                        acc[at as usize] = acc[at as usize] * av;
+                    }
+                }
+            }
+
+            // (3) P^T as PV's B fragment of row tile x: b0 = tokens 2tq, 2tq + 1 of row gq + 8x
+            // (score tile 0's C register x), b1 = tokens 2tq + 8, 2tq + 9 (tile 1's), split into
+            // parts.
+            #[unroll]
+            for x in 0..rt {
+                #[unroll]
+                for j in 0..2u32 {
+                    #[unroll]
+                    for e in 0..2u32 {
+                        let p = sc[comptime![(x * 4 + j * 2 + e) as usize]];
+                        split_parts::<M>(
+                            p,
+                            &mut pb,
+                            comptime![x * p_parts * 2 + j],
+                            2u32,
+                            e,
+                            p_parts,
+                        );
+                    }
+                }
+            }
+        }
         // (4) O^T += V^T·P^T: m-tile mt's A fragment is dims 2mt (rows gq) and 2mt + 1 (rows
         // gq + 8) of the lane's four V pieces, pieces (0, 1) in a0/a1 and (2, 3) in a2/a3 (the
         // tokens of k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9): the low and high halves of the
@@ -696,15 +902,31 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut d_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows) as usize]);
     let mut w_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows) as usize]);
     let mut o_s = SharedMemory::<f32>::new(comptime![(MMA_WARPS * rows * o_row) as usize]);
-    #[unroll]
-    for x in 0..rt {
-        let mut d = d_run[x as usize];
-        d += plane_shuffle_xor(d, 1u32);
-        d += plane_shuffle_xor(d, 2u32);
-        if tq == 0 {
-            let at = (warp * rows + gq + 8 * x) as usize;
-            m_s[at] = m_run[x as usize];
-            d_s[at] = d;
+    if comptime![cfg.key_major] {
+        // Slot 2x + e: row 8x + 2tq + e, its sum spread over the 8 lanes of column tq.
+        #[unroll]
+        for i in 0..score_rows {
+            let mut d = d_run[i as usize];
+            d += plane_shuffle_xor(d, 4u32);
+            d += plane_shuffle_xor(d, 8u32);
+            d += plane_shuffle_xor(d, 16u32);
+            if gq == 0 {
+                let at = (warp * rows + 2 * tq + comptime![8 * (i / 2) + i % 2]) as usize;
+                m_s[at] = m_run[i as usize];
+                d_s[at] = d;
+            }
+        }
+    } else {
+        #[unroll]
+        for x in 0..rt {
+            let mut d = d_run[x as usize];
+            d += plane_shuffle_xor(d, 1u32);
+            d += plane_shuffle_xor(d, 2u32);
+            if tq == 0 {
+                let at = (warp * rows + gq + 8 * x) as usize;
+                m_s[at] = m_run[x as usize];
+                d_s[at] = d;
+            }
         }
     }
     let region = warp * comptime![rows * o_row];
@@ -773,5 +995,163 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             ws_o[(((tok * params.num_heads + head) * num_splits + split) * dv + d) as usize] = val;
         }
         o += comptime![MMA_WARPS * PLANE_LANES];
+    }
+}
+
+/// A CPU model of one warp's key-major block step with the PTX `m16n8k16` fragment layouts
+/// (the ones the module doc quotes), built from the same lane formulas as the kernel: the K
+/// and query fragments, the score tile's rows, the two-shuffle exchange of the probabilities
+/// and the V tokens of the PV's k-slots. It checks the index algebra, not the generated code
+/// (the GPU suite runs that).
+#[cfg(test)]
+// Lane, register and element indices are the fragment layouts' own coordinates.
+#[allow(clippy::needless_range_loop)]
+mod key_major_model {
+    use crate::testing::Rng;
+
+    const DK: usize = 32;
+    const DV: usize = 32;
+
+    /// `D = A·B + C` of one `m16n8k16` from per-lane fragments, `frag[lane][register][element]`.
+    fn mma(a: &[[[f64; 2]; 4]; 32], b: &[[[f64; 2]; 2]; 32], c: &mut [[[f64; 2]; 2]; 32]) {
+        let mut am = [[0.0; 16]; 16];
+        let mut bm = [[0.0; 8]; 16];
+        for lane in 0..32 {
+            let (gq, tq) = (lane / 4, lane % 4);
+            for r in 0..4 {
+                for e in 0..2 {
+                    am[gq + 8 * (r % 2)][2 * tq + e + 8 * (r / 2)] = a[lane][r][e];
+                }
+            }
+            for r in 0..2 {
+                for e in 0..2 {
+                    bm[2 * tq + e + 8 * r][gq] = b[lane][r][e];
+                }
+            }
+        }
+        for lane in 0..32 {
+            let (gq, tq) = (lane / 4, lane % 4);
+            for r in 0..2 {
+                for e in 0..2 {
+                    let (m, n) = (gq + 8 * r, 2 * tq + e);
+                    c[lane][r][e] += (0..16).map(|k| am[m][k] * bm[k][n]).sum::<f64>();
+                }
+            }
+        }
+    }
+
+    /// The k-slot → token map of the PV (see step 3 of the kernel).
+    fn pv_token(slot: usize) -> usize {
+        let tq = (slot % 8) / 2;
+        [tq, tq + 8, tq + 4, tq + 12][(slot / 8) * 2 + slot % 2]
+    }
+
+    #[test]
+    fn one_block_matches_direct_attention() {
+        let mut rng = Rng::new(41);
+        let mut rand = || rng.uniform() * 2.0 - 1.0;
+        let k: Vec<[f64; DK]> = (0..16).map(|_| std::array::from_fn(|_| rand())).collect();
+        let v: Vec<[f64; DV]> = (0..16).map(|_| std::array::from_fn(|_| rand())).collect();
+        let q: Vec<[f64; DK]> = (0..8).map(|_| std::array::from_fn(|_| rand())).collect();
+
+        // S^T = K·Q^T over dk/16 k-steps: lane (gq, tq) holds dims tq·dk/4 + 4s + {0..3}.
+        let mut st = [[[0.0; 2]; 2]; 32];
+        for s in 0..DK / 16 {
+            let dim = |tq: usize, pair: usize, e: usize| tq * DK / 4 + 4 * s + 2 * pair + e;
+            let mut a = [[[0.0; 2]; 4]; 32];
+            let mut b = [[[0.0; 2]; 2]; 32];
+            for lane in 0..32 {
+                let (gq, tq) = (lane / 4, lane % 4);
+                for r in 0..4 {
+                    for e in 0..2 {
+                        a[lane][r][e] = k[gq + 8 * (r % 2)][dim(tq, r / 2, e)];
+                    }
+                }
+                for r in 0..2 {
+                    for e in 0..2 {
+                        b[lane][r][e] = q[gq][dim(tq, r, e)];
+                    }
+                }
+            }
+            mma(&a, &b, &mut st);
+        }
+        // Softmax of each row over the 16 tokens: register c of lane (gq, tq) is token
+        // gq + 8c of rows 2tq + e; a row's values live in the 8 lanes of its column tq.
+        let mut p = [[[0.0; 2]; 2]; 32];
+        let mut row_sum = [0.0; 8];
+        for row in 0..8 {
+            let (tq, e) = (row / 2, row % 2);
+            let lanes = (0..8).map(|gq| 4 * gq + tq);
+            let mx = lanes
+                .clone()
+                .flat_map(|l| [st[l][0][e], st[l][1][e]])
+                .fold(f64::NEG_INFINITY, f64::max);
+            for l in lanes {
+                for c in 0..2 {
+                    p[l][c][e] = (st[l][c][e] - mx).exp();
+                    row_sum[row] += p[l][c][e];
+                }
+            }
+        }
+        // The exchange, as the kernel writes it: w_e = (token gq, token gq + 8) of row 2tq + e.
+        let mut pb = [[[0.0; 2]; 2]; 32];
+        for lane in 0..32 {
+            let (gq, tq) = (lane / 4, lane % 4);
+            let offer = |src: usize, first: bool| {
+                let low = src / 4 < 4;
+                let e = usize::from(low != first);
+                [p[src][0][e], p[src][1][e]]
+            };
+            let src_first = 4 * (tq + 4 * (gq % 2)) + gq / 2;
+            let src_second = 4 * (tq + 4 * (1 - gq % 2)) + gq / 2;
+            let (r1, r2) = (offer(src_first, true), offer(src_second, false));
+            let even = gq % 2 == 0;
+            pb[lane][0] = if even { r1 } else { r2 };
+            pb[lane][1] = if even { r2 } else { r1 };
+            // It is the B fragment of P^T with k-slot k standing for token pv_token(k).
+            for r in 0..2 {
+                for e in 0..2 {
+                    let token = pv_token(2 * tq + e + 8 * r);
+                    let (src, c) = (4 * (token % 8) + gq / 2, token / 8);
+                    assert_eq!(pb[lane][r][e], p[src][c][gq % 2], "lane {lane} b{r}[{e}]");
+                }
+            }
+        }
+        // O^T = V^T·P^T per m-tile: lane (gq, tq) holds V dims gq·dv/8 + 2mt + {0, 1} of the
+        // tokens tq, tq + 8, tq + 4, tq + 12 (its pieces 0..3).
+        for mt in 0..DV / 16 {
+            let mut a = [[[0.0; 2]; 4]; 32];
+            let mut o = [[[0.0; 2]; 2]; 32];
+            for lane in 0..32 {
+                let (gq, tq) = (lane / 4, lane % 4);
+                let pieces = [tq, tq + 8, tq + 4, tq + 12];
+                for r in 0..4 {
+                    for e in 0..2 {
+                        a[lane][r][e] = v[pieces[2 * (r / 2) + e]][gq * DV / 8 + 2 * mt + r % 2];
+                    }
+                }
+            }
+            mma(&a, &pb, &mut o);
+            for lane in 0..32 {
+                let (gq, tq) = (lane / 4, lane % 4);
+                for r in 0..2 {
+                    for e in 0..2 {
+                        let (dim, row) = (gq * DV / 8 + 2 * mt + r, 2 * tq + e);
+                        let scores: Vec<f64> = (0..16)
+                            .map(|t| (0..DK).map(|d| q[row][d] * k[t][d]).sum())
+                            .collect();
+                        let mx = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                        let den: f64 = w.iter().sum();
+                        let want = (0..16).map(|t| w[t] * v[t][dim]).sum::<f64>() / den;
+                        let got = o[lane][r][e] / row_sum[row];
+                        assert!(
+                            (got - want).abs() < 1e-12,
+                            "dim {dim} row {row}: {got} {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

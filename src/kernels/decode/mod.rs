@@ -425,16 +425,18 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
         // The tensor-core kernel of the same sample, where it applies.
         if tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, heads / kv_heads, q_len as usize) {
-            paged_decode_path(
-                &q,
-                heads,
-                &cache,
-                &batch,
-                &opts,
-                SplitChoice::Auto,
-                KernelPath::TensorCores,
-                &mut out,
-            )?;
+            for path in [KernelPath::TensorCores, KernelPath::TensorCoresKeyMajor] {
+                paged_decode_path(
+                    &q,
+                    heads,
+                    &cache,
+                    &batch,
+                    &opts,
+                    SplitChoice::Auto,
+                    path,
+                    &mut out,
+                )?;
+            }
         }
     }
     Ok(())

@@ -31,6 +31,11 @@ pub enum KernelPath {
     /// The tensor-core kernel (`super::mma`); an error where it does not apply (see
     /// `launch::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
     TensorCores,
+    /// The tensor-core kernel with the QK transposed as well (`S^T = K·Q^T`, see
+    /// `super::mma::MmaConfig::key_major`), where [`KernelPath::TensorCores`] applies.
+    /// Experimental: written in a session without a GPU, so [`KernelPath::Auto`] does not pick
+    /// it until it has passed the GPU suite and beaten the default in the decode bench.
+    TensorCoresKeyMajor,
 }
 
 /// Whether [`KernelPath::Auto`] picks the tensor-core kernel where it applies. It passed the
