@@ -16,14 +16,15 @@
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one.
 //! `--key-major` runs every tensor-core shape of any mode on the experimental key-major kernel
-//! (`KernelPath::TensorCoresKeyMajor`) instead of the default path; `-- --bench --ab` compares
-//! the two tensor-core kernels shape by shape (the target shapes and the model catalogue).
+//! (`KernelPath::TensorCoresKeyMajor`, which includes the wide MLA kernel) instead of the
+//! default path; `-- --bench --ab` compares it with the default kernel shape by shape (the
+//! target shapes and the model catalogue).
 
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::{
-    paged_decode_path, tensor_cores_apply_to, AttentionOptions, KernelPath, SplitChoice,
+    key_major_applies_to, paged_decode_path, AttentionOptions, KernelPath, SplitChoice,
 };
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
@@ -234,7 +235,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     // their default kernel under `--key-major`.
     let group = m.heads / m.kv_heads;
     let path = if s.path == KernelPath::TensorCoresKeyMajor
-        && !tensor_cores_apply_to(
+        && !key_major_applies_to(
             cache_dtype,
             Dtype::Bf16,
             m.head_dim_k,
@@ -423,17 +424,18 @@ fn main() {
         return;
     }
     if std::env::args().any(|a| a == "--ab") {
-        // The key-major tensor-core kernel against the default one, same shapes, same run.
+        // The key-major kernel against the default one (the tensor-core kernel; CUDA cores for
+        // the MLA dims, where the key-major path runs the wide kernel), same shapes, same run.
         let ab = |a: Shape| {
             let b = Shape {
-                path: KernelPath::TensorCores,
+                path: KernelPath::Auto,
                 ..a
             };
             let a = Shape {
                 path: KernelPath::TensorCoresKeyMajor,
                 ..b
             };
-            bench_ratio(&client, copy, &a, &b, "key-major / tensor cores", "");
+            bench_ratio(&client, copy, &a, &b, "key-major / default", "");
         };
         for (batch, context) in [(1, 32768), (32, 4096), (32, 32768), (128, 32768)] {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
@@ -446,7 +448,7 @@ fn main() {
         for model in CATALOGUE {
             let group = model.heads / model.kv_heads;
             let (dk, dv) = (model.head_dim_k, model.head_dim_v);
-            if tensor_cores_apply_to(Dtype::E4m3, Dtype::Bf16, dk, dv, group, 1) {
+            if key_major_applies_to(Dtype::E4m3, Dtype::Bf16, dk, dv, group, 1) {
                 ab(Shape {
                     model,
                     ..Shape::e4m3(32, 8192, 64)

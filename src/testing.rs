@@ -255,6 +255,12 @@ pub fn decode_cases() -> Vec<PagedCase> {
             .heads(8, 4)
             .dims(256, 256)
             .page(32),
+        // MLA (DeepSeek-like: 16 heads on one latent KV head) over many 16-token blocks, a
+        // speculative pair and a sequence shorter than one block.
+        PagedCase::base("mla_long_context", &[(1, 1100), (2, 333), (1, 9)])
+            .heads(16, 1)
+            .dims(576, 512)
+            .page(32),
     ]);
     cases
 }

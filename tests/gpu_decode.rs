@@ -10,8 +10,8 @@ use cubecl::client::ComputeClient;
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::plan::TILE_TOKENS;
 use fp8kv::kernels::decode::{
-    auto_path, paged_decode, paged_decode_path, tensor_cores_apply_to, AttentionOptions,
-    KernelPath, SplitChoice,
+    auto_path, key_major_applies_to, paged_decode, paged_decode_path, tensor_cores_apply_to,
+    AttentionOptions, KernelPath, SplitChoice,
 };
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
@@ -339,17 +339,24 @@ fn both_paths(runs: Vec<Run<'_>>) -> Vec<Run<'_>> {
         let group = c.num_heads / c.num_kv_heads;
         let max_q_len = c.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
         let (dk, dv) = (c.head_dim_k, c.head_dim_v);
-        if tensor_cores_apply_to(run.cache_dtype, run.act, dk, dv, group, max_q_len) {
-            for (name, path) in [
-                ("tensor", KernelPath::TensorCores),
-                ("key-major", KernelPath::TensorCoresKeyMajor),
-            ] {
-                if keep(name) {
-                    out.push(Run {
-                        path,
-                        ..run.clone()
-                    });
-                }
+        let (act, cache) = (run.act, run.cache_dtype);
+        for (name, path, applies) in [
+            (
+                "tensor",
+                KernelPath::TensorCores,
+                tensor_cores_apply_to(cache, act, dk, dv, group, max_q_len),
+            ),
+            (
+                "key-major",
+                KernelPath::TensorCoresKeyMajor,
+                key_major_applies_to(cache, act, dk, dv, group, max_q_len),
+            ),
+        ] {
+            if applies && keep(name) {
+                out.push(Run {
+                    path,
+                    ..run.clone()
+                });
             }
         }
         if keep("cuda") {
@@ -403,6 +410,7 @@ fn gpu_decode_many_splits_merge_exactly() {
         "spec_decode_4_tokens",
         "empty_sequence",
         "gqa24_page16",
+        "mla_long_context",
     ] {
         for (policy, dt) in CACHES {
             runs.push(Run {
@@ -474,6 +482,7 @@ fn gpu_decode_options_with_fp8() {
         "long_context_2k",
         "gqa7_d80_page64",
         "empty_sequence",
+        "mla_long_context",
     ] {
         let c = case(&cases, name);
         let h = c.num_heads;
@@ -673,14 +682,21 @@ fn gpu_decode_reports_the_default_kernel_path() {
     }
     let cases = decode_cases();
     let c = case(&cases, "mla_576_512");
-    for path in [KernelPath::TensorCores, KernelPath::TensorCoresKeyMajor] {
-        let run = Run {
-            path,
-            ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
-        };
-        let err = run_one(&client, &run)
-            .err()
-            .expect("tensor cores do not apply to 576/512");
-        assert!(err.contains("does not apply"), "{path:?}: {err}");
-    }
+    let run = Run {
+        path: KernelPath::TensorCores,
+        ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
+    };
+    let err = run_one(&client, &run)
+        .err()
+        .expect("the default tensor-core kernel does not apply to 576/512");
+    assert!(err.contains("does not apply"), "{err}");
+    // The key-major path covers 576/512 with the wide kernel, but not with f32 queries.
+    let run = Run {
+        path: KernelPath::TensorCoresKeyMajor,
+        ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::F32)
+    };
+    let err = run_one(&client, &run)
+        .err()
+        .expect("no key-major kernel for f32 queries at 576/512");
+    assert!(err.contains("does not apply"), "{err}");
 }

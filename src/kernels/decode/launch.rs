@@ -15,6 +15,7 @@ use super::plan::{
     KernelPath, SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT, TARGET_CUBES_PER_SM,
     TILE_TOKENS,
 };
+use super::wide::{decode_split_wide_kernel, wide_dims};
 use super::{AttentionOptions, DecodeConfig, SplitChoice, MAX_ROWS_PER_CUBE};
 use crate::device::{storage_type, BatchOffsets, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -125,6 +126,58 @@ pub(crate) fn mma_config(
     })
 }
 
+/// The wide-head tensor-core configuration ([`super::wide`]) where that kernel applies, `None`
+/// elsewhere: K/V head dims that [`wide_dims`] accepts (MLA's 576/512), an FP8, f16 or bf16
+/// cache, and a query that converts to the MMA type in one part (f16/bf16; bf16 rows with the
+/// f16 MMA are scaled by a power of two as in the other kernel).
+pub(crate) fn wide_config(
+    cache: Dtype,
+    act: Dtype,
+    k: CacheGeometry,
+    v: CacheGeometry,
+    group: u32,
+    max_rows: usize,
+    opts: &AttentionOptions,
+) -> Option<MmaConfig> {
+    if !wide_dims(k.head_dim, v.head_dim) {
+        return None;
+    }
+    let (bits, mma_bf16) = match cache {
+        Dtype::E4m3 => (CacheBits::E4m3, false),
+        Dtype::E5m2 => (CacheBits::E5m2, false),
+        Dtype::F16 => (CacheBits::Half, false),
+        Dtype::Bf16 => (CacheBits::Half, true),
+        Dtype::F32 => return None,
+    };
+    let one_part = match act {
+        Dtype::Bf16 => true,
+        Dtype::F16 => !mma_bf16,
+        _ => false,
+    };
+    if !one_part {
+        return None;
+    }
+    Some(MmaConfig {
+        k,
+        v,
+        group,
+        bits,
+        v_words: 4,
+        row_tiles: if max_rows <= MMA_TILE_ROWS as usize {
+            1
+        } else {
+            2
+        },
+        q_parts: 1,
+        p_parts: if mma_bf16 { 3 } else { 2 },
+        q_scaled: !mma_bf16 && act != Dtype::F16,
+        softcap: opts.softcap.is_some(),
+        alibi: opts.alibi_slopes.is_some(),
+        window: opts.window.is_some(),
+        key_major: true,
+    })
+}
+
 /// The tensor-core configuration a launch uses, or `None` for the CUDA-core kernel.
 pub(crate) fn choose_mma<R: Runtime>(
     cache: &PagedKvCache<R>,
@@ -148,12 +201,27 @@ pub(crate) fn choose_mma<R: Runtime>(
     match path {
         KernelPath::CudaCores => Ok(None),
         KernelPath::TensorCores | KernelPath::TensorCoresKeyMajor => candidate
-            .map(|c| {
-                Some(MmaConfig {
-                    key_major: path == KernelPath::TensorCoresKeyMajor,
-                    ..c
-                })
+            .map(|c| MmaConfig {
+                key_major: path == KernelPath::TensorCoresKeyMajor,
+                ..c
             })
+            .or_else(|| {
+                // Wide heads (MLA) have only a key-major kernel.
+                (path == KernelPath::TensorCoresKeyMajor)
+                    .then(|| {
+                        wide_config(
+                            cache.dtype(),
+                            act,
+                            CacheGeometry::new(layout, KvSide::K),
+                            CacheGeometry::new(layout, KvSide::V),
+                            group as u32,
+                            group * max_q_len,
+                            opts,
+                        )
+                    })
+                    .flatten()
+            })
+            .map(Some)
             .ok_or_else(|| {
                 Fp8KvError::InvalidOption(format!(
                 "the tensor-core decode kernel does not apply to head dims {}/{} with a {} cache",
@@ -280,6 +348,16 @@ fn small_f32<R: Runtime>(
     }
 }
 
+/// The MMA operand type for a cache: bf16 for the bf16 cache, f16 otherwise (FP8 converts to
+/// f16 exactly).
+fn mma_type(cache: Dtype) -> Dtype {
+    if cache == Dtype::Bf16 {
+        Dtype::Bf16
+    } else {
+        Dtype::F16
+    }
+}
+
 /// Launches the split and combine kernels for validated input.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn launch_decode<R: Runtime>(
@@ -314,14 +392,18 @@ pub(crate) fn launch_decode<R: Runtime>(
     let group = num_heads / kv_heads;
     let (rows, row_blocks) = row_blocking_for(mma.as_ref(), meta.max_q_len() * group);
     let es = cache.dtype().size_bytes();
-    let cfg = config(
-        cache.dtype(),
-        CacheGeometry::new(&layout, KvSide::K),
-        CacheGeometry::new(&layout, KvSide::V),
-        group as u32,
-        rows as u32,
-        opts,
-    );
+    // The CUDA-core kernel's configuration, for its launch only (the rows of a tensor-core
+    // row block can exceed what it is laid out for).
+    let cuda_config = || {
+        config(
+            cache.dtype(),
+            CacheGeometry::new(&layout, KvSide::K),
+            CacheGeometry::new(&layout, KvSide::V),
+            group as u32,
+            rows as u32,
+            opts,
+        )
+    };
     let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
     let fp8 = cache.policy() != QuantPolicy::None;
     let sm_scale = opts.sm_scale.unwrap_or(1.0 / (dk as f32).sqrt());
@@ -369,12 +451,24 @@ pub(crate) fn launch_decode<R: Runtime>(
     // 16 (or 8) bytes: every lane piece it reads is a whole multiple of its vector and starts
     // at a multiple of it (rows start at multiples of the head dim; see `mma_config`).
     unsafe {
-        if let Some(mcfg) = mma {
-            let mma_type = if cache.dtype() == Dtype::Bf16 {
-                Dtype::Bf16
-            } else {
-                Dtype::F16
-            };
+        if let Some(mcfg) = mma.filter(|m| wide_dims(m.k.head_dim, m.v.head_dim)) {
+            decode_split_wide_kernel::launch_unchecked::<R>(
+                &client,
+                grid,
+                CubeDim::new_1d(MMA_WARPS * PLANE_LANES),
+                ArrayArg::from_raw_parts(q.handle().clone(), q.len_elems()),
+                ArrayArg::from_raw_parts(cache.k_handle().clone(), array_len(cache.k_handle(), 4)),
+                ArrayArg::from_raw_parts(cache.k_handle().clone(), array_len(cache.k_handle(), 4)),
+                ArrayArg::from_raw_parts(cache.v_handle().clone(), array_len(cache.v_handle(), 4)),
+                ArrayArg::from_raw_parts(batch.handle().clone(), meta_len),
+                ArrayArg::from_raw_parts(alibi, alibi_len),
+                ArrayArg::from_raw_parts(ws_o.clone(), ws.o_elems()),
+                ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
+                params,
+                mcfg,
+                [act, storage_type(mma_type(cache.dtype()))],
+            );
+        } else if let Some(mcfg) = mma {
             decode_split_mma_kernel::launch_unchecked::<R>(
                 &client,
                 grid,
@@ -389,9 +483,10 @@ pub(crate) fn launch_decode<R: Runtime>(
                 ArrayArg::from_raw_parts(ws_md.clone(), ws.md_elems()),
                 params,
                 mcfg,
-                [act, storage_type(mma_type)],
+                [act, storage_type(mma_type(cache.dtype()))],
             );
         } else {
+            let cfg = cuda_config();
             decode_split_kernel::launch_unchecked::<R>(
                 &client,
                 grid,
@@ -544,6 +639,89 @@ mod tests {
         let plan = |cubes| SplitPlan::new(8, 32768, 132, cubes);
         assert_eq!(plan(3).split_tokens, 704);
         assert_eq!((plan(4).num_splits, plan(4).split_tokens), (64, 512));
+    }
+
+    #[test]
+    fn wide_kernel_covers_mla_with_one_part_queries() {
+        use super::super::key_major_applies_to;
+        for cache in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
+            for group in [1, 8, 16, 128] {
+                assert!(key_major_applies_to(cache, Dtype::Bf16, 576, 512, group, 1));
+                assert!(key_major_applies_to(cache, Dtype::Bf16, 576, 512, group, 3));
+                assert!(!key_major_applies_to(cache, Dtype::F32, 576, 512, group, 1));
+            }
+            // Only the key-major path has it; the predicate of the default one is unchanged.
+            assert!(!super::super::tensor_cores_apply_to(
+                cache,
+                Dtype::Bf16,
+                576,
+                512,
+                16,
+                1
+            ));
+        }
+        assert!(key_major_applies_to(
+            Dtype::E4m3,
+            Dtype::F16,
+            576,
+            512,
+            16,
+            1
+        ));
+        assert!(!key_major_applies_to(
+            Dtype::Bf16,
+            Dtype::F16,
+            576,
+            512,
+            16,
+            1
+        ));
+        assert!(!key_major_applies_to(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            192,
+            128,
+            8,
+            1
+        ));
+        assert!(!key_major_applies_to(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            576,
+            512,
+            0,
+            1
+        ));
+        let geom = |d: u32| CacheGeometry {
+            page_size: 64,
+            num_kv_heads: 1,
+            head_dim: d,
+            bhsd: false,
+        };
+        let c = wide_config(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            geom(576),
+            geom(512),
+            16,
+            16,
+            &AttentionOptions::default(),
+        )
+        .expect("MLA");
+        // 240 registers (ptxas): two cubes per SM; 16 rows take two row tiles. Group 8: one
+        // row tile, 128 registers, four cubes.
+        assert_eq!((c.row_tiles, c.resident_cubes(), c.key_major), (2, 2, true));
+        let c8 = wide_config(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            geom(576),
+            geom(512),
+            8,
+            8,
+            &AttentionOptions::default(),
+        )
+        .expect("MLA, group 8");
+        assert_eq!((c8.row_tiles, c8.resident_cubes()), (1, 4));
     }
 
     #[test]

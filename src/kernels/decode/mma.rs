@@ -138,12 +138,21 @@ impl MmaConfig {
     /// - `key_major`, FP8 cache, one-part query: 128 registers, 4 cubes; FP8 with a two-part
     ///   (f32) query, or a 16-bit cache with a one-part query: 166, 3 cubes.
     ///
-    /// The others take up to 255 (two row tiles 213–231, head dim 256 255): 2 cubes.
+    /// The wide MLA kernel of [`super::wide`] with an FP8 cache and one row tile: 128, 4 cubes.
+    ///
+    /// The others take up to 255 (two row tiles 213–231, head dim 256 255, the wide kernel
+    /// 231–252): 2 cubes.
     pub fn resident_cubes(&self) -> usize {
-        if self.row_tiles != 1 || self.k.head_dim > 128 {
+        let fp8 = self.bits != CacheBits::Half;
+        if self.row_tiles != 1 {
             return 2;
         }
-        let fp8 = self.bits != CacheBits::Half;
+        if super::wide::wide_dims(self.k.head_dim, self.v.head_dim) {
+            return if fp8 { 4 } else { 2 };
+        }
+        if self.k.head_dim > 128 {
+            return 2;
+        }
         match (self.key_major, fp8, self.q_parts) {
             (true, true, 1) => 4,
             (true, true, 2) | (true, false, 1) | (false, true, 1) => 3,
@@ -156,7 +165,7 @@ impl MmaConfig {
 /// low 16 bits); `words` holds the piece as 32-bit words, `nw` (= `NW`) per vector. A 16-bit
 /// cache word is such a pair already; an FP8 pair is half a word, converted by [`fp8_pair()`].
 #[cube]
-fn piece_pair<M: Float, NW: Size>(
+pub fn piece_pair<M: Float, NW: Size>(
     words: &Array<Vector<u32, NW>>,
     #[comptime] base: u32,
     #[comptime] p: u32,
@@ -176,7 +185,7 @@ fn piece_pair<M: Float, NW: Size>(
 /// the low 16 bits), converted exactly by the hardware (`cvt.rn.f16x2.e4m3x2` / `e5m2x2` on
 /// sm_89 and later: every E4M3 and E5M2 value, subnormals included, is an f16).
 #[cube]
-fn fp8_pair<M: Float>(w: u32, #[comptime] h: u32, #[comptime] bits: CacheBits) -> u32 {
+pub fn fp8_pair<M: Float>(w: u32, #[comptime] h: u32, #[comptime] bits: CacheBits) -> u32 {
     // The half as a struct member (not a shift): ptxas then feeds the conversion the
     // register's high half directly (`F2FP … R.H1`), one SHF fewer per pair.
     let w16 = Vector::<u16, Const<2>>::reinterpret(w)[h as usize];
@@ -207,7 +216,7 @@ fn interleave_halves(a: u32, b: u32, #[comptime] h: u32) -> u32 {
 /// inverse, both normal f32 values: the biased exponent is clamped to `[1, 253]`, so a zero or
 /// tiny `mx` (below 2^-112) gets 2^126 and an infinite or NaN one stays non-finite.
 #[cube]
-fn pow2_row_scale(mx: f32) -> (f32, f32) {
+pub fn pow2_row_scale(mx: f32) -> (f32, f32) {
     let biased = (u32::reinterpret(mx) >> 23u32) & 0xFFu32;
     // 127 + 14 − (biased − 127), clamped; biased ≤ 255, so no underflow.
     let mut e = 268u32 - biased;
@@ -222,7 +231,7 @@ fn pow2_row_scale(mx: f32) -> (f32, f32) {
 /// Splits `x` into `parts` values of the MMA type whose sum approximates `x` to
 /// `parts × (mantissa bits)`, written to `out[at + i·stride]`, element `lane` of each vector.
 #[cube]
-fn split_parts<M: Float>(
+pub fn split_parts<M: Float>(
     x: f32,
     out: &mut Array<Vector<M, Const<2>>>,
     at: u32,
@@ -299,7 +308,7 @@ fn load_block<N: Size>(
 /// Loads `count` vectors of one token's piece at `base` into `regs[at..]`, or zeros when the
 /// token `t` is at or past `hi` (its address is then never read).
 #[cube]
-fn load_piece<N: Size>(
+pub fn load_piece<N: Size>(
     cache: &Array<Vector<u32, N>>,
     regs: &mut Array<Vector<u32, N>>,
     t: u32,
@@ -323,7 +332,7 @@ fn load_piece<N: Size>(
 /// The page holding the 16-token block at `t0`, or 0 (never read) when the block starts at or
 /// past `hi`.
 #[cube]
-fn block_page(
+pub fn block_page(
     meta: &Array<i32>,
     bt_base: u32,
     t0: u32,
@@ -364,6 +373,213 @@ fn warps_max(
 #[cube]
 fn merge_col(gq: u32, k: u32) -> u32 {
     8 * k + ((gq + 2 * (k / 4)) % 8)
+}
+
+/// The lanes of the key-major probability exchange ([`km_softmax_exchange()`]): whether the
+/// lane's `gq` is below 4 and even, and the lanes its two shuffles read.
+#[derive(CubeType, Clone)]
+pub struct ExchangeLanes {
+    low: bool,
+    even: bool,
+    first: u32,
+    second: u32,
+}
+
+/// [`ExchangeLanes`] of lane `(gq, tq)`.
+#[cube]
+pub fn exchange_lanes(gq: u32, tq: u32) -> ExchangeLanes {
+    ExchangeLanes {
+        low: gq < 4,
+        even: (gq & 1u32) == 0u32,
+        first: 4 * (tq + 4 * (gq % 2)) + gq / 2,
+        second: 4 * (tq + 4 * (1 - gq % 2)) + gq / 2,
+    }
+}
+
+/// Key-major scores of one 16-token block from the S^T tiles `st` (`[row tile][2]`): scale,
+/// softcap, ALiBi and the mask per score slot (see the kernel's row slots), into `sc`
+/// (`sc[4x + 2e + c]` = token `t_lane + 8c`, row `8x + 2tq + e`; `t_lane` = block start + gq).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn km_scores(
+    st: &Array<Vector<f32, Const<2>>>,
+    sc: &mut Array<f32>,
+    row_score_scale: &Array<f32>,
+    row_ok: &Array<bool>,
+    row_pos: &Array<u32>,
+    row_slope: &Array<f32>,
+    t_lane: u32,
+    hi: u32,
+    params: &SplitParams,
+    #[comptime] cfg: MmaConfig,
+) {
+    let rt = comptime![cfg.row_tiles];
+    // Register c of tile x: token gq + 8c, rows 8x + 2tq + e (slot 2x + e), kept in
+    // sc[4x + 2e + c].
+    #[unroll]
+    for x in 0..rt {
+        #[unroll]
+        for c in 0..2u32 {
+            #[unroll]
+            for e in 0..2u32 {
+                let slot = comptime![(2 * x + e) as usize];
+                let t = t_lane + comptime![8 * c];
+                let pos = row_pos[slot];
+                let mut s = st[comptime![(2 * x + c) as usize]][e as usize] * row_score_scale[slot];
+                if comptime![cfg.softcap] {
+                    s = params.softcap * (s / params.softcap).tanh();
+                }
+                if comptime![cfg.alibi] {
+                    s += row_slope[slot] * (f32::cast_from(t) - f32::cast_from(pos));
+                }
+                let mut visible = row_ok[slot] && t < hi && t <= pos;
+                if comptime![cfg.window] {
+                    visible = visible && t + params.window > pos;
+                }
+                sc[comptime![(4 * x + 2 * e + c) as usize]] = select(visible, s, NO_SCORE);
+            }
+        }
+    }
+}
+
+/// Key-major online softmax of one block's scores `sc` (rows by slot, the 8 lanes of column
+/// `tq` holding a row's 16 tokens), the output rescale, and the probabilities as PV's B
+/// fragments `pb` (`[row tile][part][2]`) through the two-shuffle exchange.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn km_softmax_exchange<M: Float>(
+    sc: &mut Array<f32>,
+    m_run: &mut Array<f32>,
+    d_run: &mut Array<f32>,
+    row_alpha: &mut Array<f32>,
+    acc: &mut Array<Vector<f32, Const<2>>>,
+    pw: &mut Array<Vector<M, Const<2>>>,
+    pb: &mut Array<Vector<M, Const<2>>>,
+    lanes: &ExchangeLanes,
+    #[comptime] rt: u32,
+    #[comptime] m_tiles: u32,
+    #[comptime] p_parts: u32,
+) {
+    let mut grew = false;
+    // (2) Online softmax per row; the 8 lanes of a tq column hold one row's 16 scores.
+    #[unroll]
+    for x in 0..rt {
+        #[unroll]
+        for e in 0..2u32 {
+            let slot = comptime![(2 * x + e) as usize];
+            let i0 = comptime![(4 * x + 2 * e) as usize];
+            let mut mx = sc[i0].max(sc[i0 + 1]);
+            mx = mx.max(plane_shuffle_xor(mx, 4u32));
+            mx = mx.max(plane_shuffle_xor(mx, 8u32));
+            mx = mx.max(plane_shuffle_xor(mx, 16u32));
+            let m_old = m_run[slot];
+            let m_new = m_old.max(mx);
+            let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
+            let alpha = (m_old - m_ref).exp();
+            let p0 = (sc[i0] - m_ref).exp();
+            let p1 = (sc[i0 + 1] - m_ref).exp();
+            sc[i0] = p0;
+            sc[i0 + 1] = p1;
+            m_run[slot] = m_new;
+            d_run[slot] = d_run[slot] * alpha + (p0 + p1);
+            row_alpha[slot] = alpha;
+            grew = grew || m_new > m_old;
+        }
+    }
+    // The lane's output rows 8x + 2tq + e are its own score rows: no shuffle.
+    if plane_any(grew) {
+        #[unroll]
+        for x in 0..rt {
+            let mut av = Vector::<f32, Const<2>>::new(0.0);
+            av[0] = row_alpha[comptime![(2 * x) as usize]];
+            av[1] = row_alpha[comptime![(2 * x + 1) as usize]];
+            #[unroll]
+            for i in 0..m_tiles * 2 {
+                let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
+                acc[at as usize] = acc[at as usize] * av;
+            }
+        }
+    }
+
+    // (3) P^T as PV's B fragment (k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9 stand for tokens
+    // tq, tq + 8, tq + 4, tq + 12; column gq for row 8x + gq). Each lane packs, per
+    // part, w_e = (token gq, token gq + 8) of its row 8x + 2tq + e; lane (gq, tq) needs
+    // w_(gq % 2) of lane (tq, gq / 2) as b0 and of lane (tq + 4, gq / 2) as b1. Two
+    // shuffles move both: lanes gq < 4 offer w_0 then w_1, lanes gq ≥ 4 w_1 then w_0,
+    // and an even gq reads b0 first, an odd one b1.
+    #[unroll]
+    for x in 0..rt {
+        #[unroll]
+        for e in 0..2u32 {
+            #[unroll]
+            for c in 0..2u32 {
+                let p = sc[comptime![(4 * x + 2 * e + c) as usize]];
+                split_parts::<M>(p, pw, comptime![e * p_parts], 1u32, c, p_parts);
+            }
+        }
+        #[unroll]
+        for i in 0..p_parts {
+            let w0 = u32::reinterpret(pw[i as usize]);
+            let w1 = u32::reinterpret(pw[comptime![(p_parts + i) as usize]]);
+            let r1 = plane_shuffle(select(lanes.low, w0, w1), lanes.first);
+            let r2 = plane_shuffle(select(lanes.low, w1, w0), lanes.second);
+            let at = comptime![((x * p_parts + i) * 2) as usize];
+            pb[at] = Vector::<M, Const<2>>::reinterpret(select(lanes.even, r1, r2));
+            pb[at + 1] = Vector::<M, Const<2>>::reinterpret(select(lanes.even, r2, r1));
+        }
+    }
+}
+
+/// `O^T += V^T·P^T` for one 16-token block: m-tile mt's A fragment is dims 2mt (rows gq) and
+/// 2mt + 1 (rows gq + 8) of the lane's four V pieces in `vr` (`v_vecs` vectors of `nv` words
+/// each), pieces (0, 1) in a0/a1 and (2, 3) in a2/a3 (the tokens of k-slots 2tq, 2tq + 1,
+/// 2tq + 8, 2tq + 9): the low and high halves of the pieces' converted pairs mt,
+/// interleaved. `acc` is `[m-tile][row tile][2]`, `pb` `[row tile][part][2]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn pv_mma<M: Float, NV: Size>(
+    acc: &mut Array<Vector<f32, Const<2>>>,
+    vr: &Array<Vector<u32, NV>>,
+    pb: &Array<Vector<M, Const<2>>>,
+    #[comptime] v_vecs: u32,
+    #[comptime] rt: u32,
+    #[comptime] p_parts: u32,
+    #[comptime] m_tiles: u32,
+    #[comptime] bits: CacheBits,
+    #[comptime] nv: u32,
+) {
+    let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
+    let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
+    let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
+    let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
+    #[unroll]
+    for mt in 0..m_tiles {
+        #[unroll]
+        for half in 0..2u32 {
+            let a = piece_pair::<M, NV>(vr, comptime![2 * half * v_vecs], mt, bits, nv);
+            let b = piece_pair::<M, NV>(vr, comptime![(2 * half + 1) * v_vecs], mt, bits, nv);
+            a_tmp[comptime![(2 * half) as usize]] =
+                Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 0u32));
+            a_tmp[comptime![(2 * half + 1) as usize]] =
+                Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 1u32));
+        }
+        #[unroll]
+        for x in 0..rt {
+            let at = comptime![(mt * rt + x) * 2];
+            c_tmp[0] = acc[at as usize];
+            c_tmp[1] = acc[(at + 1) as usize];
+            #[unroll]
+            for p in 0..p_parts {
+                b_tmp[0] = pb[comptime![((x * p_parts + p) * 2) as usize]];
+                b_tmp[1] = pb[comptime![((x * p_parts + p) * 2 + 1) as usize]];
+                let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                c_tmp[0] = d[0];
+                c_tmp[1] = d[1];
+            }
+            acc[at as usize] = c_tmp[0];
+            acc[(at + 1) as usize] = c_tmp[1];
+        }
+    }
 }
 
 /// Tensor-core split kernel: the partial attention state of 8 or 16 query rows
@@ -577,10 +793,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // `key_major`: a row tile's packed probabilities before the exchange, [e][part], and the
     // exchange's lanes (see step 3).
     let mut pw = Array::<Vector<M, Const<2>>>::new(comptime![(2 * p_parts) as usize]);
-    let low_lane = gq < 4;
-    let even_lane = (gq & 1u32) == 0u32;
-    let src_first = 4 * (tq + 4 * (gq % 2)) + gq / 2;
-    let src_second = 4 * (tq + 4 * (1 - gq % 2)) + gq / 2;
+    let lanes = exchange_lanes(gq, tq);
 
     // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
     // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
@@ -634,33 +847,18 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                     st[comptime![(2 * x + 1) as usize]] = c_tmp[1];
                 }
             }
-            // Register c of tile x: token gq + 8c, rows 8x + 2tq + e (slot 2x + e), kept in
-            // sc[4x + 2e + c].
-            #[unroll]
-            for x in 0..rt {
-                #[unroll]
-                for c in 0..2u32 {
-                    #[unroll]
-                    for e in 0..2u32 {
-                        let slot = comptime![(2 * x + e) as usize];
-                        let t = t0 + gq + comptime![8 * c];
-                        let pos = row_pos[slot];
-                        let mut s =
-                            st[comptime![(2 * x + c) as usize]][e as usize] * row_score_scale[slot];
-                        if comptime![cfg.softcap] {
-                            s = params.softcap * (s / params.softcap).tanh();
-                        }
-                        if comptime![cfg.alibi] {
-                            s += row_slope[slot] * (f32::cast_from(t) - f32::cast_from(pos));
-                        }
-                        let mut visible = row_ok[slot] && t < hi && t <= pos;
-                        if comptime![cfg.window] {
-                            visible = visible && t + params.window > pos;
-                        }
-                        sc[comptime![(4 * x + 2 * e + c) as usize]] = select(visible, s, NO_SCORE);
-                    }
-                }
-            }
+            km_scores(
+                &st,
+                &mut sc,
+                &row_score_scale,
+                &row_ok,
+                &row_pos,
+                &row_slope,
+                t0 + gq,
+                hi,
+                &params,
+                cfg,
+            );
         } else {
             // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
             #[unroll]
@@ -719,76 +917,22 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         }
         load_block::<Const<4>>(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, false, cfg);
 
-        let mut grew = false;
         if comptime![cfg.key_major] {
-            // (2) Online softmax per row; the 8 lanes of a tq column hold one row's 16 scores.
-            #[unroll]
-            for x in 0..rt {
-                #[unroll]
-                for e in 0..2u32 {
-                    let slot = comptime![(2 * x + e) as usize];
-                    let i0 = comptime![(4 * x + 2 * e) as usize];
-                    let mut mx = sc[i0].max(sc[i0 + 1]);
-                    mx = mx.max(plane_shuffle_xor(mx, 4u32));
-                    mx = mx.max(plane_shuffle_xor(mx, 8u32));
-                    mx = mx.max(plane_shuffle_xor(mx, 16u32));
-                    let m_old = m_run[slot];
-                    let m_new = m_old.max(mx);
-                    let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
-                    let alpha = (m_old - m_ref).exp();
-                    let p0 = (sc[i0] - m_ref).exp();
-                    let p1 = (sc[i0 + 1] - m_ref).exp();
-                    sc[i0] = p0;
-                    sc[i0 + 1] = p1;
-                    m_run[slot] = m_new;
-                    d_run[slot] = d_run[slot] * alpha + (p0 + p1);
-                    row_alpha[slot] = alpha;
-                    grew = grew || m_new > m_old;
-                }
-            }
-            // The lane's output rows 8x + 2tq + e are its own score rows: no shuffle.
-            if plane_any(grew) {
-                #[unroll]
-                for x in 0..rt {
-                    let mut av = Vector::<f32, Const<2>>::new(0.0);
-                    av[0] = row_alpha[comptime![(2 * x) as usize]];
-                    av[1] = row_alpha[comptime![(2 * x + 1) as usize]];
-                    #[unroll]
-                    for i in 0..m_tiles * 2 {
-                        let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
-                        acc[at as usize] = acc[at as usize] * av;
-                    }
-                }
-            }
-
-            // (3) P^T as PV's B fragment (k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9 stand for tokens
-            // tq, tq + 8, tq + 4, tq + 12; column gq for row 8x + gq). Each lane packs, per
-            // part, w_e = (token gq, token gq + 8) of its row 8x + 2tq + e; lane (gq, tq) needs
-            // w_(gq % 2) of lane (tq, gq / 2) as b0 and of lane (tq + 4, gq / 2) as b1. Two
-            // shuffles move both: lanes gq < 4 offer w_0 then w_1, lanes gq ≥ 4 w_1 then w_0,
-            // and an even gq reads b0 first, an odd one b1.
-            #[unroll]
-            for x in 0..rt {
-                #[unroll]
-                for e in 0..2u32 {
-                    #[unroll]
-                    for c in 0..2u32 {
-                        let p = sc[comptime![(4 * x + 2 * e + c) as usize]];
-                        split_parts::<M>(p, &mut pw, comptime![e * p_parts], 1u32, c, p_parts);
-                    }
-                }
-                #[unroll]
-                for i in 0..p_parts {
-                    let w0 = u32::reinterpret(pw[i as usize]);
-                    let w1 = u32::reinterpret(pw[comptime![(p_parts + i) as usize]]);
-                    let r1 = plane_shuffle(select(low_lane, w0, w1), src_first);
-                    let r2 = plane_shuffle(select(low_lane, w1, w0), src_second);
-                    let at = comptime![((x * p_parts + i) * 2) as usize];
-                    pb[at] = Vector::<M, Const<2>>::reinterpret(select(even_lane, r1, r2));
-                    pb[at + 1] = Vector::<M, Const<2>>::reinterpret(select(even_lane, r2, r1));
-                }
-            }
+            km_softmax_exchange::<M>(
+                &mut sc,
+                &mut m_run,
+                &mut d_run,
+                &mut row_alpha,
+                &mut acc,
+                &mut pw,
+                &mut pb,
+                &lanes,
+                rt,
+                m_tiles,
+                p_parts,
+            );
         } else {
+            let mut grew = false;
             // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
             #[unroll]
             for x in 0..rt {
@@ -855,39 +999,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                 }
             }
         }
-        // (4) O^T += V^T·P^T: m-tile mt's A fragment is dims 2mt (rows gq) and 2mt + 1 (rows
-        // gq + 8) of the lane's four V pieces, pieces (0, 1) in a0/a1 and (2, 3) in a2/a3 (the
-        // tokens of k-slots 2tq, 2tq + 1, 2tq + 8, 2tq + 9): the low and high halves of the
-        // pieces' converted pairs mt, interleaved.
-        #[unroll]
-        for mt in 0..m_tiles {
-            #[unroll]
-            for half in 0..2u32 {
-                let a = piece_pair::<M, NV>(&vr, comptime![2 * half * v_vecs], mt, cfg.bits, nv);
-                let b =
-                    piece_pair::<M, NV>(&vr, comptime![(2 * half + 1) * v_vecs], mt, cfg.bits, nv);
-                a_tmp[comptime![(2 * half) as usize]] =
-                    Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 0u32));
-                a_tmp[comptime![(2 * half + 1) as usize]] =
-                    Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 1u32));
-            }
-            #[unroll]
-            for x in 0..rt {
-                let at = comptime![(mt * rt + x) * 2];
-                c_tmp[0] = acc[at as usize];
-                c_tmp[1] = acc[(at + 1) as usize];
-                #[unroll]
-                for p in 0..p_parts {
-                    b_tmp[0] = pb[comptime![((x * p_parts + p) * 2) as usize]];
-                    b_tmp[1] = pb[comptime![((x * p_parts + p) * 2 + 1) as usize]];
-                    let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                    c_tmp[0] = d[0];
-                    c_tmp[1] = d[1];
-                }
-                acc[at as usize] = c_tmp[0];
-                acc[(at + 1) as usize] = c_tmp[1];
-            }
-        }
+        // (4) O^T += V^T·P^T.
+        pv_mma::<M, NV>(
+            &mut acc, &vr, &pb, v_vecs, rt, p_parts, m_tiles, cfg.bits, nv,
+        );
         load_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, true, cfg);
         next_page = block_page(meta, bt_base, tn + stride, hi, page_size);
         t0 = tn;
@@ -1153,5 +1268,82 @@ mod key_major_model {
                 }
             }
         }
+    }
+
+    /// The wide kernel's split of MLA's 576 K dims over 4 warps (8 body k-steps of 32
+    /// contiguous dims per lane, then one tail k-step of 4 dims per lane), each warp's partial
+    /// S^T added in warp order, against the direct scores; and its V slices (warp w, lane gq:
+    /// dims `128w + 16gq + 2mt + h`) cover the 512 V dims once.
+    #[test]
+    fn wide_dim_split_sums_to_the_scores() {
+        use super::super::wide::WIDE_BODY_DIMS;
+        const WK: usize = 576;
+        let (warps, dkw, body) = (4, WK / 4, WIDE_BODY_DIMS as usize);
+        let mut rng = Rng::new(43);
+        let mut rand = || rng.uniform() * 2.0 - 1.0;
+        let k: Vec<Vec<f64>> = (0..16).map(|_| (0..WK).map(|_| rand()).collect()).collect();
+        let q: Vec<Vec<f64>> = (0..8).map(|_| (0..WK).map(|_| rand()).collect()).collect();
+        let mut total = [[[0.0; 2]; 2]; 32];
+        for w in 0..warps {
+            let mut part = [[[0.0; 2]; 2]; 32];
+            for s in 0..dkw / 16 {
+                let dim = |tq: usize, pair: usize, e: usize| {
+                    let step = if s < body / 16 {
+                        tq * 32 + 4 * s
+                    } else {
+                        body + 16 * (s - body / 16) + 4 * tq
+                    };
+                    w * dkw + step + 2 * pair + e
+                };
+                let mut a = [[[0.0; 2]; 4]; 32];
+                let mut b = [[[0.0; 2]; 2]; 32];
+                for lane in 0..32 {
+                    let (gq, tq) = (lane / 4, lane % 4);
+                    for r in 0..4 {
+                        for e in 0..2 {
+                            a[lane][r][e] = k[gq + 8 * (r % 2)][dim(tq, r / 2, e)];
+                        }
+                    }
+                    for r in 0..2 {
+                        for e in 0..2 {
+                            b[lane][r][e] = q[gq][dim(tq, r, e)];
+                        }
+                    }
+                }
+                mma(&a, &b, &mut part);
+            }
+            for lane in 0..32 {
+                for c in 0..2 {
+                    for e in 0..2 {
+                        total[lane][c][e] += part[lane][c][e];
+                    }
+                }
+            }
+        }
+        for lane in 0..32 {
+            let (gq, tq) = (lane / 4, lane % 4);
+            for c in 0..2 {
+                for e in 0..2 {
+                    let (t, row) = (gq + 8 * c, 2 * tq + e);
+                    let want: f64 = (0..WK).map(|d| q[row][d] * k[t][d]).sum();
+                    let got = total[lane][c][e];
+                    assert!(
+                        (got - want).abs() < 1e-12,
+                        "token {t} row {row}: {got} {want}"
+                    );
+                }
+            }
+        }
+        let mut seen = vec![0; 512];
+        for w in 0..warps {
+            for gq in 0..8 {
+                for mt in 0..8 {
+                    for h in 0..2 {
+                        seen[128 * w + 16 * gq + 2 * mt + h] += 1;
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1));
     }
 }

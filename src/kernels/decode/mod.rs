@@ -20,6 +20,8 @@ mod launch;
 #[allow(missing_docs)]
 pub mod mma;
 pub mod plan;
+#[allow(missing_docs)]
+pub mod wide;
 
 use cubecl::Runtime;
 
@@ -228,6 +230,13 @@ pub fn paged_decode_path<R: Runtime>(
         opts,
         path,
     )?;
+    if mma.is_some_and(|m| wide::wide_dims(m.k.head_dim, m.v.head_dim)) {
+        // The wide kernel also reads K as 32-bit words.
+        too_big(
+            "K cache (in 4-byte words)",
+            layout.cache_elems(KvSide::K) * cache.dtype().size_bytes() / 4,
+        )?;
+    }
     let plan = launch::plan_for(cache, batch, num_heads, split, mma.as_ref())?;
     too_big(
         "workspace",
@@ -295,6 +304,47 @@ pub fn tensor_cores_apply_to(
     .is_some()
 }
 
+/// Whether [`KernelPath::TensorCoresKeyMajor`] applies to one launch: wherever
+/// [`tensor_cores_apply_to()`] does, and for the wide heads of [`wide`] (MLA's K 576 / V 512)
+/// with an FP8, f16 or bf16 cache and a query the MMA type holds in one part (bf16 queries,
+/// or f16 queries with an FP8 or f16 cache), any group and number of new tokens.
+pub fn key_major_applies_to(
+    cache_dtype: crate::policy::Dtype,
+    query_dtype: crate::policy::Dtype,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    group: usize,
+    max_q_len: usize,
+) -> bool {
+    if tensor_cores_apply_to(
+        cache_dtype,
+        query_dtype,
+        head_dim_k,
+        head_dim_v,
+        group,
+        max_q_len,
+    ) {
+        return true;
+    }
+    let geom = |d: usize| crate::kernels::CacheGeometry {
+        page_size: 16,
+        num_kv_heads: 1,
+        head_dim: d as u32,
+        bhsd: false,
+    };
+    group > 0
+        && launch::wide_config(
+            cache_dtype,
+            query_dtype,
+            geom(head_dim_k),
+            geom(head_dim_v),
+            group as u32,
+            group * max_q_len,
+            &AttentionOptions::default(),
+        )
+        .is_some()
+}
+
 /// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], for a cache
 /// of `cache_dtype` with these head dims on `client`'s device: [`KernelPath::TensorCores`]
 /// where that kernel applies, the device has the MMA it needs and [`plan::MMA_BY_DEFAULT`] is
@@ -316,7 +366,8 @@ pub fn auto_path<R: Runtime>(
 }
 
 /// Launches one decode per kernel configuration worth inspecting (Llama-3-8B decode with each
-/// cache dtype, the MLA dims, 8 rows per cube, every option on), on any runtime. Used by
+/// cache dtype, the MLA dims with an e4m3 and a bf16 cache, 8 rows per cube, every option on;
+/// each on every split kernel that applies), on any runtime. Used by
 /// `cargo xtask codegen` to emit the generated CUDA without a GPU.
 pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
     use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
@@ -392,6 +443,17 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             false,
         ),
         Sample(
+            16,
+            1,
+            576,
+            512,
+            64,
+            QuantPolicy::None,
+            Dtype::Bf16,
+            1,
+            false,
+        ),
+        Sample(
             32,
             4,
             128,
@@ -424,8 +486,14 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         };
         paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
         // The tensor-core kernel of the same sample, where it applies.
-        if tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, heads / kv_heads, q_len as usize) {
-            for path in [KernelPath::TensorCores, KernelPath::TensorCoresKeyMajor] {
+        let (group, rows) = (heads / kv_heads, q_len as usize);
+        let default_tc = tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, group, rows);
+        let key_major = key_major_applies_to(dtype, Dtype::Bf16, dk, dv, group, rows);
+        for (applies, path) in [
+            (default_tc, KernelPath::TensorCores),
+            (key_major, KernelPath::TensorCoresKeyMajor),
+        ] {
+            if applies {
                 paged_decode_path(
                     &q,
                     heads,
