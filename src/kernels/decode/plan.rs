@@ -32,9 +32,11 @@ pub enum KernelPath {
     /// `launch::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
     TensorCores,
     /// The tensor-core kernel with the QK transposed as well (`S^T = K·Q^T`, see
-    /// `super::mma::MmaConfig::key_major`), where [`KernelPath::TensorCores`] applies.
-    /// Experimental: written in a session without a GPU, so [`KernelPath::Auto`] does not pick
-    /// it until it has passed the GPU suite and beaten the default in the decode bench.
+    /// `super::mma::MmaConfig::key_major`) where [`KernelPath::TensorCores`] applies, and the
+    /// wide-head kernel of `super::wide` for MLA's K 576 / V 512 (see
+    /// `super::key_major_applies_to`). Experimental: written in a session without a GPU, so
+    /// [`KernelPath::Auto`] does not pick it until it has passed the GPU suite and beaten the
+    /// default in the decode bench.
     TensorCoresKeyMajor,
 }
 
