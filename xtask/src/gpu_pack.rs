@@ -154,6 +154,8 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   bash gpu-pack/run.sh bench [FILTER]   every bench binary with --bench
 #   bash gpu-pack/run.sh demo             the demo (`cargo xtask demo`), GPU path included
 #   bash gpu-pack/run.sh all              tests (8 threads), demo, benches; logs into $OUT if set
+#   bash gpu-pack/run.sh key-major        the suite on the experimental key-major decode kernels
+#                                         only, then (if it passes) the decode bench's --ab
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -216,8 +218,21 @@ all)
   echo "tests exit $t, demo exit $d, bench exit $b"
   [ "$t" -eq 0 ] && [ "$d" -eq 0 ] && [ "$b" -eq 0 ]
   ;;
+key-major)
+  # One device call that checks the key-major kernels (KernelPath::TensorCoresKeyMajor, the
+  # MLA wide kernel included) against the CPU reference and, only if they pass, measures them
+  # against the default kernels.
+  logs="${OUT:-$pack/logs}"
+  mkdir -p "$logs"
+  FP8KV_DECODE_TEST_PATHS=key-major FP8KV_TEST_THREADS="${FP8KV_TEST_THREADS:-16}" \
+    bash "$pack/run.sh" tests 2>&1 | tee "$logs/key-major-tests.log"
+  t=${PIPESTATUS[0]}
+  grep -h "^GPU suite:" "$logs/key-major-tests.log"
+  [ "$t" -eq 0 ] || { echo "key-major tests failed: no bench"; exit 1; }
+  "$pack/benches/decode" --bench --ab 2>&1 | tee "$logs/key-major-ab.log"
+  ;;
 *)
-  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER]" >&2
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER] | key-major" >&2
   exit 2
   ;;
 esac
