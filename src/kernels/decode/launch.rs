@@ -78,14 +78,7 @@ pub(crate) fn mma_config(
     if k.head_dim != v.head_dim || !matches!(k.head_dim, 64 | 128 | 256) {
         return None;
     }
-    // The MMA operand type: bf16 for the bf16 cache, f16 otherwise (FP8 converts exactly).
-    let (bits, mma_bf16) = match cache {
-        Dtype::E4m3 => (CacheBits::E4m3, false),
-        Dtype::E5m2 => (CacheBits::E5m2, false),
-        Dtype::F16 => (CacheBits::Half, false),
-        Dtype::Bf16 => (CacheBits::Half, true),
-        Dtype::F32 => return None,
-    };
+    let (bits, mma_bf16) = mma_operands(cache)?;
     // Query parts: one where the query dtype converts exactly (f16 → f16, bf16 → bf16, bf16 →
     // f16 once its row is scaled by a power of two into f16's range, see `q_scaled`), else
     // enough parts for 22+ bits (f32: 2 f16 / 3 bf16 of 11 / 8 bits; f16 → bf16: 2).
@@ -126,6 +119,18 @@ pub(crate) fn mma_config(
     })
 }
 
+/// How a cache's elements become MMA operands, and whether the MMA type is bf16 (for the bf16
+/// cache; f16 otherwise, which every FP8 value converts to exactly); `None` for an f32 cache.
+fn mma_operands(cache: Dtype) -> Option<(CacheBits, bool)> {
+    match cache {
+        Dtype::E4m3 => Some((CacheBits::E4m3, false)),
+        Dtype::E5m2 => Some((CacheBits::E5m2, false)),
+        Dtype::F16 => Some((CacheBits::Half, false)),
+        Dtype::Bf16 => Some((CacheBits::Half, true)),
+        Dtype::F32 => None,
+    }
+}
+
 /// The wide-head tensor-core configuration ([`super::wide`]) where that kernel applies, `None`
 /// elsewhere: K/V head dims that [`wide_dims`] accepts (MLA's 576/512), an FP8, f16 or bf16
 /// cache, and a query that converts to the MMA type in one part (f16/bf16; bf16 rows with the
@@ -142,13 +147,7 @@ pub(crate) fn wide_config(
     if !wide_dims(k.head_dim, v.head_dim) {
         return None;
     }
-    let (bits, mma_bf16) = match cache {
-        Dtype::E4m3 => (CacheBits::E4m3, false),
-        Dtype::E5m2 => (CacheBits::E5m2, false),
-        Dtype::F16 => (CacheBits::Half, false),
-        Dtype::Bf16 => (CacheBits::Half, true),
-        Dtype::F32 => return None,
-    };
+    let (bits, mma_bf16) = mma_operands(cache)?;
     let one_part = match act {
         Dtype::Bf16 => true,
         Dtype::F16 => !mma_bf16,

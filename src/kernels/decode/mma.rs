@@ -56,7 +56,7 @@ use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 use cubecl::{e4m3, e5m2};
 
-use super::kernel::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
+use super::kernel::{work_range, SplitParams, WorkRange, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
 
 /// Query rows per row tile: the N of the transposed PV (the QK's M holds two row tiles).
@@ -375,6 +375,215 @@ fn merge_col(gq: u32, k: u32) -> u32 {
     8 * k + ((gq + 2 * (k / 4)) % 8)
 }
 
+/// The query rows whose scores a lane holds, by slot: row `gq + 8i` in slot `i` (default
+/// layout), or with `key_major` row `8x + 2tq + e` in slot `2x + e`; their validity, position
+/// and ALiBi slope.
+#[cube]
+#[allow(clippy::too_many_arguments, clippy::collapsible_if)]
+pub fn score_slots(
+    row_ok: &mut Array<bool>,
+    row_pos: &mut Array<u32>,
+    row_slope: &mut Array<f32>,
+    alibi: &Array<f32>,
+    work: &WorkRange,
+    gq: u32,
+    tq: u32,
+    #[comptime] cfg: MmaConfig,
+) {
+    let rt = comptime![cfg.row_tiles];
+    let group = comptime![cfg.group];
+    let slots = comptime![if cfg.key_major { 2 * rt } else { rt }];
+    #[unroll]
+    for i in 0..slots {
+        let gr = if comptime![cfg.key_major] {
+            work.row0 + comptime![8 * (i / 2) + i % 2] + 2 * tq
+        } else {
+            work.row0 + gq + comptime![8 * i]
+        };
+        row_ok[i as usize] = gr < work.rows_total;
+        row_pos[i as usize] = work.hist + gr / group;
+        row_slope[i as usize] = 0.0;
+        if comptime![cfg.alibi] {
+            if gr < work.rows_total {
+                row_slope[i as usize] = alibi[(work.g * group + gr % group) as usize];
+            }
+        }
+    }
+}
+
+/// A lane's query values for its QK fragments, `qv[8s + 2x + e]` for k-step `s` and register
+/// `x` (row `gq + 8·(x % 2)`, zero beyond the cube's row tiles), element `e`, and each row
+/// tile's largest magnitude in `q_max`. The step's four dims of lane `tq` start at `slice +
+/// tq·piece + 4s` for the first `body_steps` steps and at `slice + 4·piece + 16·(s −
+/// body_steps) + 4·tq` after them; register `x` holds dims `+2·(x / 2) + {0, 1}`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn query_values<F: Float>(
+    q: &Array<F>,
+    qv: &mut Array<f32>,
+    q_max: &mut Array<f32>,
+    work: &WorkRange,
+    params: &SplitParams,
+    slice: u32,
+    gq: u32,
+    tq: u32,
+    #[comptime] cfg: MmaConfig,
+    #[comptime] k_steps: u32,
+    #[comptime] piece: u32,
+    #[comptime] body_steps: u32,
+) {
+    let rt = comptime![cfg.row_tiles];
+    let group = comptime![cfg.group];
+    let dk = comptime![cfg.k.head_dim];
+    q_max[0] = 0.0;
+    q_max[1] = 0.0;
+    #[unroll]
+    for s in 0..k_steps {
+        let step_dim = if comptime![s < body_steps] {
+            tq * piece + comptime![4 * s]
+        } else {
+            comptime![4 * piece + 16 * (s - body_steps)] + 4 * tq
+        };
+        #[unroll]
+        for x in 0..4u32 {
+            #[unroll]
+            for e in 0..2u32 {
+                let mut val = 0.0f32;
+                if comptime![x % 2 < rt] {
+                    let gr = work.row0 + gq + 8 * (x % 2);
+                    let d = slice + step_dim + comptime![(x / 2) * 2 + e];
+                    if gr < work.rows_total {
+                        let tok = work.q_start + gr / group;
+                        let head = work.g * group + gr % group;
+                        val =
+                            f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
+                    }
+                    q_max[comptime![(x % 2) as usize]] =
+                        q_max[comptime![(x % 2) as usize]].max(val.abs());
+                }
+                qv[comptime![(s * 8 + x * 2 + e) as usize]] = val;
+            }
+        }
+    }
+}
+
+/// The query values scaled per row tile, split into `q_parts` MMA-type parts:
+/// `qa[(part · k_steps + s) · 4 + x]` (the default layout's A fragments; the key-major
+/// layout's B fragments of row tile `y` are registers `y` and `2 + y`).
+#[cube]
+pub fn query_fragments<M: Float>(
+    qv: &Array<f32>,
+    q_scale: &Array<f32>,
+    qa: &mut Array<Vector<M, Const<2>>>,
+    #[comptime] k_steps: u32,
+    #[comptime] q_parts: u32,
+) {
+    #[unroll]
+    for s in 0..k_steps {
+        #[unroll]
+        for x in 0..4u32 {
+            #[unroll]
+            for e in 0..2u32 {
+                let val = qv[comptime![(s * 8 + x * 2 + e) as usize]]
+                    * q_scale[comptime![(x % 2) as usize]];
+                split_parts::<M>(
+                    val,
+                    qa,
+                    comptime![s * 4 + x],
+                    comptime![k_steps * 4],
+                    e,
+                    q_parts,
+                );
+            }
+        }
+    }
+}
+
+/// Key-major score slots' scales: slot `2x + e` (row `8x + 2tq + e`) takes the scale of row
+/// tile `x` from quad `2tq + e`, where `row_score_scale[x]` holds it for the quad's own row.
+/// Slots are filled from the top so that none is read after it is overwritten.
+#[cube]
+pub fn key_major_slot_scales(
+    row_score_scale: &mut Array<f32>,
+    tq: u32,
+    params: &SplitParams,
+    #[comptime] cfg: MmaConfig,
+) {
+    let slots = comptime![2 * cfg.row_tiles];
+    #[unroll]
+    for i in 0..slots {
+        let slot = comptime![slots - 1 - i];
+        let x = comptime![slot / 2];
+        if comptime![cfg.q_scaled] {
+            let from = row_score_scale[x as usize];
+            row_score_scale[slot as usize] =
+                plane_shuffle(from, 4 * (2 * tq + comptime![slot % 2]));
+        } else {
+            row_score_scale[slot as usize] = params.score_scale;
+        }
+    }
+}
+
+/// One raw score after its row scale: softcap, ALiBi (`slope · (t − pos)`), and `NO_SCORE`
+/// where key `t` is hidden from the row at `pos` (row padding, past `hi`, causal, window).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub fn masked_score(
+    raw: f32,
+    t: u32,
+    pos: u32,
+    slope: f32,
+    ok: bool,
+    hi: u32,
+    params: &SplitParams,
+    #[comptime] cfg: MmaConfig,
+) -> f32 {
+    let mut s = raw;
+    if comptime![cfg.softcap] {
+        s = params.softcap * (s / params.softcap).tanh();
+    }
+    if comptime![cfg.alibi] {
+        s += slope * (f32::cast_from(t) - f32::cast_from(pos));
+    }
+    let mut visible = ok && t < hi && t <= pos;
+    if comptime![cfg.window] {
+        visible = visible && t + params.window > pos;
+    }
+    select(visible, s, NO_SCORE)
+}
+
+/// Key-major QK of k-step `s` for every row tile: `st[2x..2x + 2] += K·Q^T` with `a` the
+/// step's K fragment and Q^T's B fragments from `qa` (registers `x` and `2 + x` of each part).
+#[cube]
+pub fn km_qk_step<M: Float>(
+    a: &Array<Vector<M, Const<2>>>,
+    qa: &Array<Vector<M, Const<2>>>,
+    st: &mut Array<Vector<f32, Const<2>>>,
+    #[comptime] s: u32,
+    #[comptime] k_steps: u32,
+    #[comptime] rt: u32,
+    #[comptime] q_parts: u32,
+) {
+    let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
+    let mut b = Array::<Vector<M, Const<2>>>::new(2usize);
+    let mut c = Array::<Vector<f32, Const<2>>>::new(2usize);
+    #[unroll]
+    for x in 0..rt {
+        c[0] = st[comptime![(2 * x) as usize]];
+        c[1] = st[comptime![(2 * x + 1) as usize]];
+        #[unroll]
+        for p in 0..q_parts {
+            b[0] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+            b[1] = qa[comptime![((p * k_steps + s) * 4 + 2 + x) as usize]];
+            let d = mma.execute(a, &b, &c);
+            c[0] = d[0];
+            c[1] = d[1];
+        }
+        st[comptime![(2 * x) as usize]] = c[0];
+        st[comptime![(2 * x + 1) as usize]] = c[1];
+    }
+}
+
 /// The lanes of the key-major probability exchange ([`km_softmax_exchange()`]): whether the
 /// lane's `gq` is below 4 and even, and the lanes its two shuffles read.
 #[derive(CubeType, Clone)]
@@ -423,22 +632,35 @@ pub fn km_scores(
             #[unroll]
             for e in 0..2u32 {
                 let slot = comptime![(2 * x + e) as usize];
-                let t = t_lane + comptime![8 * c];
-                let pos = row_pos[slot];
-                let mut s = st[comptime![(2 * x + c) as usize]][e as usize] * row_score_scale[slot];
-                if comptime![cfg.softcap] {
-                    s = params.softcap * (s / params.softcap).tanh();
-                }
-                if comptime![cfg.alibi] {
-                    s += row_slope[slot] * (f32::cast_from(t) - f32::cast_from(pos));
-                }
-                let mut visible = row_ok[slot] && t < hi && t <= pos;
-                if comptime![cfg.window] {
-                    visible = visible && t + params.window > pos;
-                }
-                sc[comptime![(4 * x + 2 * e + c) as usize]] = select(visible, s, NO_SCORE);
+                sc[comptime![(4 * x + 2 * e + c) as usize]] = masked_score(
+                    st[comptime![(2 * x + c) as usize]][e as usize] * row_score_scale[slot],
+                    t_lane + comptime![8 * c],
+                    row_pos[slot],
+                    row_slope[slot],
+                    row_ok[slot],
+                    hi,
+                    params,
+                    cfg,
+                );
             }
         }
+    }
+}
+
+/// Multiplies row tile `x`'s output C tiles (`acc`: `[m-tile][row tile][2]`, element `e` of
+/// each register for row `8x + 2tq + e`) by `av` (the two rows' factors).
+#[cube]
+fn scale_row_tile(
+    acc: &mut Array<Vector<f32, Const<2>>>,
+    av: Vector<f32, Const<2>>,
+    #[comptime] x: u32,
+    #[comptime] rt: u32,
+    #[comptime] m_tiles: u32,
+) {
+    #[unroll]
+    for i in 0..m_tiles * 2 {
+        let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
+        acc[at as usize] = acc[at as usize] * av;
     }
 }
 
@@ -493,11 +715,7 @@ pub fn km_softmax_exchange<M: Float>(
             let mut av = Vector::<f32, Const<2>>::new(0.0);
             av[0] = row_alpha[comptime![(2 * x) as usize]];
             av[1] = row_alpha[comptime![(2 * x + 1) as usize]];
-            #[unroll]
-            for i in 0..m_tiles * 2 {
-                let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
-                acc[at as usize] = acc[at as usize] * av;
-            }
+            scale_row_tile(acc, av, x, rt, m_tiles);
         }
     }
 
@@ -645,31 +863,24 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // below the window that this adds are masked per row.
     let work = work_range(meta, &params, group, rows, cfg.window, MMA_BLOCK_TOKENS);
     let (g, split, q_start) = (work.g, work.split, work.q_start);
-    let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
+    let (rows_total, row0, bt_base) = (work.rows_total, work.row0, work.bt_base);
     let (lo, hi) = (work.lo, work.hi);
 
-    // The rows whose scores this lane holds, by slot: row gq + 8x in slot x (x < row tiles),
-    // or with `key_major` rows 8x + 2tq + e in slot 2x + e. Validity, position, ALiBi slope.
+    // The rows whose scores this lane holds, by slot (see `score_slots`).
     let score_rows = comptime![if cfg.key_major { 2 * rt } else { rt }];
     let mut row_ok = Array::<bool>::new(4usize);
     let mut row_pos = Array::<u32>::new(4usize);
     let mut row_slope = Array::<f32>::new(4usize);
-    #[unroll]
-    for i in 0..score_rows {
-        let gr = if comptime![cfg.key_major] {
-            row0 + comptime![8 * (i / 2) + i % 2] + 2 * tq
-        } else {
-            row0 + gq + comptime![8 * i]
-        };
-        row_ok[i as usize] = gr < rows_total;
-        row_pos[i as usize] = hist + gr / group;
-        row_slope[i as usize] = 0.0;
-        if comptime![cfg.alibi] {
-            if gr < rows_total {
-                row_slope[i as usize] = alibi[(g * group + gr % group) as usize];
-            }
-        }
-    }
+    score_slots(
+        &mut row_ok,
+        &mut row_pos,
+        &mut row_slope,
+        alibi,
+        &work,
+        gq,
+        tq,
+        cfg,
+    );
 
     // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
     // Register x of step s holds row gq + 8·(x % 2) (zero when the cube has one row tile) and
@@ -677,33 +888,20 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     // (+0, +1) / (+2, +3) of the step's four.
     let mut qv = Array::<f32>::new(comptime![(k_steps * 8) as usize]);
     let mut q_max = Array::<f32>::new(2usize);
-    q_max[0] = 0.0;
-    q_max[1] = 0.0;
-    #[unroll]
-    for s in 0..k_steps {
-        #[unroll]
-        for x in 0..4u32 {
-            let hiword = comptime![x / 2];
-            #[unroll]
-            for e in 0..2u32 {
-                let mut val = 0.0f32;
-                if comptime![x % 2 < rt] {
-                    let gr = row0 + gq + 8 * (x % 2);
-                    let off = comptime![hiword * 2 + e];
-                    let d = tq * comptime![dk / 4] + comptime![s * 4 + off];
-                    if gr < rows_total {
-                        let tok = q_start + gr / group;
-                        let head = g * group + gr % group;
-                        val =
-                            f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
-                    }
-                    q_max[comptime![(x % 2) as usize]] =
-                        q_max[comptime![(x % 2) as usize]].max(val.abs());
-                }
-                qv[comptime![(s * 8 + x * 2 + e) as usize]] = val;
-            }
-        }
-    }
+    query_values::<F>(
+        q,
+        &mut qv,
+        &mut q_max,
+        &work,
+        &params,
+        0u32,
+        gq,
+        tq,
+        cfg,
+        k_steps,
+        comptime![dk / 4],
+        k_steps,
+    );
     // Each row's power-of-two query scale: 1, or (`q_scaled`) 2^(14 − ⌊log2 max |q|⌋), which
     // puts the row's largest element in [2^14, 2^15), inside f16's range whatever the query's
     // magnitude; the scores take the inverse back exactly (both are powers of two).
@@ -724,42 +922,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         }
     }
     if comptime![cfg.key_major] {
-        // Slot 2x + e scores row 8x + 2tq + e, whose query quad is 2tq + e (every lane of a
-        // quad holds its rows' scale). Slots are filled from the top so that none is read
-        // after it is overwritten (slot 2x + e ≥ x).
-        #[unroll]
-        for i in 0..score_rows {
-            let slot = comptime![score_rows - 1 - i];
-            let x = comptime![slot / 2];
-            if comptime![cfg.q_scaled] {
-                let from = row_score_scale[x as usize];
-                row_score_scale[slot as usize] =
-                    plane_shuffle(from, 4 * (2 * tq + comptime![slot % 2]));
-            } else {
-                row_score_scale[slot as usize] = params.score_scale;
-            }
-        }
+        key_major_slot_scales(&mut row_score_scale, tq, &params, cfg);
     }
     let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(q_parts * k_steps * 4) as usize]);
-    #[unroll]
-    for s in 0..k_steps {
-        #[unroll]
-        for x in 0..4u32 {
-            #[unroll]
-            for e in 0..2u32 {
-                let val = qv[comptime![(s * 8 + x * 2 + e) as usize]]
-                    * q_scale[comptime![(x % 2) as usize]];
-                split_parts::<M>(
-                    val,
-                    &mut qa,
-                    comptime![s * 4 + x],
-                    comptime![k_steps * 4],
-                    e,
-                    q_parts,
-                );
-            }
-        }
-    }
+    query_fragments::<M>(&qv, &q_scale, &mut qa, k_steps, q_parts);
 
     // ---- per-warp state ------------------------------------------------------------------------
     let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
@@ -829,23 +995,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                             4u32,
                         ));
                 }
-                #[unroll]
-                for x in 0..rt {
-                    c_tmp[0] = st[comptime![(2 * x) as usize]];
-                    c_tmp[1] = st[comptime![(2 * x + 1) as usize]];
-                    #[unroll]
-                    for p in 0..q_parts {
-                        // Q^T's B fragment of row tile x: Q's registers x and 2 + x (row
-                        // gq + 8x, dims (+0, +1) and (+2, +3)).
-                        b_tmp[0] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
-                        b_tmp[1] = qa[comptime![((p * k_steps + s) * 4 + 2 + x) as usize]];
-                        let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                        c_tmp[0] = d[0];
-                        c_tmp[1] = d[1];
-                    }
-                    st[comptime![(2 * x) as usize]] = c_tmp[0];
-                    st[comptime![(2 * x + 1) as usize]] = c_tmp[1];
-                }
+                km_qk_step::<M>(&a_tmp, &qa, &mut st, s, k_steps, rt, q_parts);
             }
             km_scores(
                 &st,
@@ -898,19 +1048,16 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                     #[unroll]
                     for e in 0..2u32 {
                         let t = t0 + 8 * j + 2 * tq + e;
-                        let pos = row_pos[x as usize];
-                        let mut s = c_tmp[x as usize][e as usize] * row_score_scale[x as usize];
-                        if comptime![cfg.softcap] {
-                            s = params.softcap * (s / params.softcap).tanh();
-                        }
-                        if comptime![cfg.alibi] {
-                            s += row_slope[x as usize] * (f32::cast_from(t) - f32::cast_from(pos));
-                        }
-                        let mut visible = row_ok[x as usize] && t < hi && t <= pos;
-                        if comptime![cfg.window] {
-                            visible = visible && t + params.window > pos;
-                        }
-                        sc[(x * 4 + j * 2 + e) as usize] = select(visible, s, NO_SCORE);
+                        sc[(x * 4 + j * 2 + e) as usize] = masked_score(
+                            c_tmp[x as usize][e as usize] * row_score_scale[x as usize],
+                            t,
+                            row_pos[x as usize],
+                            row_slope[x as usize],
+                            row_ok[x as usize],
+                            hi,
+                            &params,
+                            cfg,
+                        );
                     }
                 }
             }
@@ -969,11 +1116,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
                     let mut av = Vector::<f32, Const<2>>::new(0.0);
                     av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
                     av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
-                    #[unroll]
-                    for i in 0..m_tiles * 2 {
-                        let at = comptime![((i / 2) * rt + x) * 2 + i % 2];
-                        acc[at as usize] = acc[at as usize] * av;
-                    }
+                    scale_row_tile(&mut acc, av, x, rt, m_tiles);
                 }
             }
 

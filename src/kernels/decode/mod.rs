@@ -251,6 +251,17 @@ pub fn paged_decode_path<R: Runtime>(
     launch::launch_decode(q, num_heads, cache, batch, opts, plan, mma, out)
 }
 
+/// A cache geometry for the applicability predicates, which do not depend on the page size,
+/// the KV head count or the layout.
+fn probe_geometry(head_dim: usize) -> crate::kernels::CacheGeometry {
+    crate::kernels::CacheGeometry {
+        page_size: 16,
+        num_kv_heads: 1,
+        head_dim: head_dim as u32,
+        bhsd: false,
+    }
+}
+
 /// Whether [`KernelPath::TensorCores`] applies to a cache of `cache_dtype` with these head
 /// dims for every query dtype, group and number of new tokens (and every page size, layout
 /// and option): head dims 64 and 128. See [`tensor_cores_apply_to()`] for one launch's shape.
@@ -286,17 +297,11 @@ pub fn tensor_cores_apply_to(
     if group == 0 {
         return false;
     }
-    let geom = |d: usize| crate::kernels::CacheGeometry {
-        page_size: 16,
-        num_kv_heads: 1,
-        head_dim: d as u32,
-        bhsd: false,
-    };
     launch::mma_config(
         cache_dtype,
         query_dtype,
-        geom(head_dim_k),
-        geom(head_dim_v),
+        probe_geometry(head_dim_k),
+        probe_geometry(head_dim_v),
         group as u32,
         group * max_q_len,
         &AttentionOptions::default(),
@@ -326,18 +331,12 @@ pub fn key_major_applies_to(
     ) {
         return true;
     }
-    let geom = |d: usize| crate::kernels::CacheGeometry {
-        page_size: 16,
-        num_kv_heads: 1,
-        head_dim: d as u32,
-        bhsd: false,
-    };
     group > 0
         && launch::wide_config(
             cache_dtype,
             query_dtype,
-            geom(head_dim_k),
-            geom(head_dim_v),
+            probe_geometry(head_dim_k),
+            probe_geometry(head_dim_v),
             group as u32,
             group * max_q_len,
             &AttentionOptions::default(),

@@ -15,15 +15,15 @@
 //!
 //! Same workspace and combine kernel as the other split kernels.
 
-use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use super::kernel::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
 use super::mma::{
-    block_page, exchange_lanes, fp8_pair, km_scores, km_softmax_exchange, load_piece, piece_pair,
-    pow2_row_scale, pv_mma, split_parts, CacheBits, MmaConfig, MMA_BLOCK_TOKENS, MMA_TILE_ROWS,
-    MMA_WARPS,
+    block_page, exchange_lanes, fp8_pair, key_major_slot_scales, km_qk_step, km_scores,
+    km_softmax_exchange, load_piece, piece_pair, pow2_row_scale, pv_mma, query_fragments,
+    query_values, score_slots, CacheBits, MmaConfig, MMA_BLOCK_TOKENS, MMA_TILE_ROWS, MMA_WARPS,
 };
+use crate::kernels::CacheGeometry;
 
 /// Head dims of one warp's QK slice whose lane pieces are 32 contiguous elements (as in the
 /// head-dim-128 kernel); the rest of the slice goes 16 dims per k-step, 4 per lane.
@@ -38,6 +38,23 @@ pub const fn wide_dims(head_dim_k: u32, head_dim_v: u32) -> bool {
         && kw >= WIDE_BODY_DIMS
         && head_dim_v == MMA_WARPS * 128
         && vw == 128
+}
+
+/// Where token `t`'s row of KV head `g` starts in page `page` of a cache of `es`-byte
+/// elements, in units of `unit` bytes (every stride is a whole number of them: see
+/// [`wide_dims`]).
+#[cube]
+fn head_row(
+    page: u32,
+    t: u32,
+    g: u32,
+    #[comptime] geom: CacheGeometry,
+    #[comptime] es: u32,
+    #[comptime] unit: u32,
+) -> u32 {
+    page * comptime![geom.page_stride() * es / unit]
+        + (t % comptime![geom.page_size]) * comptime![geom.slot_stride() * es / unit]
+        + g * comptime![geom.head_stride() * es / unit]
 }
 
 /// Issues the loads of a lane's part of the K slice for the 16-token block at `t0` (tokens
@@ -73,10 +90,7 @@ fn load_k_slice(
         // Word offset of the warp's slice in this token's row (every stride and the slice
         // start are whole 16-byte vectors, see `wide_dims`; the entry checks that word
         // indices fit in u32).
-        let row = page * comptime![geom.page_stride() * es / 4]
-            + (t % comptime![geom.page_size]) * comptime![geom.slot_stride() * es / 4]
-            + g * comptime![geom.head_stride() * es / 4]
-            + warp * comptime![dkw * es / 4];
+        let row = head_row(page, t, g, geom, es, 4u32) + warp * comptime![dkw * es / 4];
         let body = row / 4 + tq * body_vecs;
         load_piece(
             k_cache,
@@ -126,11 +140,8 @@ fn load_v_slice(
     #[unroll]
     for i in 0..4u32 {
         let t = t0 + tq + comptime![8 * (i % 2) + 4 * (i / 2)];
-        let at = page * comptime![geom.page_stride() * es / 16]
-            + (t % comptime![geom.page_size]) * comptime![geom.slot_stride() * es / 16]
-            + g * comptime![geom.head_stride() * es / 16]
-            + warp * comptime![dvw * es / 16]
-            + gq * vecs;
+        let at =
+            head_row(page, t, g, geom, es, 16u32) + warp * comptime![dvw * es / 16] + gq * vecs;
         load_piece(v_cache, vr, t, hi, at, comptime![i * vecs], vecs);
     }
 }
@@ -186,25 +197,23 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
     let tq = lane % 4;
     let work = work_range(meta, &params, group, rows, cfg.window, MMA_BLOCK_TOKENS);
     let (g, split, q_start) = (work.g, work.split, work.q_start);
-    let (rows_total, row0, hist, bt_base) = (work.rows_total, work.row0, work.hist, work.bt_base);
+    let (rows_total, row0, bt_base) = (work.rows_total, work.row0, work.bt_base);
     let (lo, hi) = (work.lo, work.hi);
 
-    // Score slot 2x + e: row 8x + 2tq + e (as the key-major layout of the mma kernel).
+    // Score slot 2x + e: row 8x + 2tq + e (the key-major layout of the mma kernel).
     let mut row_ok = Array::<bool>::new(4usize);
     let mut row_pos = Array::<u32>::new(4usize);
     let mut row_slope = Array::<f32>::new(4usize);
-    #[unroll]
-    for i in 0..score_rows {
-        let gr = row0 + comptime![8 * (i / 2) + i % 2] + 2 * tq;
-        row_ok[i as usize] = gr < rows_total;
-        row_pos[i as usize] = hist + gr / group;
-        row_slope[i as usize] = 0.0;
-        if comptime![cfg.alibi] {
-            if gr < rows_total {
-                row_slope[i as usize] = alibi[(g * group + gr % group) as usize];
-            }
-        }
-    }
+    score_slots(
+        &mut row_ok,
+        &mut row_pos,
+        &mut row_slope,
+        alibi,
+        &work,
+        gq,
+        tq,
+        cfg,
+    );
 
     // ---- the query's B fragments for this warp's K dims: [k-step][4 registers] -------------
     // Register x of step s: row gq + 8·(x % 2), dims (+0, +1) (x < 2) or (+2, +3) of the
@@ -212,36 +221,20 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
     // 4·tq` in the tail.
     let mut qv = Array::<f32>::new(comptime![(k_steps * 8) as usize]);
     let mut q_max = Array::<f32>::new(2usize);
-    q_max[0] = 0.0;
-    q_max[1] = 0.0;
-    #[unroll]
-    for s in 0..k_steps {
-        let step_dim = if comptime![s < body_steps] {
-            tq * 32 + comptime![4 * s]
-        } else {
-            comptime![WIDE_BODY_DIMS + 16 * (s - body_steps)] + 4 * tq
-        };
-        #[unroll]
-        for x in 0..4u32 {
-            #[unroll]
-            for e in 0..2u32 {
-                let mut val = 0.0f32;
-                if comptime![x % 2 < rt] {
-                    let gr = row0 + gq + 8 * (x % 2);
-                    let d = warp * dkw + step_dim + comptime![(x / 2) * 2 + e];
-                    if gr < rows_total {
-                        let tok = q_start + gr / group;
-                        let head = g * group + gr % group;
-                        val =
-                            f32::cast_from(q[(tok * params.q_row_stride + head * dk + d) as usize]);
-                    }
-                    q_max[comptime![(x % 2) as usize]] =
-                        q_max[comptime![(x % 2) as usize]].max(val.abs());
-                }
-                qv[comptime![(s * 8 + x * 2 + e) as usize]] = val;
-            }
-        }
-    }
+    query_values::<F>(
+        q,
+        &mut qv,
+        &mut q_max,
+        &work,
+        &params,
+        warp * dkw,
+        gq,
+        tq,
+        cfg,
+        k_steps,
+        comptime![WIDE_BODY_DIMS / 4],
+        body_steps,
+    );
     // Every warp scales a row by the same power of two (its partial scores are added to the
     // others'), so the row's max |q| is taken over all four warps' dims.
     let mut q_scale = Array::<f32>::new(2usize);
@@ -274,36 +267,11 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
             row_score_scale[x as usize] = params.score_scale * inverse;
         }
     }
-    // Slot 2x + e takes the scale of row 8x + 2tq + e from its quad (filled from the top, as
-    // in the mma kernel).
-    #[unroll]
-    for i in 0..score_rows {
-        let slot = comptime![score_rows - 1 - i];
-        let x = comptime![slot / 2];
-        if comptime![cfg.q_scaled] {
-            let from = row_score_scale[x as usize];
-            row_score_scale[slot as usize] =
-                plane_shuffle(from, 4 * (2 * tq + comptime![slot % 2]));
-        } else {
-            row_score_scale[slot as usize] = params.score_scale;
-        }
-    }
+    key_major_slot_scales(&mut row_score_scale, tq, &params, cfg);
     let mut qa = Array::<Vector<M, Const<2>>>::new(comptime![(k_steps * 4) as usize]);
-    #[unroll]
-    for s in 0..k_steps {
-        #[unroll]
-        for x in 0..4u32 {
-            #[unroll]
-            for e in 0..2u32 {
-                let val = qv[comptime![(s * 8 + x * 2 + e) as usize]]
-                    * q_scale[comptime![(x % 2) as usize]];
-                split_parts::<M>(val, &mut qa, comptime![s * 4 + x], 0u32, e, 1u32);
-            }
-        }
-    }
+    query_fragments::<M>(&qv, &q_scale, &mut qa, k_steps, 1u32);
 
     // ---- per-warp state ------------------------------------------------------------------------
-    let mma = MmaDefinition::<M, M, f32>::new(16usize, 8usize, 16usize);
     // O^T C tiles of this warp's V dims, [m-tile][row tile][2 registers].
     let mut acc = Array::<Vector<f32, Const<2>>>::new(comptime![(m_tiles * rt * 2) as usize]);
     #[unroll]
@@ -324,8 +292,6 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
     let mut sc = Array::<f32>::new(8usize);
     let mut row_alpha = Array::<f32>::new(4usize);
     let mut a_tmp = Array::<Vector<M, Const<2>>>::new(4usize);
-    let mut b_tmp = Array::<Vector<M, Const<2>>>::new(2usize);
-    let mut c_tmp = Array::<Vector<f32, Const<2>>>::new(2usize);
     let mut pb = Array::<Vector<M, Const<2>>>::new(comptime![(rt * p_parts * 2) as usize]);
     let mut pw = Array::<Vector<M, Const<2>>>::new(comptime![(2 * p_parts) as usize]);
     let lanes = exchange_lanes(gq, tq);
@@ -373,16 +339,7 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
                 };
                 a_tmp[r as usize] = Vector::<M, Const<2>>::reinterpret(pair);
             }
-            #[unroll]
-            for x in 0..rt {
-                c_tmp[0] = st[comptime![(2 * x) as usize]];
-                c_tmp[1] = st[comptime![(2 * x + 1) as usize]];
-                b_tmp[0] = qa[comptime![(s * 4 + x) as usize]];
-                b_tmp[1] = qa[comptime![(s * 4 + 2 + x) as usize]];
-                let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                st[comptime![(2 * x) as usize]] = d[0];
-                st[comptime![(2 * x + 1) as usize]] = d[1];
-            }
+            km_qk_step::<M>(&a_tmp, &qa, &mut st, s, k_steps, rt, 1u32);
         }
         load_k_slice(
             k_cache, k_words, &mut kb, &mut kt, tn, hi, next_page, g, warp, gq, tq, cfg,
