@@ -21,11 +21,16 @@
 //!   `pip install --target .nvrtc nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79`,
 //!   or `--nvrtc DIR` / `FP8KV_NVRTC_DIR`) and prints registers and spills per kernel. Exits
 //!   non-zero if any kernel fails to generate or compile.
+//! - `cargo xtask emulate [--nvrtc DIR] [--out DIR]` runs the tensor-core decode split kernels'
+//!   generated CUDA C++ on the CPU (host C++ with threads standing in for CUDA threads and warp
+//!   collectives) and checks every partial state against a double-precision reference; needs
+//!   g++ and the CUDA headers from PyPI in `.nvrtc/` (see `emulate`).
 //! - `cargo xtask demo [ARGS..]` runs the end-to-end demo.
 //! - `cargo xtask ci` runs `.ci/run` (fmt, clippy, tests, codegen --ptx).
 
 mod codegen;
 mod demo;
+mod emulate;
 mod gpu_pack;
 
 use std::path::{Path, PathBuf};
@@ -39,7 +44,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-const USAGE: &str = "usage: cargo xtask <gpu-pack | codegen [--ptx] | demo | ci>";
+const USAGE: &str = "usage: cargo xtask <gpu-pack | codegen [--ptx] | emulate | demo | ci>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -47,6 +52,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("gpu-pack") => gpu_pack::run(&args[1..], &root),
         Some("codegen") => codegen::run(&args[1..], &root),
+        Some("emulate") => emulate::run(&args[1..], &root),
         Some("demo") => demo::run(&args[1..]),
         Some("ci") => run_ci(&root),
         Some("-h" | "--help" | "help") => {
