@@ -1298,6 +1298,32 @@ mod key_major_model {
         }
     }
 
+    /// Key-major QK fragments of one k-step: K's A (tokens `gq`, `gq + 8`) and Q^T's B (row
+    /// `gq`), with `dim(tq, pair, e)` the head dim of lane column `tq`'s k-slot.
+    #[allow(clippy::type_complexity)]
+    fn qk_fragments<R: AsRef<[f64]>>(
+        k: &[R],
+        q: &[R],
+        dim: impl Fn(usize, usize, usize) -> usize,
+    ) -> ([[[f64; 2]; 4]; 32], [[[f64; 2]; 2]; 32]) {
+        let mut a = [[[0.0; 2]; 4]; 32];
+        let mut b = [[[0.0; 2]; 2]; 32];
+        for lane in 0..32 {
+            let (gq, tq) = (lane / 4, lane % 4);
+            for r in 0..4 {
+                for e in 0..2 {
+                    a[lane][r][e] = k[gq + 8 * (r % 2)].as_ref()[dim(tq, r / 2, e)];
+                }
+            }
+            for r in 0..2 {
+                for e in 0..2 {
+                    b[lane][r][e] = q[gq].as_ref()[dim(tq, r, e)];
+                }
+            }
+        }
+        (a, b)
+    }
+
     /// The k-slot → token map of the PV (see step 3 of the kernel).
     fn pv_token(slot: usize) -> usize {
         let tq = (slot % 8) / 2;
@@ -1316,21 +1342,7 @@ mod key_major_model {
         let mut st = [[[0.0; 2]; 2]; 32];
         for s in 0..DK / 16 {
             let dim = |tq: usize, pair: usize, e: usize| tq * DK / 4 + 4 * s + 2 * pair + e;
-            let mut a = [[[0.0; 2]; 4]; 32];
-            let mut b = [[[0.0; 2]; 2]; 32];
-            for lane in 0..32 {
-                let (gq, tq) = (lane / 4, lane % 4);
-                for r in 0..4 {
-                    for e in 0..2 {
-                        a[lane][r][e] = k[gq + 8 * (r % 2)][dim(tq, r / 2, e)];
-                    }
-                }
-                for r in 0..2 {
-                    for e in 0..2 {
-                        b[lane][r][e] = q[gq][dim(tq, r, e)];
-                    }
-                }
-            }
+            let (a, b) = qk_fragments(&k, &q, dim);
             mma(&a, &b, &mut st);
         }
         // Softmax of each row over the 16 tokens: register c of lane (gq, tq) is token
@@ -1438,21 +1450,7 @@ mod key_major_model {
                     };
                     w * dkw + step + 2 * pair + e
                 };
-                let mut a = [[[0.0; 2]; 4]; 32];
-                let mut b = [[[0.0; 2]; 2]; 32];
-                for lane in 0..32 {
-                    let (gq, tq) = (lane / 4, lane % 4);
-                    for r in 0..4 {
-                        for e in 0..2 {
-                            a[lane][r][e] = k[gq + 8 * (r % 2)][dim(tq, r / 2, e)];
-                        }
-                    }
-                    for r in 0..2 {
-                        for e in 0..2 {
-                            b[lane][r][e] = q[gq][dim(tq, r, e)];
-                        }
-                    }
-                }
+                let (a, b) = qk_fragments(&k, &q, dim);
                 mma(&a, &b, &mut part);
             }
             for lane in 0..32 {
