@@ -223,11 +223,18 @@ pub(crate) fn choose_mma<R: Runtime>(
             .map(Some)
             .ok_or_else(|| {
                 Fp8KvError::InvalidOption(format!(
-                "the tensor-core decode kernel does not apply to head dims {}/{} with a {} cache",
-                layout.head_dim_k(),
-                layout.head_dim_v(),
-                cache.dtype()
-            ))
+                    "the {} decode kernel does not apply to head dims {}/{} with a {} cache and {} \
+                     queries",
+                    if path == KernelPath::TensorCores {
+                        "tensor-core"
+                    } else {
+                        "key-major tensor-core"
+                    },
+                    layout.head_dim_k(),
+                    layout.head_dim_v(),
+                    cache.dtype(),
+                    act
+                ))
             }),
         KernelPath::Auto => {
             let supported = mma_supported(cache.client(), cache.dtype());

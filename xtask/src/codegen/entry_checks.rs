@@ -155,3 +155,48 @@ fn decode_rejects_bad_input_and_accepts_good() {
     let e = decode::paged_decode(&q, 8, &cache, &reads, &opts, &mut out).unwrap_err();
     assert_eq!(variant(&e), "InvalidOption", "{e}");
 }
+
+/// Forcing a tensor-core path where no such kernel applies is an `InvalidOption` error, not a
+/// fallback; where one applies it launches (MLA's dims take the wide kernel only on the
+/// key-major path, and only with queries the MMA type holds in one part).
+#[test]
+fn forced_tensor_core_paths_apply_or_say_why() {
+    use decode::{paged_decode_path, KernelPath, SplitChoice};
+    let c = client();
+    let layout = PagedKvLayout::new(4, 64, 1, 576, 512, KvLayoutKind::Bshd).unwrap();
+    let cache = PagedKvCache::new(
+        &c,
+        layout,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        KvScales::default(),
+    )
+    .unwrap();
+    let meta = BatchMetadata::new(vec![0], vec![1], vec![70], vec![0, 1], 2).unwrap();
+    let batch = DeviceBatch::new(&c, meta, &layout, 1).unwrap();
+    let opts = AttentionOptions::default();
+    let run = |act: Dtype, path: KernelPath| {
+        let q = rows(&c, act, 1, 16 * 576);
+        let mut out = rows(&c, act, 1, 16 * 512);
+        paged_decode_path(
+            &q,
+            16,
+            &cache,
+            &batch,
+            &opts,
+            SplitChoice::Auto,
+            path,
+            &mut out,
+        )
+    };
+    run(Dtype::Bf16, KernelPath::TensorCoresKeyMajor).unwrap();
+    run(Dtype::Bf16, KernelPath::CudaCores).unwrap();
+    for (act, path) in [
+        (Dtype::Bf16, KernelPath::TensorCores),
+        (Dtype::F32, KernelPath::TensorCoresKeyMajor),
+    ] {
+        let e = run(act, path).unwrap_err();
+        assert_eq!(variant(&e), "InvalidOption", "{path:?} {act}: {e}");
+        assert!(e.to_string().contains("does not apply"), "{e}");
+    }
+}
