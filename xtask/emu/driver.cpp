@@ -5,9 +5,10 @@
 //
 // Configuration (-D, all required unless a default is given): KNAME, KSRC, WIDE (1: the wide
 // kernel's extra K-as-words argument), HEADS, KVH, DK, DV, PAGE (the kernel's comptime page
-// size), ROWS (query rows per cube: 8 per row tile), SPLIT (tokens per split), CACHE (0 e4m3,
-// 1 e5m2, 2 bf16; default 0), OPTS (1: softcap, ALiBi, window on, as the kernel was built;
-// default 0). argv[1]: seed.
+// size), ROWS (query rows per cube, as the kernel was built), SPLIT (tokens per split, a
+// multiple of the kernel's tile), THREADS (per cube; default 128), CACHE (0 e4m3, 1 e5m2, 2
+// bf16; default 0), OPTS (1: softcap, ALiBi, window on, as the kernel was built; default 0).
+// argv[1]: seed.
 #include "emu.h"
 
 #include <cstdio>
@@ -23,6 +24,15 @@
 #ifndef OPTS
 #define OPTS 0
 #endif
+#ifndef THREADS
+#define THREADS 128
+#endif
+
+// A raw pointer that converts to any pointer-to-const parameter.
+struct AnyPtr {
+  const void* p;
+  template <class T> operator const T*() const { return static_cast<const T*>(p); }
+};
 
 static float bf16_value(uint16_t b) {
   uint32_t u = uint32_t(b) << 16;
@@ -116,12 +126,13 @@ int main(int argc, char** argv) {
   const unsigned params[8] = {(unsigned)B, (unsigned)max_pages, HEADS, HEADS * DK, (unsigned)row_blocks,
                               (unsigned)splits, SPLIT, OPTS ? (unsigned)window : 1u};
   memcpy(info.scalars_uint32, params, sizeof params);
-  emu_launch(EmuDim{(unsigned)(KVH * row_blocks), (unsigned)B, (unsigned)splits}, EmuDim{128, 1, 1}, [&] {
-    KNAME((const __nv_bfloat16*)q.data(), (const uint32_4*)kc.data(),
+  // Each kernel views the caches through its own vector types: AnyPtr converts to them.
+  emu_launch(EmuDim{(unsigned)(KVH * row_blocks), (unsigned)B, (unsigned)splits}, EmuDim{THREADS, 1, 1}, [&] {
+    KNAME((const __nv_bfloat16*)q.data(), AnyPtr{kc.data()},
 #if WIDE
-          (const uint32*)kc.data(),
+          AnyPtr{kc.data()},
 #endif
-          (const uint32_4*)vc.data(), meta.data(), slopes.data(), ws_o.data(), ws_md.data(), info);
+          AnyPtr{vc.data()}, meta.data(), slopes.data(), ws_o.data(), ws_md.data(), info);
   });
 
   // The largest |output| any state can have.

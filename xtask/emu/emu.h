@@ -127,25 +127,28 @@ inline float abs(float a) { return fabsf(a); }
 inline float exp(float a) { return expf(a); }
 inline float tanh(float a) { return tanhf(a); }
 
-// Runs `body` (one kernel call) for every block of the grid, one thread per CUDA thread.
+// Runs `body` (one kernel call) for every block of the grid, one thread per CUDA thread. The
+// threads are made once and walk the blocks in order together, meeting at a barrier between
+// blocks, so a block's shared memory and warp state are free when the next one starts.
 inline void emu_launch(EmuDim grid, EmuDim block, const std::function<void()>& body) {
   gridDim = grid;
   blockDim = block;
   unsigned n = block.x * block.y * block.z;
-  for (unsigned z = 0; z < grid.z; z++)
-    for (unsigned y = 0; y < grid.y; y++)
-      for (unsigned x = 0; x < grid.x; x++) {
-        EmuBlock b;
-        b.bar = std::make_unique<std::barrier<>>(n);
-        for (unsigned w = 0; w < n / 32; w++) b.warps.push_back(std::make_unique<EmuWarp>());
-        emu_block = &b;
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < n; t++)
-          ts.emplace_back([&, t] {
-            threadIdx = EmuDim{t, 0, 0};
+  EmuBlock b;
+  b.bar = std::make_unique<std::barrier<>>(n);
+  for (unsigned w = 0; w < (n + 31) / 32; w++) b.warps.push_back(std::make_unique<EmuWarp>());
+  emu_block = &b;
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < n; t++)
+    ts.emplace_back([&, t] {
+      threadIdx = EmuDim{t, 0, 0};
+      for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+          for (unsigned x = 0; x < grid.x; x++) {
             blockIdx = EmuDim{x, y, z};
             body();
-          });
-        for (auto& t : ts) t.join();
-      }
+            b.bar->arrive_and_wait();
+          }
+    });
+  for (auto& t : ts) t.join();
 }

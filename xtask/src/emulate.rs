@@ -1,5 +1,6 @@
-//! `cargo xtask emulate [--keep]`: runs the tensor-core decode split kernels' generated CUDA C++
-//! on the CPU, without a GPU, and checks what they compute.
+//! `cargo xtask emulate [--nvrtc DIR] [--out DIR]`: runs the decode split kernels' generated
+//! CUDA C++ (CUDA-core, tensor-core and key-major) on the CPU, without a GPU, and checks what
+//! they compute.
 //!
 //! For each case below the launch goes through the real entry (`paged_decode_path`) on the
 //! offline runtime of `codegen`, which captures the split kernel's source exactly as the CUDA
@@ -7,7 +8,8 @@
 //! `xtask/emu/emu.h` (threads for CUDA threads, barriers for `__syncthreads` and the warp
 //! collectives, `mma.sync` from the PTX fragment layouts) and `xtask/emu/driver.cpp`, which
 //! feeds it random paged input and compares every partial state with a double-precision
-//! reference. A build with the B fragment's pairs swapped must fail: the check can fail.
+//! reference. A build with the tensor-core B fragment's pairs swapped must fail: the check can
+//! fail.
 //!
 //! Needs `g++` (C++20) and the CUDA headers from PyPI in `.nvrtc/` (or `--nvrtc DIR` /
 //! `FP8KV_NVRTC_DIR`): the `nvidia-cuda-runtime-cu12`, `nvidia-cuda-nvcc-cu12` (for
@@ -52,19 +54,14 @@ fn cases() -> Vec<Case> {
         opts: false,
         path: KernelPath::TensorCores,
     };
+    // The CUDA-core kernel, the tensor-core one and its key-major variant.
     let both = |name: &'static str, c: Case| {
         [
-            Case {
-                name,
-                path: KernelPath::TensorCores,
-                ..c
-            },
-            Case {
-                name,
-                path: KernelPath::TensorCoresKeyMajor,
-                ..c
-            },
+            KernelPath::CudaCores,
+            KernelPath::TensorCores,
+            KernelPath::TensorCoresKeyMajor,
         ]
+        .map(|path| Case { name, path, ..c })
     };
     let mut out = Vec::new();
     out.extend(both("llama_e4m3", Case { ..base }));
@@ -114,6 +111,11 @@ fn cases() -> Vec<Case> {
         ..mla
     });
     out.push(Case {
+        name: "mla_e4m3",
+        path: KernelPath::CudaCores,
+        ..mla
+    });
+    out.push(Case {
         name: "mla_bf16",
         cache: Dtype::Bf16,
         ..mla
@@ -128,8 +130,9 @@ fn cases() -> Vec<Case> {
     out
 }
 
-/// Launches `c` on the offline runtime and returns its split kernel's entry and source.
-fn capture(c: &Case) -> Result<(String, String), String> {
+/// Launches `c` on the offline runtime and returns its split kernel's entry, source and threads
+/// per cube.
+fn capture(c: &Case) -> Result<(String, String, u32), String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let client = OfflineCuda::client(&Default::default());
     let policy = match c.cache {
@@ -188,19 +191,23 @@ fn capture(c: &Case) -> Result<(String, String), String> {
         .into_iter()
         .find(|k| k.entrypoint.starts_with("decode_split_"))
         .ok_or("no split kernel was launched")?;
-    Ok((k.entrypoint, k.source?))
+    let threads = k.cube_dim.0 * k.cube_dim.1 * k.cube_dim.2;
+    Ok((k.entrypoint, k.source?, threads))
 }
 
 /// The captured source made host C++: no CUDA runtime or WMMA header, the shared-memory
-/// declaration left to emu.h, and the `mma.sync` asm replaced by emu.h's `emu_mma`.
-fn host_source(cuda: &str) -> Result<String, String> {
-    let mut s = cuda
+/// declaration left to emu.h, and the `mma.sync` asm replaced by emu.h's `emu_mma` (which a
+/// tensor-core kernel must have).
+fn host_source(cuda: &str, tensor_cores: bool) -> Result<String, String> {
+    // The shared-memory declaration (any alignment) goes: emu.h defines the array.
+    let mut s: String = cuda
+        .lines()
+        .filter(|l| !l.starts_with("extern __shared__"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    s = s
         .replace("#include <cuda_runtime.h>\n", "")
         .replace("#include <mma.h>\n", "")
-        .replace(
-            "extern __shared__ __align__(4) uint8 dynamic_shared_mem[];",
-            "",
-        )
         .replace("inline __device__ void", "inline void");
     let args = "reg_a_0, reg_a_1, reg_a_2, reg_a_3, reg_b_0, reg_b_1, reg_c_0, reg_c_1, reg_c_2, \
                 reg_c_3, reg_d_0, reg_d_1, reg_d_2, reg_d_3";
@@ -213,10 +220,18 @@ fn host_source(cuda: &str) -> Result<String, String> {
             replaced += 1;
         }
     }
-    if replaced == 0 {
+    if tensor_cores && replaced == 0 {
         return Err("no mma.sync asm found in the kernel source".into());
     }
     Ok(s)
+}
+
+fn path_name(path: KernelPath) -> &'static str {
+    match path {
+        KernelPath::CudaCores => "cuda-cores",
+        KernelPath::TensorCoresKeyMajor => "key-major",
+        _ => "tensor-cores",
+    }
 }
 
 /// Options of the subcommand.
@@ -266,13 +281,11 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     let mut failures = Vec::new();
     let mut self_check_done = false;
     for c in cases() {
-        let path = match c.path {
-            KernelPath::TensorCoresKeyMajor => "key-major",
-            _ => "default",
-        };
-        let label = format!("{} ({path})", c.name);
-        let result = emulate_case(&c, &label, &emu, &includes, &o.out_dir, !self_check_done);
-        self_check_done = true;
+        let label = format!("{} ({})", c.name, path_name(c.path));
+        // The self-check swaps an MMA fragment layout: the first tensor-core case carries it.
+        let self_check = !self_check_done && c.path != KernelPath::CudaCores;
+        self_check_done |= self_check;
+        let result = emulate_case(&c, &label, &emu, &includes, &o.out_dir, self_check);
         if let Err(e) = result {
             println!("FAIL {label}: {e}");
             failures.push(label);
@@ -290,8 +303,8 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     }
 }
 
-/// Captures, builds and runs one case (two seeds); with `self_check`, also a build with the
-/// B fragment's pairs swapped, which must fail.
+/// Captures, builds and runs one case; with `self_check`, also a build with the B fragment's
+/// pairs swapped, which must fail.
 fn emulate_case(
     c: &Case,
     label: &str,
@@ -300,20 +313,21 @@ fn emulate_case(
     out_dir: &Path,
     self_check: bool,
 ) -> Result<(), String> {
-    let (entry, cuda) = capture(c)?;
-    let stem = format!(
-        "{}_{}",
-        c.name,
-        if c.path == KernelPath::TensorCoresKeyMajor {
-            "km"
-        } else {
-            "default"
-        }
-    );
+    let (entry, cuda, threads) = capture(c)?;
+    let stem = format!("{}_{}", c.name, path_name(c.path));
     let inc = out_dir.join(format!("{stem}.inc"));
-    std::fs::write(&inc, host_source(&cuda)?).map_err(|e| format!("{}: {e}", inc.display()))?;
-    let group = c.heads / c.kv_heads;
-    let rows = if group * c.q_len <= 8 { 8 } else { 16 };
+    let tensor_cores = c.path != KernelPath::CudaCores;
+    std::fs::write(&inc, host_source(&cuda, tensor_cores)?)
+        .map_err(|e| format!("{}: {e}", inc.display()))?;
+    // Rows per cube as the launcher picks them for this launch's group × new tokens.
+    let max_rows = c.heads / c.kv_heads * c.q_len;
+    let rows = if !tensor_cores {
+        max_rows.clamp(1, fp8kv::kernels::decode::MAX_ROWS_PER_CUBE)
+    } else if max_rows <= 8 {
+        8
+    } else {
+        16
+    };
     let cache_code = match c.cache {
         Dtype::E4m3 => 0,
         Dtype::E5m2 => 1,
@@ -322,7 +336,7 @@ fn emulate_case(
     let defines = [
         format!("-DKSRC=\"{}\"", inc.display()),
         format!("-DKNAME={entry}"),
-        format!("-DWIDE={}", u8::from(c.dk > 256)),
+        format!("-DWIDE={}", u8::from(tensor_cores && c.dk > 256)),
         format!("-DHEADS={}", c.heads),
         format!("-DKVH={}", c.kv_heads),
         format!("-DDK={}", c.dk),
@@ -330,6 +344,7 @@ fn emulate_case(
         format!("-DPAGE={}", c.page),
         format!("-DROWS={rows}"),
         "-DSPLIT=128".to_string(),
+        format!("-DTHREADS={threads}"),
         format!("-DCACHE={cache_code}"),
         format!("-DOPTS={}", u8::from(c.opts)),
     ];
@@ -354,7 +369,13 @@ fn emulate_case(
     };
     let bin = out_dir.join(&stem);
     build(&bin, &[])?;
-    for seed in ["1", "2"] {
+    // Two seeds for the experimental key-major kernels, one for the GPU-verified ones.
+    let seeds: &[&str] = if c.path == KernelPath::TensorCoresKeyMajor {
+        &["1", "2"]
+    } else {
+        &["1"]
+    };
+    for seed in seeds {
         let out = Command::new(&bin)
             .arg(seed)
             .output()

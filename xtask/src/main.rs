@@ -21,8 +21,8 @@
 //!   `pip install --target .nvrtc nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79`,
 //!   or `--nvrtc DIR` / `FP8KV_NVRTC_DIR`) and prints registers and spills per kernel. Exits
 //!   non-zero if any kernel fails to generate or compile.
-//! - `cargo xtask emulate [--nvrtc DIR] [--out DIR]` runs the tensor-core decode split kernels'
-//!   generated CUDA C++ on the CPU (host C++ with threads standing in for CUDA threads and warp
+//! - `cargo xtask emulate [--nvrtc DIR] [--out DIR]` runs the decode split kernels' generated
+//!   CUDA C++ on the CPU (host C++ with threads standing in for CUDA threads and warp
 //!   collectives) and checks every partial state against a double-precision reference; needs
 //!   g++ and the CUDA headers from PyPI in `.nvrtc/` (see `emulate`).
 //! - `cargo xtask demo [ARGS..]` runs the end-to-end demo.
