@@ -165,7 +165,7 @@ impl MmaConfig {
 /// low 16 bits); `words` holds the piece as 32-bit words, `nw` (= `NW`) per vector. A 16-bit
 /// cache word is such a pair already; an FP8 pair is half a word, converted by [`fp8_pair()`].
 #[cube]
-pub fn piece_pair<M: Float, NW: Size>(
+pub(crate) fn piece_pair<M: Float, NW: Size>(
     words: &Array<Vector<u32, NW>>,
     #[comptime] base: u32,
     #[comptime] p: u32,
@@ -185,7 +185,7 @@ pub fn piece_pair<M: Float, NW: Size>(
 /// the low 16 bits), converted exactly by the hardware (`cvt.rn.f16x2.e4m3x2` / `e5m2x2` on
 /// sm_89 and later: every E4M3 and E5M2 value, subnormals included, is an f16).
 #[cube]
-pub fn fp8_pair<M: Float>(w: u32, #[comptime] h: u32, #[comptime] bits: CacheBits) -> u32 {
+pub(crate) fn fp8_pair<M: Float>(w: u32, #[comptime] h: u32, #[comptime] bits: CacheBits) -> u32 {
     // The half as a struct member (not a shift): ptxas then feeds the conversion the
     // register's high half directly (`F2FP … R.H1`), one SHF fewer per pair.
     let w16 = Vector::<u16, Const<2>>::reinterpret(w)[h as usize];
@@ -216,7 +216,7 @@ fn interleave_halves(a: u32, b: u32, #[comptime] h: u32) -> u32 {
 /// inverse, both normal f32 values: the biased exponent is clamped to `[1, 253]`, so a zero or
 /// tiny `mx` (below 2^-112) gets 2^126 and an infinite or NaN one stays non-finite.
 #[cube]
-pub fn pow2_row_scale(mx: f32) -> (f32, f32) {
+pub(crate) fn pow2_row_scale(mx: f32) -> (f32, f32) {
     let biased = (u32::reinterpret(mx) >> 23u32) & 0xFFu32;
     // 127 + 14 − (biased − 127), clamped; biased ≤ 255, so no underflow.
     let mut e = 268u32 - biased;
@@ -231,7 +231,7 @@ pub fn pow2_row_scale(mx: f32) -> (f32, f32) {
 /// Splits `x` into `parts` values of the MMA type whose sum approximates `x` to
 /// `parts × (mantissa bits)`, written to `out[at + i·stride]`, element `lane` of each vector.
 #[cube]
-pub fn split_parts<M: Float>(
+pub(crate) fn split_parts<M: Float>(
     x: f32,
     out: &mut Array<Vector<M, Const<2>>>,
     at: u32,
@@ -308,7 +308,7 @@ fn load_block<N: Size>(
 /// Loads `count` vectors of one token's piece at `base` into `regs[at..]`, or zeros when the
 /// token `t` is at or past `hi` (its address is then never read).
 #[cube]
-pub fn load_piece<N: Size>(
+pub(crate) fn load_piece<N: Size>(
     cache: &Array<Vector<u32, N>>,
     regs: &mut Array<Vector<u32, N>>,
     t: u32,
@@ -332,7 +332,7 @@ pub fn load_piece<N: Size>(
 /// The page holding the 16-token block at `t0`, or 0 (never read) when the block starts at or
 /// past `hi`.
 #[cube]
-pub fn block_page(
+pub(crate) fn block_page(
     meta: &Array<i32>,
     bt_base: u32,
     t0: u32,
@@ -380,7 +380,7 @@ fn merge_col(gq: u32, k: u32) -> u32 {
 /// and ALiBi slope.
 #[cube]
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
-pub fn score_slots(
+pub(crate) fn score_slots(
     row_ok: &mut Array<bool>,
     row_pos: &mut Array<u32>,
     row_slope: &mut Array<f32>,
@@ -418,7 +418,7 @@ pub fn score_slots(
 /// body_steps) + 4·tq` after them; register `x` holds dims `+2·(x / 2) + {0, 1}`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn query_values<F: Float>(
+pub(crate) fn query_values<F: Float>(
     q: &Array<F>,
     qv: &mut Array<f32>,
     q_max: &mut Array<f32>,
@@ -471,7 +471,7 @@ pub fn query_values<F: Float>(
 /// `qa[(part · k_steps + s) · 4 + x]` (the default layout's A fragments; the key-major
 /// layout's B fragments of row tile `y` are registers `y` and `2 + y`).
 #[cube]
-pub fn query_fragments<M: Float>(
+pub(crate) fn query_fragments<M: Float>(
     qv: &Array<f32>,
     q_scale: &Array<f32>,
     qa: &mut Array<Vector<M, Const<2>>>,
@@ -503,7 +503,7 @@ pub fn query_fragments<M: Float>(
 /// tile `x` from quad `2tq + e`, where `row_score_scale[x]` holds it for the quad's own row.
 /// Slots are filled from the top so that none is read after it is overwritten.
 #[cube]
-pub fn key_major_slot_scales(
+pub(crate) fn key_major_slot_scales(
     row_score_scale: &mut Array<f32>,
     tq: u32,
     params: &SplitParams,
@@ -528,7 +528,7 @@ pub fn key_major_slot_scales(
 /// where key `t` is hidden from the row at `pos` (row padding, past `hi`, causal, window).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn masked_score(
+pub(crate) fn masked_score(
     raw: f32,
     t: u32,
     pos: u32,
@@ -555,7 +555,7 @@ pub fn masked_score(
 /// Key-major QK of k-step `s` for every row tile: `st[2x..2x + 2] += K·Q^T` with `a` the
 /// step's K fragment and Q^T's B fragments from `qa` (registers `x` and `2 + x` of each part).
 #[cube]
-pub fn km_qk_step<M: Float>(
+pub(crate) fn km_qk_step<M: Float>(
     a: &Array<Vector<M, Const<2>>>,
     qa: &Array<Vector<M, Const<2>>>,
     st: &mut Array<Vector<f32, Const<2>>>,
@@ -587,7 +587,7 @@ pub fn km_qk_step<M: Float>(
 /// The lanes of the key-major probability exchange ([`km_softmax_exchange()`]): whether the
 /// lane's `gq` is below 4 and even, and the lanes its two shuffles read.
 #[derive(CubeType, Clone)]
-pub struct ExchangeLanes {
+pub(crate) struct ExchangeLanes {
     low: bool,
     even: bool,
     first: u32,
@@ -596,7 +596,7 @@ pub struct ExchangeLanes {
 
 /// [`ExchangeLanes`] of lane `(gq, tq)`.
 #[cube]
-pub fn exchange_lanes(gq: u32, tq: u32) -> ExchangeLanes {
+pub(crate) fn exchange_lanes(gq: u32, tq: u32) -> ExchangeLanes {
     ExchangeLanes {
         low: gq < 4,
         even: (gq & 1u32) == 0u32,
@@ -610,7 +610,7 @@ pub fn exchange_lanes(gq: u32, tq: u32) -> ExchangeLanes {
 /// (`sc[4x + 2e + c]` = token `t_lane + 8c`, row `8x + 2tq + e`; `t_lane` = block start + gq).
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn km_scores(
+pub(crate) fn km_scores(
     st: &Array<Vector<f32, Const<2>>>,
     sc: &mut Array<f32>,
     row_score_scale: &Array<f32>,
@@ -669,7 +669,7 @@ fn scale_row_tile(
 /// fragments `pb` (`[row tile][part][2]`) through the two-shuffle exchange.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn km_softmax_exchange<M: Float>(
+pub(crate) fn km_softmax_exchange<M: Float>(
     sc: &mut Array<f32>,
     m_run: &mut Array<f32>,
     d_run: &mut Array<f32>,
@@ -755,7 +755,7 @@ pub fn km_softmax_exchange<M: Float>(
 /// interleaved. `acc` is `[m-tile][row tile][2]`, `pb` `[row tile][part][2]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-pub fn pv_mma<M: Float, NV: Size>(
+pub(crate) fn pv_mma<M: Float, NV: Size>(
     acc: &mut Array<Vector<f32, Const<2>>>,
     vr: &Array<Vector<u32, NV>>,
     pb: &Array<Vector<M, Const<2>>>,
