@@ -818,8 +818,10 @@ pub(crate) fn pv_mma<M: Float, NV: Size>(
 /// loads go straight to registers, QK (two n8 tiles, query rows as M), masking and online
 /// softmax on the C fragments (row max and sum across the 4 lanes of a quad), then PV
 /// transposed (V dims as M, each row tile's probabilities as N, straight from the score
-/// fragments) into `dv/16` f32 C tiles per row tile. At the end the four warps' states merge
-/// through shared memory.
+/// fragments) into `dv/16` f32 C tiles per row tile. With `cfg.key_major` the QK is `S^T =
+/// K·Q^T` (tokens as M, each row tile's query rows as N), the row max and sum run over the 8
+/// lanes of a column, and the probabilities reach PV's B fragment by two shuffles (see the
+/// module doc). At the end the four warps' states merge through shared memory.
 #[cube(launch_unchecked)]
 // A comptime flag and a runtime condition cannot share one `if` in `#[cube]` code.
 #[allow(clippy::too_many_arguments, clippy::collapsible_if)]
@@ -882,7 +884,7 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         cfg,
     );
 
-    // ---- Q as A fragments: [part][k-step][4 registers] ---------------------------------------
+    // ---- Q as A fragments (key-major: registers x and 2 + x are row tile x's B fragment) ---
     // Register x of step s holds row gq + 8·(x % 2) (zero when the cube has one row tile) and
     // the head dims that K's B slots of the same registers hold (see the module doc): head dims
     // (+0, +1) / (+2, +3) of the step's four.
