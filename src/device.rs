@@ -162,6 +162,46 @@ impl<R: Runtime> PagedKvCache<R> {
         })
     }
 
+    /// Wraps existing K and V buffers (e.g. the storage of Burn tensors) without copying them.
+    /// Each must hold at least `layout.cache_elems(side)` contiguous elements of `dtype`.
+    pub fn from_handles(
+        client: &ComputeClient<R>,
+        layout: PagedKvLayout,
+        policy: QuantPolicy,
+        dtype: Dtype,
+        scales: KvScales,
+        k: Handle,
+        v: Handle,
+    ) -> Result<Self> {
+        policy.check_cache_dtype(dtype)?;
+        check_dtype_support(client, dtype)?;
+        for (what, side, handle) in [
+            ("k cache buffer", KvSide::K, &k),
+            ("v cache buffer", KvSide::V, &v),
+        ] {
+            let need = layout.cache_elems(side) * dtype.size_bytes();
+            if (handle.size_in_used() as usize) < need {
+                return Err(Fp8KvError::ShapeMismatch {
+                    what,
+                    expected: format!(
+                        "at least {need} bytes ({:?} of {dtype})",
+                        layout.shape(side)
+                    ),
+                    actual: format!("{} bytes", handle.size_in_used()),
+                });
+            }
+        }
+        Ok(PagedKvCache {
+            client: client.clone(),
+            layout,
+            policy,
+            dtype,
+            scales,
+            k,
+            v,
+        })
+    }
+
     /// Uploads a host cache (its bytes, layout, policy and dtype) with `scales`.
     pub fn from_host(
         client: &ComputeClient<R>,
@@ -287,6 +327,7 @@ impl BatchOffsets {
 
 /// One engine step's [`BatchMetadata`], validated against a layout and uploaded once into one
 /// `i32` buffer (sections in [`BatchOffsets`]). Every layer's kernels of that step reuse it.
+/// Cloning shares the device buffer.
 pub struct DeviceBatch<R: Runtime> {
     meta: BatchMetadata,
     layout: PagedKvLayout,
@@ -295,6 +336,31 @@ pub struct DeviceBatch<R: Runtime> {
     offsets: BatchOffsets,
     handle: Handle,
     _runtime: std::marker::PhantomData<R>,
+}
+
+// Manual impls: a derive would require `R: Clone + Debug`, which runtimes need not be.
+impl<R: Runtime> Clone for DeviceBatch<R> {
+    fn clone(&self) -> Self {
+        DeviceBatch {
+            meta: self.meta.clone(),
+            layout: self.layout,
+            num_tokens: self.num_tokens,
+            kv_start_loc: self.kv_start_loc.clone(),
+            offsets: self.offsets,
+            handle: self.handle.clone(),
+            _runtime: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<R: Runtime> std::fmt::Debug for DeviceBatch<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceBatch")
+            .field("meta", &self.meta)
+            .field("layout", &self.layout)
+            .field("num_tokens", &self.num_tokens)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<R: Runtime> DeviceBatch<R> {
@@ -562,6 +628,10 @@ impl<R: Runtime> DeviceRows<R> {
     /// The buffer.
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+    /// The buffer, giving up the struct (to hand it to another owner, e.g. a Burn tensor).
+    pub fn into_handle(self) -> Handle {
+        self.handle
     }
     /// The element type.
     pub fn dtype(&self) -> Dtype {

@@ -193,6 +193,28 @@ pub enum Fp8KvError {
     /// The device cannot convert to/from FP8.
     #[error("the device does not support FP8 conversion ({0}); use the `none` policy")]
     Fp8Unsupported(String),
+    /// A tensor of the wrong rank (Burn extension).
+    #[error("{what} must be a rank-{expected} tensor {layout}, got rank {actual}")]
+    WrongRank {
+        /// Which tensor.
+        what: &'static str,
+        /// The rank expected.
+        expected: usize,
+        /// The dimensions the rank stands for, in words.
+        layout: &'static str,
+        /// The rank passed.
+        actual: usize,
+    },
+    /// A tensor or batch on another device than the cache (Burn extension).
+    #[error("{what} is on device {actual}, but the cache is on {expected}")]
+    DeviceMismatch {
+        /// Which tensor or batch.
+        what: &'static str,
+        /// The cache's device.
+        expected: String,
+        /// The device it is on.
+        actual: String,
+    },
     /// A failure reported by the runtime.
     #[error("runtime error: {0}")]
     Runtime(String),

@@ -44,6 +44,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "burn")]
+pub mod burn;
 pub mod device;
 pub mod error;
 pub mod fp8;

@@ -1,0 +1,339 @@
+//! [`PagedKvBackend`] for `Fusion<B>` (what `burn_cuda::Cuda` is with Burn's default
+//! features): each operation is registered with the fusion stream as a custom operation that
+//! runs `B`'s implementation on the inner tensors when the stream executes it, the pattern of
+//! Burn's own extensions (burn-vision 0.21).
+//!
+//! The checks in [`super::KvCache`] run before anything is registered. An error that `B` still
+//! reports at execution cannot be returned any more: it panics with the library's message.
+//!
+//! Fill takes the cache tensors as read-only inputs and registers the same buffers, written in
+//! place by `B`, as its outputs; the cache then holds the outputs, and the old ids are dropped.
+
+use std::marker::PhantomData;
+
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_tensor::{DType, Shape};
+
+use super::{
+    burn_dtype, side_shape, AttentionOptions, CachePrimitive, FlattenLayout, KvCachePrimitive,
+    KvCacheSpec, PagedKvBackend,
+};
+use crate::error::{KvSide, Result};
+use crate::layout::{BatchMetadata, PagedKvLayout};
+use crate::policy::Dtype;
+
+type Handles<B> =
+    HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+type FTensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+
+/// An error at execution time: the stream cannot hand it back, so it is the panic message.
+fn or_panic<T>(op: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("fp8kv {op} (fused): {e}"))
+}
+
+fn side_tensor<B: FusionBackend>(side: &CachePrimitive<Fusion<B>>) -> &FTensor<B> {
+    match side {
+        CachePrimitive::Codes(t) | CachePrimitive::Values(t) => t,
+    }
+}
+
+/// The inner backend's primitive of one cache side, from the stream's handles.
+fn inner_side<B: FusionBackend>(
+    handles: &mut Handles<B>,
+    ir: &TensorIr,
+    spec: &KvCacheSpec,
+) -> CachePrimitive<B> {
+    match spec.dtype.fp8_format() {
+        Some(_) => CachePrimitive::Codes(handles.get_int_tensor::<B>(ir)),
+        None => CachePrimitive::Values(handles.get_float_tensor::<B>(ir)),
+    }
+}
+
+fn inner_cache<B: FusionBackend>(
+    handles: &mut Handles<B>,
+    k: &TensorIr,
+    v: &TensorIr,
+    spec: &KvCacheSpec,
+) -> KvCachePrimitive<B> {
+    KvCachePrimitive {
+        k: inner_side::<B>(handles, k, spec),
+        v: inner_side::<B>(handles, v, spec),
+    }
+}
+
+fn register_side<B: FusionBackend>(
+    handles: &mut Handles<B>,
+    ir: &TensorIr,
+    side: CachePrimitive<B>,
+) {
+    match side {
+        CachePrimitive::Codes(t) => handles.register_int_tensor::<B>(&ir.id, t),
+        CachePrimitive::Values(t) => handles.register_float_tensor::<B>(&ir.id, t),
+    }
+}
+
+/// Output descriptions of a cache's two sides.
+fn cache_outputs<B: FusionBackend>(
+    client: &burn_fusion::Client<B::FusionRuntime>,
+    spec: &KvCacheSpec,
+) -> [TensorIr; 2] {
+    let dtype = match spec.dtype {
+        Dtype::E4m3 | Dtype::E5m2 => DType::U8,
+        Dtype::F16 => DType::F16,
+        _ => DType::BF16,
+    };
+    [KvSide::K, KvSide::V].map(|side| {
+        TensorIr::uninit(
+            client.create_empty_handle(),
+            side_shape(&spec.layout, side),
+            dtype,
+        )
+    })
+}
+
+fn wrap_side<B: FusionBackend>(spec: &KvCacheSpec, t: FTensor<B>) -> CachePrimitive<Fusion<B>> {
+    match spec.dtype.fp8_format() {
+        Some(_) => CachePrimitive::Codes(t),
+        None => CachePrimitive::Values(t),
+    }
+}
+
+fn two<B: FusionBackend>(outs: Vec<FTensor<B>>) -> (FTensor<B>, FTensor<B>) {
+    let mut it = outs.into_iter();
+    match (it.next(), it.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("a custom op with two outputs returns two tensors"),
+    }
+}
+
+#[derive(Debug)]
+struct EmptyOp<B: FusionBackend> {
+    desc: CustomOpIr,
+    spec: KvCacheSpec,
+    device: B::Device,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for EmptyOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([], [k, v]) = self.desc.as_fixed();
+        let cache = or_panic(
+            "cache allocation",
+            B::kv_cache_empty(&self.spec, &self.device),
+        );
+        register_side::<B>(handles, k, cache.k);
+        register_side::<B>(handles, v, cache.v);
+    }
+}
+
+#[derive(Debug)]
+struct FillOp<B: FusionBackend + PagedKvBackend> {
+    desc: CustomOpIr,
+    spec: KvCacheSpec,
+    batch: B::KvBatchPrimitive,
+}
+
+impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for FillOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([k_cache, v_cache, k_new, v_new], [k_out, v_out]) = self.desc.as_fixed();
+        let mut cache = inner_cache::<B>(handles, k_cache, v_cache, &self.spec);
+        let (k_new, v_new) = (
+            handles.get_float_tensor::<B>(k_new),
+            handles.get_float_tensor::<B>(v_new),
+        );
+        or_panic(
+            "fill",
+            B::kv_fill(&mut cache, &self.spec, k_new, v_new, &self.batch),
+        );
+        register_side::<B>(handles, k_out, cache.k);
+        register_side::<B>(handles, v_out, cache.v);
+    }
+}
+
+#[derive(Debug)]
+struct FlattenOp<B: FusionBackend + PagedKvBackend> {
+    desc: CustomOpIr,
+    spec: KvCacheSpec,
+    batch: B::KvBatchPrimitive,
+    total: usize,
+    layout: FlattenLayout,
+    dtype: Dtype,
+}
+
+impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for FlattenOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([k_cache, v_cache], [k_out, v_out]) = self.desc.as_fixed();
+        let cache = inner_cache::<B>(handles, k_cache, v_cache, &self.spec);
+        let (k, v) = or_panic(
+            "flatten",
+            B::kv_flatten(
+                &cache,
+                &self.spec,
+                &self.batch,
+                self.total,
+                self.layout,
+                self.dtype,
+            ),
+        );
+        handles.register_float_tensor::<B>(&k_out.id, k);
+        handles.register_float_tensor::<B>(&v_out.id, v);
+    }
+}
+
+#[derive(Debug)]
+struct DecodeOp<B: FusionBackend + PagedKvBackend> {
+    desc: CustomOpIr,
+    spec: KvCacheSpec,
+    batch: B::KvBatchPrimitive,
+    opts: AttentionOptions,
+}
+
+impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for DecodeOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([q, k_cache, v_cache], [out]) = self.desc.as_fixed();
+        let cache = inner_cache::<B>(handles, k_cache, v_cache, &self.spec);
+        let q = handles.get_float_tensor::<B>(q);
+        let o = or_panic(
+            "decode",
+            B::kv_decode(q, &cache, &self.spec, &self.batch, &self.opts),
+        );
+        handles.register_float_tensor::<B>(&out.id, o);
+    }
+}
+
+impl<B: FusionBackend + PagedKvBackend> PagedKvBackend for Fusion<B> {
+    type KvBatchPrimitive = B::KvBatchPrimitive;
+
+    fn kv_batch(
+        meta: BatchMetadata,
+        layout: &PagedKvLayout,
+        num_tokens: Option<usize>,
+        device: &Self::Device,
+    ) -> Result<Self::KvBatchPrimitive> {
+        // Uploaded straight through the inner backend: the metadata is no tensor of the stream.
+        B::kv_batch(meta, layout, num_tokens, device)
+    }
+
+    fn kv_cache_empty(spec: &KvCacheSpec, device: &Self::Device) -> Result<KvCachePrimitive<Self>> {
+        let client = burn_fusion::get_client::<B>(device);
+        let outputs = cache_outputs::<B>(&client, spec);
+        let desc = CustomOpIr::new("fp8kv_cache_empty", &[], &outputs);
+        let op = EmptyOp::<B> {
+            desc: desc.clone(),
+            spec: *spec,
+            device: device.clone(),
+            _b: PhantomData,
+        };
+        let (k, v) =
+            two::<B>(client.register(OperationStreams::default(), OperationIr::Custom(desc), op));
+        Ok(KvCachePrimitive {
+            k: wrap_side::<B>(spec, k),
+            v: wrap_side::<B>(spec, v),
+        })
+    }
+
+    fn kv_fill(
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        k_new: FTensor<B>,
+        v_new: FTensor<B>,
+        batch: &Self::KvBatchPrimitive,
+    ) -> Result<()> {
+        let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
+        let client = k_cache.client.clone();
+        let streams = OperationStreams::with_inputs([k_cache, v_cache, &k_new, &v_new]);
+        let outputs = cache_outputs::<B>(&client, spec);
+        let inputs = [
+            k_cache.clone().into_ir(),
+            v_cache.clone().into_ir(),
+            k_new.into_ir(),
+            v_new.into_ir(),
+        ];
+        let desc = CustomOpIr::new("fp8kv_fill", &inputs, &outputs);
+        let op = FillOp::<B> {
+            desc: desc.clone(),
+            spec: *spec,
+            batch: batch.clone(),
+        };
+        let (k, v) = two::<B>(client.register(streams, OperationIr::Custom(desc), op));
+        // The old ids are dropped here; their buffer lives on under the outputs' ids.
+        *cache = KvCachePrimitive {
+            k: wrap_side::<B>(spec, k),
+            v: wrap_side::<B>(spec, v),
+        };
+        Ok(())
+    }
+
+    fn kv_flatten(
+        cache: &KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        batch: &Self::KvBatchPrimitive,
+        total: usize,
+        layout: FlattenLayout,
+        dtype: Dtype,
+    ) -> Result<(FTensor<B>, FTensor<B>)> {
+        let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
+        let client = k_cache.client.clone();
+        let streams = OperationStreams::with_inputs([k_cache, v_cache]);
+        let heads = spec.layout.num_kv_heads();
+        let dt = burn_dtype(dtype)?;
+        let out = |side| {
+            let d = spec.layout.head_dim(side);
+            let shape = match layout {
+                FlattenLayout::Hsd => Shape::new([heads, total, d]),
+                FlattenLayout::Shd => Shape::new([total, heads, d]),
+            };
+            TensorIr::uninit(client.create_empty_handle(), shape, dt)
+        };
+        let outputs = [out(KvSide::K), out(KvSide::V)];
+        let inputs = [k_cache.clone().into_ir(), v_cache.clone().into_ir()];
+        let desc = CustomOpIr::new("fp8kv_flatten", &inputs, &outputs);
+        let op = FlattenOp::<B> {
+            desc: desc.clone(),
+            spec: *spec,
+            batch: batch.clone(),
+            total,
+            layout,
+            dtype,
+        };
+        Ok(two::<B>(client.register(
+            streams,
+            OperationIr::Custom(desc),
+            op,
+        )))
+    }
+
+    fn kv_decode(
+        q: FTensor<B>,
+        cache: &KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        batch: &Self::KvBatchPrimitive,
+        opts: &AttentionOptions,
+    ) -> Result<FTensor<B>> {
+        let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
+        let client = q.client.clone();
+        let streams = OperationStreams::with_inputs([&q, k_cache, v_cache]);
+        let [n, heads, _] = q.shape.dims::<3>();
+        let out = TensorIr::uninit(
+            client.create_empty_handle(),
+            Shape::new([n, heads, spec.layout.head_dim_v()]),
+            q.dtype,
+        );
+        let inputs = [
+            q.into_ir(),
+            k_cache.clone().into_ir(),
+            v_cache.clone().into_ir(),
+        ];
+        let desc = CustomOpIr::new("fp8kv_decode", &inputs, &[out]);
+        let op = DecodeOp::<B> {
+            desc: desc.clone(),
+            spec: *spec,
+            batch: batch.clone(),
+            opts: opts.clone(),
+        };
+        let mut outs = client.register(streams, OperationIr::Custom(desc), op);
+        Ok(outs.remove(0))
+    }
+}
