@@ -19,6 +19,10 @@
 //! (`KernelPath::TensorCoresKeyMajor`, which includes the wide MLA kernel) instead of the
 //! default path; `-- --bench --ab` compares it with the default kernel shape by shape (the
 //! target shapes and the model catalogue).
+//! `-- --bench --burn` compares decode through the Burn extension (`CubeBackend` and
+//! `Fusion<CubeBackend>`, what `burn_cuda::Cuda` is by default) with the direct entry point at
+//! batch 32 × 4096 (e4m3, bf16 queries): device time (the Burn path must add no device work)
+//! and the host's µs per call.
 
 use cubecl::prelude::*;
 
@@ -62,7 +66,15 @@ fn copy_kernel(
 /// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
 /// the host's microseconds per call to issue them: where the second is the larger, the device
 /// waits on the host and the first measures the host.
-fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
+///
+/// `finish` runs after the calls, inside the profile and the host timing (a lazy backend,
+/// Burn's fusion, launches its queued kernels there).
+fn device_us_then(
+    client: &ComputeClient<Cuda>,
+    calls: usize,
+    f: &(dyn Fn(usize) + Sync),
+    finish: &(dyn Fn() + Sync),
+) -> (f64, f64) {
     let mut host = 0.0;
     let (_, dur) = client
         .profile(
@@ -71,6 +83,7 @@ fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sy
                 for i in 0..calls {
                     f(i);
                 }
+                finish();
                 host = t.elapsed().as_secs_f64() * 1e6 / calls as f64;
             },
             "bench",
@@ -85,11 +98,22 @@ fn median_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> f64 {
     median_device_host_us(client, f).0
 }
 
-/// Median device and host µs per call (see [`device_us`]) after warm-up.
+/// Median device and host µs per call (see [`device_us_then`]) after warm-up.
 fn median_device_host_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
-    let (first, _) = device_us(client, 3, f);
+    median_device_host_us_then(client, f, &|| ())
+}
+
+/// [`median_device_host_us`] with a finishing step (see [`device_us_then`]).
+fn median_device_host_us_then(
+    client: &ComputeClient<Cuda>,
+    f: &(dyn Fn(usize) + Sync),
+    finish: &(dyn Fn() + Sync),
+) -> (f64, f64) {
+    let (first, _) = device_us_then(client, 3, f, finish);
     let calls = ((RUN_TARGET_US / first).ceil() as usize).clamp(3, 2000);
-    let runs: Vec<(f64, f64)> = (0..RUNS).map(|_| device_us(client, calls, f)).collect();
+    let runs: Vec<(f64, f64)> = (0..RUNS)
+        .map(|_| device_us_then(client, calls, f, finish))
+        .collect();
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[RUNS / 2]
@@ -356,6 +380,148 @@ fn bench_ratio(
     }
 }
 
+/// Decode through the Burn extension on backend `B` at the `--burn` shape: `(device µs, host
+/// µs)` per call, median, caches rotated like [`bench_shape`]'s.
+fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::CudaDevice>>(
+    client: &ComputeClient<Cuda>,
+    s: &Shape,
+    finish: &(dyn Fn() + Sync),
+) -> Result<(f64, f64), String> {
+    use burn_tensor::{DType, Tensor, TensorData};
+    use fp8kv::burn::{KvBatch, KvCache, KvCacheConfig};
+    let e = |x: fp8kv::Fp8KvError| x.to_string();
+    let device = cubecl::cuda::CudaDevice::new(0);
+    let m = s.model;
+    let pages_per_seq = s.context.div_ceil(s.page_size);
+    let num_pages = s.batch * pages_per_seq;
+    let layout = PagedKvLayout::new(
+        num_pages,
+        s.page_size,
+        m.kv_heads,
+        m.head_dim_k,
+        m.head_dim_v,
+        s.kind,
+    )
+    .map_err(e)?;
+    let cfg = KvCacheConfig::new(&s.policy.to_string(), layout)
+        .map_err(e)?
+        .with_scales(KvScales::new(0.05, 0.02).map_err(e)?);
+    let copies = ROTATE_BYTES.div_ceil(cfg.size_bytes()).max(1);
+    let caches = (0..copies)
+        .map(|_| KvCache::<B>::new(&cfg, &device))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(e)?;
+    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
+    Rng::new(7).shuffle(&mut pages);
+    let meta =
+        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let batch = KvBatch::<B>::new(meta, &layout, s.batch, &device).map_err(e)?;
+    let q_vals: Vec<f32> = (0..s.batch * m.heads * m.head_dim_k)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let q = Tensor::<B, 3>::from_data(
+        TensorData::new(q_vals, [s.batch, m.heads, m.head_dim_k]),
+        (&device, DType::BF16),
+    );
+    let opts = AttentionOptions::default();
+    let f = |i: usize| {
+        caches[i % copies]
+            .decode(q.clone(), &batch, &opts)
+            .expect("burn decode");
+    };
+    Ok(median_device_host_us_then(client, &f, finish))
+}
+
+/// `--burn`: the Burn paths against the direct entry point, same shape, same run.
+fn bench_burn(client: &ComputeClient<Cuda>, copy: f64) {
+    use burn_cubecl::CubeBackend;
+    use burn_fusion::Fusion;
+    type Cube = CubeBackend<cubecl::cuda::CudaRuntime, half::bf16, i32, u8>;
+    type Fused = Fusion<Cube>;
+    let s = Shape::e4m3(32, 4096, 64);
+    let direct = match bench_shape(client, &s, copy) {
+        Ok(us) => us,
+        Err(err) => return println!("  error: {err}"),
+    };
+    // The direct path's host cost, at the same shape (bench_shape prints it only when large).
+    let (_, direct_host) = match bench_burn_direct_host(client, &s) {
+        Ok(t) => t,
+        Err(err) => return println!("  error: {err}"),
+    };
+    let device = cubecl::cuda::CudaDevice::new(0);
+    let drain = || burn_fusion::get_client::<Cube>(&device).sync(|| ());
+    for (name, r) in [
+        (
+            "CubeBackend",
+            bench_burn_backend::<Cube>(client, &s, &|| ()),
+        ),
+        (
+            "Fusion<CubeBackend> (burn_cuda::Cuda)",
+            bench_burn_backend::<Fused>(client, &s, &drain),
+        ),
+    ] {
+        match r {
+            Ok((us, host)) => println!(
+                "burn decode b32 ctx 4096 e4m3 via {name}: {us:.1} µs device ({:+.1}% vs direct {direct:.1} µs: {}), host {host:.1} µs/call (direct {direct_host:.1}, extra {:+.1})",
+                100.0 * (us / direct - 1.0),
+                if us <= direct * 1.03 { "within 3%" } else { "MORE THAN 3%" },
+                host - direct_host,
+            ),
+            Err(err) => println!("  {name}: error: {err}"),
+        }
+    }
+}
+
+/// The direct entry point's `(device, host)` µs per call at shape `s` (as [`bench_shape`]).
+fn bench_burn_direct_host(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f64, f64), String> {
+    let e = |x: fp8kv::Fp8KvError| x.to_string();
+    let m = s.model;
+    let pages_per_seq = s.context.div_ceil(s.page_size);
+    let num_pages = s.batch * pages_per_seq;
+    let layout = PagedKvLayout::new(
+        num_pages,
+        s.page_size,
+        m.kv_heads,
+        m.head_dim_k,
+        m.head_dim_v,
+        s.kind,
+    )
+    .map_err(e)?;
+    let scales = KvScales::new(0.05, 0.02).map_err(e)?;
+    let cache = PagedKvCache::new(client, layout, s.policy, Dtype::E4m3, scales).map_err(e)?;
+    let pages: Vec<i32> = (0..num_pages as i32).collect();
+    let meta =
+        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
+    let (qw, ow) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
+    let q = DeviceRows::from_f32(
+        client,
+        &vec![0.1; s.batch * qw],
+        Dtype::Bf16,
+        s.batch,
+        qw,
+        qw,
+    )
+    .map_err(e)?;
+    let opts = AttentionOptions::default();
+    // A fresh output per call, as the Burn path allocates one.
+    let f = |_: usize| {
+        let mut out = DeviceRows::empty(client, Dtype::Bf16, s.batch, ow, ow).expect("out");
+        paged_decode_path(
+            &q,
+            m.heads,
+            &cache,
+            &batch,
+            &opts,
+            SplitChoice::Auto,
+            KernelPath::Auto,
+            &mut out,
+        )
+        .expect("decode");
+    };
+    Ok(median_device_host_us(client, &f))
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only for the former.
     if !std::env::args().any(|a| a == "--bench") {
@@ -400,6 +566,10 @@ fn main() {
         if let Err(err) = bench_shape(&client, &shape, copy) {
             println!("  error: {err}");
         }
+        return;
+    }
+    if std::env::args().any(|a| a == "--burn") {
+        bench_burn(&client, copy);
         return;
     }
     if std::env::args().any(|a| a == "--models") {

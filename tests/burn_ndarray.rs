@@ -397,3 +397,68 @@ fn bad_input_gets_its_own_error() {
     // The cache still works after all of that.
     assert!(cache.decode(q(), &batch, &opts).is_ok());
 }
+
+#[test]
+fn causal_attention_over_the_flattened_cache_equals_the_reference_decode() {
+    // Chunked prefill reads the cache through flatten + causal_attention; decode through the
+    // paged kernel. Both must compute the same attention (f32 against the f64 reference).
+    for name in [
+        "spec_decode_4_tokens",
+        "chunked_prefill_history",
+        "gqa7_d80_page64",
+    ] {
+        let case = fp8kv::testing::case(&decode_cases(), name).clone();
+        let p = Problem::generate(&case, Dtype::F32).unwrap();
+        for policy in POLICIES {
+            let (cache, want_cache) = filled(&case, &p, policy);
+            let batch =
+                KvBatch::<B>::new(p.meta.clone(), &p.layout, p.num_tokens, &device()).unwrap();
+            let (k, v) = cache
+                .flatten(&batch, FlattenLayout::Shd, DType::F32)
+                .unwrap();
+            let q = tensor3(
+                &p.q,
+                p.num_tokens,
+                case.num_heads,
+                case.head_dim_k,
+                case.num_heads * case.head_dim_k,
+            );
+            let want = reference::paged_decode(
+                &p.q,
+                case.num_heads,
+                &want_cache,
+                &cache.scales(),
+                &p.meta,
+                p.num_tokens,
+                &AttentionOptions::default(),
+            )
+            .unwrap();
+            let starts = batch.kv_start_loc();
+            let row = case.num_heads * case.head_dim_v;
+            for b in 0..p.meta.batch() {
+                let q_len = p.meta.q_seq_length()[b] as usize;
+                if q_len == 0 {
+                    continue;
+                }
+                let q0 = p.meta.q_start_loc()[b] as usize;
+                let out = fp8kv::burn::causal_attention(
+                    q.clone().slice([q0..q0 + q_len]),
+                    k.clone().slice([starts[b]..starts[b + 1]]),
+                    v.clone().slice([starts[b]..starts[b + 1]]),
+                    None,
+                )
+                .unwrap();
+                let got = values(out);
+                // f32 dot products and sums over at most a few hundred terms of O(10) values:
+                // a relative error of a few 1e-6 of the largest |value|; 1e-4 absolute covers it.
+                for (i, g) in got.iter().enumerate() {
+                    let w = want[q0 * row + i];
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                        "{name}/{policy} seq {b} element {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -32,6 +32,7 @@
 //! that storage in place: the cache never hands out a second reference to it, so no write can
 //! make a backend copy it.
 
+mod attention;
 mod cube;
 mod fusion;
 mod ndarray;
@@ -43,6 +44,7 @@ use burn_tensor::ops::{FloatTensor, IntTensor};
 use burn_tensor::{DType, Int, Shape, Tensor, TensorData, TensorPrimitive};
 
 pub use crate::reference::{AttentionOptions, FlattenLayout};
+pub use attention::causal_attention;
 pub use ndarray::HostBatch;
 
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -247,8 +249,7 @@ impl KvCacheConfig {
 pub struct KvBatch<B: PagedKvBackend> {
     layout: PagedKvLayout,
     num_tokens: Option<usize>,
-    batch: usize,
-    total_kv_tokens: usize,
+    kv_start_loc: Vec<usize>,
     device: B::Device,
     primitive: B::KvBatchPrimitive,
 }
@@ -280,14 +281,12 @@ impl<B: PagedKvBackend> KvBatch<B> {
         num_tokens: Option<usize>,
         device: &B::Device,
     ) -> Result<Self> {
-        let batch = meta.batch();
-        let total_kv_tokens = crate::reference::flatten_start_loc(&meta)[batch];
+        let kv_start_loc = crate::reference::flatten_start_loc(&meta);
         let primitive = B::kv_batch(meta, layout, num_tokens, device)?;
         Ok(KvBatch {
             layout: *layout,
             num_tokens,
-            batch,
-            total_kv_tokens,
+            kv_start_loc,
             device: device.clone(),
             primitive,
         })
@@ -299,11 +298,16 @@ impl<B: PagedKvBackend> KvBatch<B> {
     }
     /// Sequences in the batch.
     pub fn batch(&self) -> usize {
-        self.batch
+        self.kv_start_loc.len() - 1
     }
     /// Cached tokens of all sequences (the token count of a flatten output).
     pub fn total_kv_tokens(&self) -> usize {
-        self.total_kv_tokens
+        self.kv_start_loc[self.batch()]
+    }
+    /// Where each sequence starts in a flatten output's token dimension (`batch + 1` entries,
+    /// the total last): sequence `b` is rows `kv_start_loc[b]..kv_start_loc[b + 1]`.
+    pub fn kv_start_loc(&self) -> &[usize] {
+        &self.kv_start_loc
     }
     /// The layout the metadata was validated against.
     pub fn layout(&self) -> &PagedKvLayout {
@@ -517,7 +521,7 @@ impl<B: PagedKvBackend> KvCache<B> {
             self.storage(),
             &self.spec,
             &batch.primitive,
-            batch.total_kv_tokens,
+            batch.total_kv_tokens(),
             layout,
             dtype,
         )?;

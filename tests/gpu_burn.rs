@@ -1,0 +1,509 @@
+//! The Burn extension on the GPU: for every operation, the Burn path (`CubeBackend` and
+//! `Fusion<CubeBackend>`, i.e. `burn_cuda::Cuda` with Burn's default features) equals the
+//! direct entry-point path bit for bit on the shared case tables; a fill into a 1 GiB cache
+//! allocates no second cache. Skips visibly without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
+
+#![cfg(feature = "burn")]
+
+mod common;
+
+use burn_cubecl::CubeBackend;
+use burn_fusion::Fusion;
+use burn_tensor::{DType, Tensor, TensorData};
+use cubecl::client::ComputeClient;
+use cubecl::cuda::{CudaDevice, CudaRuntime};
+use fp8kv::burn::{
+    AttentionOptions, FlattenLayout, KvBatch, KvCache, KvCacheConfig, PagedKvBackend,
+};
+use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::{decode, fill, flatten};
+use fp8kv::testing::{decode_cases, fill_cases, PagedCase, Problem};
+use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
+
+type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
+type Fused = Fusion<Cube>;
+
+/// Every cache configuration: `(policy, unquantized dtype)`.
+const CACHES: [(&str, Dtype); 4] = [
+    ("none", Dtype::F16),
+    ("none", Dtype::Bf16),
+    ("fp8_e4m3", Dtype::Bf16),
+    ("fp8_e5m2", Dtype::Bf16),
+];
+const ACTS: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
+
+fn burn_dtype(d: Dtype) -> DType {
+    fp8kv::burn::burn_dtype(d).unwrap()
+}
+
+/// `rows` rows of `heads * dim` values, `stride` apart in `data`, as a `[rows, heads, dim]`
+/// tensor of `act`. When the padding is whole heads, the tensor is a slice of a wider one
+/// (rows `stride` apart in memory), so the strided path is what runs.
+fn tensor3<B: PagedKvBackend>(
+    data: &[f32],
+    rows: usize,
+    heads: usize,
+    dim: usize,
+    stride: usize,
+    act: Dtype,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let pad = stride - heads * dim;
+    let wide_heads = heads + pad / dim;
+    let (src_heads, n) = if pad % dim == 0 {
+        (wide_heads, wide_heads * dim)
+    } else {
+        (heads, heads * dim)
+    };
+    let mut packed = Vec::with_capacity(rows * n);
+    for r in 0..rows {
+        packed.extend_from_slice(&data[r * stride..][..heads * dim]);
+        packed.extend(std::iter::repeat_n(f32::NAN, n - heads * dim));
+    }
+    let t = Tensor::<B, 3>::from_data(
+        TensorData::new(packed, [rows, src_heads, dim]),
+        (device, burn_dtype(act)),
+    );
+    t.slice([0..rows, 0..heads])
+}
+
+/// Element bits of a tensor's data (for exact comparisons).
+fn bits<B: PagedKvBackend>(t: Tensor<B, 3>) -> Vec<u32> {
+    let data = t.into_data();
+    let es = data.dtype.size();
+    data.as_bytes()
+        .chunks_exact(es)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..es].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        })
+        .collect()
+}
+
+fn config(case: &PagedCase, policy: &str, unquantized: Dtype) -> KvCacheConfig {
+    let cfg = KvCacheConfig::new(policy, case.layout().unwrap())
+        .unwrap()
+        .with_unquantized(unquantized)
+        .unwrap();
+    cfg.with_scales(case.kv_scales(cfg.policy).unwrap())
+}
+
+/// The cached bytes of every written position of `meta`'s sequences (positions `[kv_len -
+/// q_len, kv_len)`), K then V: what two caches must agree on (the rest is uninitialised).
+fn written_bytes(host: &fp8kv::reference::HostKvCache, meta: &BatchMetadata) -> Vec<u8> {
+    let layout = *host.layout();
+    let es = host.dtype().size_bytes();
+    let mut out = Vec::new();
+    for side in [KvSide::K, KvSide::V] {
+        let t = layout.tensor(side);
+        for b in 0..meta.batch() {
+            let (q, kv) = (
+                meta.q_seq_length()[b] as usize,
+                meta.kv_seqlens()[b] as usize,
+            );
+            for pos in kv - q..kv {
+                let (page, slot) = meta.locate(b, pos, layout.page_size());
+                for h in 0..layout.num_kv_heads() {
+                    let off = t.offset(page, slot, h) * es;
+                    out.extend_from_slice(&host.bytes(side)[off..off + t.head_dim * es]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The direct path's cache after filling `meta`'s new tokens from `k` / `v` rows.
+fn direct_fill(
+    client: &ComputeClient<Cuda>,
+    cfg: &KvCacheConfig,
+    meta: &BatchMetadata,
+    rows: (&[f32], &[f32], usize, usize),
+    num_tokens: usize,
+    act: Dtype,
+) -> fp8kv::Result<PagedKvCache<Cuda>> {
+    let spec = cfg.spec()?;
+    let mut cache = PagedKvCache::new(client, spec.layout, spec.policy, spec.dtype, spec.scales)?;
+    let heads = spec.layout.num_kv_heads();
+    let k = DeviceRows::from_f32(
+        client,
+        rows.0,
+        act,
+        num_tokens,
+        heads * spec.layout.head_dim_k(),
+        rows.2,
+    )?;
+    let v = DeviceRows::from_f32(
+        client,
+        rows.1,
+        act,
+        num_tokens,
+        heads * spec.layout.head_dim_v(),
+        rows.3,
+    )?;
+    let batch = DeviceBatch::new(client, meta.clone(), &spec.layout, num_tokens)?;
+    fill::fill(&mut cache, &k, &v, &batch)?;
+    Ok(cache)
+}
+
+/// The Burn path's cache after the same fill.
+fn burn_fill<B: PagedKvBackend<Device = CudaDevice>>(
+    cfg: &KvCacheConfig,
+    meta: &BatchMetadata,
+    rows: (&[f32], &[f32], usize, usize),
+    num_tokens: usize,
+    act: Dtype,
+) -> fp8kv::Result<KvCache<B>> {
+    let device = CudaDevice::new(0);
+    let layout = cfg.layout;
+    let heads = layout.num_kv_heads();
+    let mut cache = KvCache::<B>::new(cfg, &device)?;
+    let batch = KvBatch::<B>::new(meta.clone(), &layout, num_tokens, &device)?;
+    let k = tensor3::<B>(
+        rows.0,
+        num_tokens,
+        heads,
+        layout.head_dim_k(),
+        rows.2,
+        act,
+        &device,
+    );
+    let v = tensor3::<B>(
+        rows.1,
+        num_tokens,
+        heads,
+        layout.head_dim_v(),
+        rows.3,
+        act,
+        &device,
+    );
+    cache.fill(k, v, &batch)?;
+    Ok(cache)
+}
+
+struct Tally {
+    runs: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Tally {
+            runs: 0,
+            failures: Vec::new(),
+        }
+    }
+    fn check(&mut self, what: String, r: Result<(), String>) {
+        self.runs += 1;
+        if let Err(e) = r {
+            self.failures.push(format!("{what}: {e}"));
+        }
+    }
+    fn finish(self, op: &str) {
+        println!(
+            "burn {op}: {} runs, {} failed",
+            self.runs,
+            self.failures.len()
+        );
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} burn {op} runs differ:\n{}",
+            self.failures.len(),
+            self.runs,
+            self.failures.join("\n")
+        );
+    }
+}
+
+fn fill_case<B: PagedKvBackend<Device = CudaDevice>>(
+    client: &ComputeClient<Cuda>,
+    case: &PagedCase,
+    p: &Problem,
+    cfg: &KvCacheConfig,
+    act: Dtype,
+) -> Result<(), String> {
+    let e = |e: fp8kv::Fp8KvError| e.to_string();
+    let heads = p.layout.num_kv_heads();
+    let (dk, dv) = (p.layout.head_dim_k(), p.layout.head_dim_v());
+    let total = p.total_kv_tokens();
+    // The whole history (contiguous rows), then the step's new tokens alone (strided rows).
+    let steps = [
+        (
+            &p.prefill_meta,
+            (&p.hist_k[..], &p.hist_v[..], heads * dk, heads * dv),
+            total,
+        ),
+        (
+            &p.meta,
+            (&p.k_new[..], &p.v_new[..], p.k_row_stride, p.v_row_stride),
+            p.num_tokens,
+        ),
+    ];
+    for (meta, rows, n) in steps {
+        let want = direct_fill(client, cfg, meta, rows, n, act)
+            .map_err(e)?
+            .to_host()
+            .map_err(e)?;
+        let got = burn_fill::<B>(cfg, meta, rows, n, act)
+            .map_err(e)?
+            .to_host()
+            .map_err(e)?;
+        let (w, g) = (written_bytes(&want, meta), written_bytes(&got, meta));
+        if w != g {
+            let n_diff = w.iter().zip(&g).filter(|(a, b)| a != b).count();
+            return Err(format!(
+                "{}: {n_diff} of {} written bytes differ",
+                case.name,
+                w.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_burn_fill_equals_direct_path_bit_for_bit() {
+    let Some(client) = common::gpu::client_or_skip("gpu_burn_fill_equals_direct_path_bit_for_bit")
+    else {
+        return;
+    };
+    let mut tally = Tally::new();
+    for case in fill_cases() {
+        for act in ACTS {
+            let p = Problem::generate(&case, act).unwrap();
+            for (policy, unq) in CACHES {
+                let cfg = config(&case, policy, unq);
+                tally.check(
+                    format!("cube {policy}/{unq} act {act}"),
+                    fill_case::<Cube>(&client, &case, &p, &cfg, act),
+                );
+                tally.check(
+                    format!("fusion {policy}/{unq} act {act}"),
+                    fill_case::<Fused>(&client, &case, &p, &cfg, act),
+                );
+            }
+        }
+    }
+    tally.finish("fill");
+}
+
+/// Both paths' caches with the whole history written (fill is checked bit for bit above).
+fn prefilled<B: PagedKvBackend<Device = CudaDevice>>(
+    client: &ComputeClient<Cuda>,
+    p: &Problem,
+    cfg: &KvCacheConfig,
+    act: Dtype,
+) -> fp8kv::Result<(PagedKvCache<Cuda>, KvCache<B>)> {
+    let heads = p.layout.num_kv_heads();
+    let rows = (
+        &p.hist_k[..],
+        &p.hist_v[..],
+        heads * p.layout.head_dim_k(),
+        heads * p.layout.head_dim_v(),
+    );
+    let total = p.total_kv_tokens();
+    Ok((
+        direct_fill(client, cfg, &p.prefill_meta, rows, total, act)?,
+        burn_fill::<B>(cfg, &p.prefill_meta, rows, total, act)?,
+    ))
+}
+
+fn flatten_case<B: PagedKvBackend<Device = CudaDevice>>(
+    client: &ComputeClient<Cuda>,
+    p: &Problem,
+    cfg: &KvCacheConfig,
+) -> Result<(), String> {
+    let e = |e: fp8kv::Fp8KvError| e.to_string();
+    let (direct, cache) = prefilled::<B>(client, p, cfg, Dtype::Bf16).map_err(e)?;
+    let device = CudaDevice::new(0);
+    let dbatch = DeviceBatch::for_reads(client, p.prefill_meta.clone(), &p.layout).map_err(e)?;
+    let batch = KvBatch::<B>::for_reads(p.prefill_meta.clone(), &p.layout, &device).map_err(e)?;
+    for layout in [FlattenLayout::Hsd, FlattenLayout::Shd] {
+        for out in ACTS {
+            let (wk, wv) =
+                flatten::flatten_new(client, &direct, &dbatch, layout, out).map_err(e)?;
+            let (gk, gv) = cache.flatten(&batch, layout, burn_dtype(out)).map_err(e)?;
+            for (side, want, got) in [("k", wk, gk), ("v", wv, gv)] {
+                let (w, g) = (want.to_bits().map_err(e)?, bits(got));
+                if w != g {
+                    let n = w.iter().zip(&g).filter(|(a, b)| a != b).count();
+                    return Err(format!(
+                        "{layout:?} -> {out} {side}: {n} of {} differ (len {} vs {})",
+                        w.len(),
+                        w.len(),
+                        g.len()
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_burn_flatten_equals_direct_path_bit_for_bit() {
+    let Some(client) =
+        common::gpu::client_or_skip("gpu_burn_flatten_equals_direct_path_bit_for_bit")
+    else {
+        return;
+    };
+    let mut tally = Tally::new();
+    for case in fill_cases() {
+        let p = Problem::generate(&case, Dtype::Bf16).unwrap();
+        for (policy, unq) in CACHES {
+            let cfg = config(&case, policy, unq);
+            tally.check(
+                format!("{} cube {policy}/{unq}", case.name),
+                flatten_case::<Cube>(&client, &p, &cfg),
+            );
+            tally.check(
+                format!("{} fusion {policy}/{unq}", case.name),
+                flatten_case::<Fused>(&client, &p, &cfg),
+            );
+        }
+    }
+    tally.finish("flatten");
+}
+
+fn decode_case<B: PagedKvBackend<Device = CudaDevice>>(
+    client: &ComputeClient<Cuda>,
+    case: &PagedCase,
+    p: &Problem,
+    cfg: &KvCacheConfig,
+    act: Dtype,
+) -> Result<(), String> {
+    let e = |e: fp8kv::Fp8KvError| e.to_string();
+    let (direct, cache) = prefilled::<B>(client, p, cfg, act).map_err(e)?;
+    let device = CudaDevice::new(0);
+    let dbatch = DeviceBatch::new(client, p.meta.clone(), &p.layout, p.num_tokens).map_err(e)?;
+    let batch = KvBatch::<B>::new(p.meta.clone(), &p.layout, p.num_tokens, &device).map_err(e)?;
+    let (h, dk, dv) = (case.num_heads, case.head_dim_k, case.head_dim_v);
+    let with_options = AttentionOptions {
+        window: Some(50),
+        softcap: Some(30.0),
+        sinks: Some((0..h).map(|i| 0.3 - 0.05 * i as f32).collect()),
+        alibi_slopes: Some((0..h).map(|i| 0.02 / (i + 1) as f32).collect()),
+        sm_scale: Some(0.08),
+    };
+    for opts in [AttentionOptions::default(), with_options] {
+        let q = DeviceRows::from_f32(client, &p.q, act, p.num_tokens, h * dk, h * dk).map_err(e)?;
+        let nan = vec![f32::NAN; p.num_tokens * h * dv];
+        let mut out =
+            DeviceRows::from_f32(client, &nan, act, p.num_tokens, h * dv, h * dv).map_err(e)?;
+        decode::paged_decode(&q, h, &direct, &dbatch, &opts, &mut out).map_err(e)?;
+        let qt = tensor3::<B>(&p.q, p.num_tokens, h, dk, h * dk, act, &device);
+        let got = cache.decode(qt, &batch, &opts).map_err(e)?;
+        let (w, g) = (out.to_bits().map_err(e)?, bits(got));
+        if w != g {
+            let n = w.iter().zip(&g).filter(|(a, b)| a != b).count();
+            return Err(format!("opts {opts:?}: {n} of {} outputs differ", w.len()));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_burn_decode_equals_direct_path_bit_for_bit() {
+    let Some(client) =
+        common::gpu::client_or_skip("gpu_burn_decode_equals_direct_path_bit_for_bit")
+    else {
+        return;
+    };
+    let mut tally = Tally::new();
+    for case in decode_cases() {
+        for act in ACTS {
+            let p = Problem::generate(&case, act).unwrap();
+            for (policy, unq) in CACHES {
+                let cfg = config(&case, policy, unq);
+                tally.check(
+                    format!("{} cube {policy}/{unq} act {act}", case.name),
+                    decode_case::<Cube>(&client, &case, &p, &cfg, act),
+                );
+                tally.check(
+                    format!("{} fusion {policy}/{unq} act {act}", case.name),
+                    decode_case::<Fused>(&client, &case, &p, &cfg, act),
+                );
+            }
+        }
+    }
+    tally.finish("decode");
+}
+
+/// A fill (and a copy_blocks) into a 1 GiB cache allocates no second cache: device memory in
+/// use grows by less than 64 MiB (the new rows and the metadata), on both backends.
+fn in_place_fill<B: PagedKvBackend<Device = CudaDevice>>(client: &ComputeClient<Cuda>, name: &str) {
+    let device = CudaDevice::new(0);
+    // 8192 pages x 64 tokens x 8 heads x 128 dims x 1 byte = 512 MiB per side.
+    let layout = PagedKvLayout::new(8192, 64, 8, 128, 128, KvLayoutKind::Bshd).unwrap();
+    let cfg = KvCacheConfig::new("fp8", layout)
+        .unwrap()
+        .with_scales(KvScales::new(0.1, 0.05).unwrap());
+    assert!(cfg.size_bytes() >= 1 << 30);
+    let mut cache = KvCache::<B>::new(&cfg, &device).unwrap();
+    let (batch_size, ctx) = (32, 4096);
+    let pages = ctx / 64;
+    let table: Vec<i32> = (0..(batch_size * pages) as i32).collect();
+    let meta = BatchMetadata::decode(vec![ctx as i32; batch_size], table, pages).unwrap();
+    let batch = KvBatch::<B>::new(meta, &layout, batch_size, &device).unwrap();
+    let rows: Vec<f32> = (0..batch_size * 8 * 128)
+        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
+        .collect();
+    let k = tensor3::<B>(&rows, batch_size, 8, 128, 8 * 128, Dtype::Bf16, &device);
+    let v = k.clone();
+    B::sync(&device).unwrap();
+    let before = client.memory_usage().unwrap().bytes_in_use;
+    cache.fill(k, v, &batch).unwrap();
+    cache.copy_blocks(&[(0, 8000), (1, 8001)]).unwrap();
+    B::sync(&device).unwrap();
+    let after = client.memory_usage().unwrap().bytes_in_use;
+    println!("{name}: device memory in use {before} -> {after} bytes around a fill and a copy_blocks of a {} byte cache", cfg.size_bytes());
+    assert!(
+        after < before + (64 << 20),
+        "{name}: memory in use grew from {before} to {after} bytes: the 1 GiB cache was copied"
+    );
+    // And the write happened: the copied page holds page 0's codes.
+    let host = cache.to_host().unwrap();
+    let page = layout.tensor(KvSide::K).page_stride;
+    assert_eq!(
+        host.k[..page],
+        host.k[8000 * page..8001 * page],
+        "{name}: copy_blocks did not copy page 0"
+    );
+    assert!(
+        host.k[..page].iter().any(|&c| c != 0),
+        "{name}: page 0 holds no codes"
+    );
+}
+
+#[test]
+fn gpu_burn_fill_into_1_gib_cache_stays_in_place() {
+    let Some(client) = common::gpu::client_or_skip("gpu_burn_fill_into_1_gib_cache_stays_in_place")
+    else {
+        return;
+    };
+    in_place_fill::<Cube>(&client, "cube");
+    in_place_fill::<Fused>(&client, "fusion");
+}
+
+#[test]
+fn gpu_burn_policy_none_and_fp8_caches_report_their_dtype_and_size() {
+    let Some(_client) = common::gpu::client_or_skip(
+        "gpu_burn_policy_none_and_fp8_caches_report_their_dtype_and_size",
+    ) else {
+        return;
+    };
+    let device = CudaDevice::new(0);
+    let layout = PagedKvLayout::new(4, 16, 2, 64, 64, KvLayoutKind::Bhsd).unwrap();
+    for (policy, want, bytes) in [
+        ("none", QuantPolicy::None, 2),
+        ("fp8", QuantPolicy::Fp8E4m3, 1),
+        ("fp8_e5m2", QuantPolicy::Fp8E5m2, 1),
+    ] {
+        let cfg = KvCacheConfig::new(policy, layout).unwrap();
+        let cache = KvCache::<Fused>::new(&cfg, &device).unwrap();
+        assert_eq!(cache.policy(), want);
+        assert_eq!(cache.size_bytes(), bytes * 2 * 4 * 16 * 2 * 64);
+        assert_eq!(cache.to_host().unwrap().k.len(), bytes * 4 * 16 * 2 * 64);
+    }
+}
