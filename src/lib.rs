@@ -51,6 +51,8 @@ pub mod error;
 pub mod fp8;
 pub mod kernels;
 pub mod layout;
+#[cfg(feature = "model")]
+pub mod model;
 pub mod policy;
 pub mod reference;
 pub mod scales;
