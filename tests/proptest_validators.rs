@@ -12,8 +12,9 @@
 //! | reference fill / flatten / decode = an independent recomputation (tiny shapes) | 300 |
 //!
 //! Every validator must return (never panic); a panic fails the property. Measured with
-//! `cargo test --release --test proptest_validators` on the 2-core CI machine: about 9 s for
-//! the whole file (the reference property dominates).
+//! `cargo test --release --test proptest_validators` on a 2-core machine like CI's: 2.1–3.5 s
+//! for the whole file (the corruption property about 2.0 s, the reference one about 1.8 s,
+//! the rest under 0.3 s together), well inside CI's budget.
 //!
 //! The seed is random per run (proptest's default); a failure prints the minimal case, and
 //! `PROPTEST_RNG_SEED=<u64>` replays a run.
