@@ -31,7 +31,7 @@ use cubecl::ir::{ElemType, FloatKind, StorageType};
 use cubecl::server::Handle;
 use cubecl::Runtime;
 
-use crate::error::{Fp8KvError, KvSide, Result};
+use crate::error::{checked_product, checked_rows_span, Fp8KvError, KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::{Dtype, QuantPolicy};
 use crate::reference::HostKvCache;
@@ -46,7 +46,9 @@ pub type Cuda = CudaRuntime;
 /// fails to initialise, or it reports no device. The client is cheap to clone; creating it
 /// again returns a client on the same server.
 pub fn cuda_client() -> Result<ComputeClient<CudaRuntime>> {
-    // SAFETY: only tries to dlopen the driver library by its usual names.
+    // SAFETY: `is_culib_present` only tries to dlopen the driver library by its usual names
+    // (no CUDA call is made through a library that may be absent); it touches no memory of
+    // ours.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Fp8KvError::NoDevice(
             "the CUDA driver library (libcuda) was not found".into(),
@@ -202,12 +204,15 @@ impl<R: Runtime> PagedKvCache<R> {
         })
     }
 
-    /// Uploads a host cache (its bytes, layout, policy and dtype) with `scales`.
+    /// Uploads a host cache (its bytes, layout, policy and dtype) with `scales`. Its buffers
+    /// must pass [`HostKvCache::check_shape`] (a short one would let the kernels read past
+    /// the device buffer).
     pub fn from_host(
         client: &ComputeClient<R>,
         host: &HostKvCache,
         scales: KvScales,
     ) -> Result<Self> {
+        host.check_shape()?;
         host.policy().check_cache_dtype(host.dtype())?;
         check_dtype_support(client, host.dtype())?;
         let upload = |b: &[u8]| {
@@ -325,6 +330,28 @@ impl BatchOffsets {
     }
 }
 
+/// Checks that the [`DeviceBatch`] buffer of `batch` sequences with `max_pages_per_seq`
+/// block-table columns can be indexed by the kernels, which compute its indices in `u32`
+/// (`4 · batch + 1 + b · max_pages_per_seq + page`): its length ([`BatchOffsets::len`]) must fit
+/// in a `u32`, else [`Fp8KvError::TooLarge`]. [`DeviceBatch::new`] and
+/// [`DeviceBatch::for_reads`] call it.
+pub fn check_batch_buffer_len(batch: usize, max_pages_per_seq: usize) -> Result<()> {
+    // BatchOffsets::len in u128, so the check itself cannot overflow.
+    let len = (batch as u128)
+        .saturating_mul(max_pages_per_seq as u128 + crate::kernels::meta::BLOCK_TABLE as u128)
+        .saturating_add(1);
+    if len <= u32::MAX as u128 {
+        Ok(())
+    } else {
+        Err(Fp8KvError::TooLarge {
+            what: "batch metadata buffer (i32 elements)",
+            actual: len,
+            limit: u32::MAX as u128,
+            why: "the kernels' 32-bit indices",
+        })
+    }
+}
+
 /// One engine step's [`BatchMetadata`], validated against a layout and uploaded once into one
 /// `i32` buffer (sections in [`BatchOffsets`]). Every layer's kernels of that step reuse it.
 /// Cloning shares the device buffer.
@@ -366,6 +393,9 @@ impl<R: Runtime> std::fmt::Debug for DeviceBatch<R> {
 impl<R: Runtime> DeviceBatch<R> {
     /// Validates `meta` for a step that writes `num_tokens` packed new tokens into caches of
     /// `layout` ([`BatchMetadata::validate`]) and uploads it. Usable by fill, flatten, decode.
+    ///
+    /// Errors: every error of [`BatchMetadata::validate`], and [`Fp8KvError::TooLarge`] for a
+    /// buffer past the kernels' 32-bit indices ([`check_batch_buffer_len`]).
     pub fn new(
         client: &ComputeClient<R>,
         meta: BatchMetadata,
@@ -373,18 +403,23 @@ impl<R: Runtime> DeviceBatch<R> {
         num_tokens: usize,
     ) -> Result<Self> {
         meta.validate(layout, num_tokens)?;
+        check_batch_buffer_len(meta.batch(), meta.max_pages_per_seq())?;
         Ok(Self::upload(client, meta, layout, Some(num_tokens)))
     }
 
     /// Validates `meta` only for reading caches of `layout` ([`BatchMetadata::validate_reads`]:
     /// kv lengths and the block-table entries they use) and uploads it. Usable by flatten; fill
     /// refuses it (its new-token fields were not checked).
+    ///
+    /// Errors: every error of [`BatchMetadata::validate_reads`], and [`Fp8KvError::TooLarge`]
+    /// as for [`Self::new`].
     pub fn for_reads(
         client: &ComputeClient<R>,
         meta: BatchMetadata,
         layout: &PagedKvLayout,
     ) -> Result<Self> {
         meta.validate_reads(layout)?;
+        check_batch_buffer_len(meta.batch(), meta.max_pages_per_seq())?;
         Ok(Self::upload(client, meta, layout, None))
     }
 
@@ -484,7 +519,14 @@ pub struct DeviceRows<R: Runtime> {
     row_stride: usize,
 }
 
-fn check_rows_shape(dtype: Dtype, row_elems: usize, row_stride: usize) -> Result<()> {
+/// Checks a rows shape and returns the bytes of its `rows × row_stride` elements (the
+/// allocation size), or [`Fp8KvError::TooLarge`] when that overflows `usize`.
+fn check_rows_shape(
+    dtype: Dtype,
+    rows: usize,
+    row_elems: usize,
+    row_stride: usize,
+) -> Result<usize> {
     if !dtype.is_activation() {
         return Err(Fp8KvError::UnsupportedDtype(format!(
             "activation rows must be f32, f16 or bf16, got {dtype}"
@@ -497,16 +539,7 @@ fn check_rows_shape(dtype: Dtype, row_elems: usize, row_stride: usize) -> Result
             row_elems,
         });
     }
-    Ok(())
-}
-
-/// Elements a `rows × row_stride` block needs: the last row need not be padded.
-fn rows_span(rows: usize, row_elems: usize, row_stride: usize) -> usize {
-    if rows == 0 {
-        0
-    } else {
-        (rows - 1) * row_stride + row_elems
-    }
+    checked_product("rows bytes", &[rows, row_stride, dtype.size_bytes()])
 }
 
 impl<R: Runtime> DeviceRows<R> {
@@ -530,6 +563,11 @@ impl<R: Runtime> DeviceRows<R> {
     }
 
     /// Allocates uninitialised rows (`rows * row_stride` elements).
+    ///
+    /// Errors (all three constructors): [`Fp8KvError::UnsupportedDtype`] (not an activation
+    /// dtype), [`Fp8KvError::RowStride`] (stride below the row), [`Fp8KvError::TooLarge`]
+    /// (`rows × row_stride` bytes overflow `usize`, which would otherwise wrap to a small
+    /// buffer that the kernels then index past).
     pub fn empty(
         client: &ComputeClient<R>,
         dtype: Dtype,
@@ -537,8 +575,8 @@ impl<R: Runtime> DeviceRows<R> {
         row_elems: usize,
         row_stride: usize,
     ) -> Result<Self> {
-        check_rows_shape(dtype, row_elems, row_stride)?;
-        let handle = client.empty(alloc_len(rows * row_stride * dtype.size_bytes()));
+        let bytes = check_rows_shape(dtype, rows, row_elems, row_stride)?;
+        let handle = client.empty(alloc_len(bytes));
         Ok(Self::wrap(
             client, handle, dtype, rows, row_elems, row_stride,
         ))
@@ -555,8 +593,8 @@ impl<R: Runtime> DeviceRows<R> {
         row_elems: usize,
         row_stride: usize,
     ) -> Result<Self> {
-        check_rows_shape(dtype, row_elems, row_stride)?;
-        let need = rows_span(rows, row_elems, row_stride);
+        let bytes = check_rows_shape(dtype, rows, row_elems, row_stride)?;
+        let need = checked_rows_span("rows data", rows, row_elems, row_stride)?;
         if data.len() < need {
             return Err(Fp8KvError::ShapeMismatch {
                 what: "rows data",
@@ -566,7 +604,7 @@ impl<R: Runtime> DeviceRows<R> {
         }
         let n = rows * row_stride;
         let es = dtype.size_bytes();
-        let mut bytes = vec![0u8; alloc_len(n * es)];
+        let mut bytes = crate::error::try_vec("rows bytes", alloc_len(bytes), 0u8)?;
         for (i, &x) in data.iter().take(n).enumerate() {
             dtype.store(x, &mut bytes[i * es..(i + 1) * es]);
         }
@@ -586,8 +624,9 @@ impl<R: Runtime> DeviceRows<R> {
         row_elems: usize,
         row_stride: usize,
     ) -> Result<Self> {
-        check_rows_shape(dtype, row_elems, row_stride)?;
-        let need = rows_span(rows, row_elems, row_stride) * dtype.size_bytes();
+        check_rows_shape(dtype, rows, row_elems, row_stride)?;
+        let need =
+            checked_rows_span("rows buffer", rows, row_elems, row_stride)? * dtype.size_bytes();
         if (handle.size_in_used() as usize) < need {
             return Err(Fp8KvError::ShapeMismatch {
                 what: "rows buffer",

@@ -215,6 +215,48 @@ pub enum Fp8KvError {
         /// The device it is on.
         actual: String,
     },
+    /// A size past what the host can represent (a `usize` product that overflows) or what the
+    /// kernels can address (32-bit indices, CUDA's grid limits). The size is a `u128` so that a
+    /// product past `usize::MAX` can still be reported.
+    #[error("{what} is too large: {actual} exceeds the limit of {limit} ({why})")]
+    TooLarge {
+        /// Which quantity.
+        what: &'static str,
+        /// Its value (saturated at `u128::MAX` if even that overflows).
+        actual: u128,
+        /// The largest accepted value.
+        limit: u128,
+        /// Where the limit comes from.
+        why: &'static str,
+    },
+    /// A per-layer K or V scale read from a checkpoint that is not finite or not > 0.
+    #[error("layer {layer}: checkpoint scale `{tensor}` must be finite and > 0, got {value}")]
+    CheckpointScale {
+        /// The layer.
+        layer: usize,
+        /// The tensor it was read from.
+        tensor: String,
+        /// The rejected value (converted to f32).
+        value: f32,
+    },
+    /// A checkpoint file that cannot be opened or read, or is not a valid safetensors file.
+    #[error("checkpoint {file}: {reason}")]
+    CheckpointFile {
+        /// The file (its path, or `bytes[i]` for in-memory shards).
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A scale tensor in a checkpoint of the wrong dtype or shape (or found in two shards).
+    #[error("checkpoint {file}: tensor `{tensor}`: {reason}")]
+    CheckpointTensor {
+        /// The file (its path, or `bytes[i]` for in-memory shards).
+        file: String,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A failure reported by the runtime.
     #[error("runtime error: {0}")]
     Runtime(String),
@@ -222,3 +264,77 @@ pub enum Fp8KvError {
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, Fp8KvError>;
+
+/// The product of `factors`, or [`Fp8KvError::TooLarge`] naming `what` when it overflows
+/// `usize` (the host-side guard every size computation from user input goes through).
+pub(crate) fn checked_product(what: &'static str, factors: &[usize]) -> Result<usize> {
+    let exact = factors
+        .iter()
+        .try_fold(1usize, |acc, &f| acc.checked_mul(f));
+    exact.ok_or_else(|| Fp8KvError::TooLarge {
+        what,
+        actual: factors
+            .iter()
+            .fold(1u128, |acc, &f| acc.saturating_mul(f as u128)),
+        limit: usize::MAX as u128,
+        why: "the host's usize",
+    })
+}
+
+/// Elements `rows` rows of `row_elems` elements `row_stride` apart span (the last row
+/// unpadded): `(rows - 1) * row_stride + row_elems`, 0 for no rows, or
+/// [`Fp8KvError::TooLarge`] naming `what` when that overflows `usize`.
+pub(crate) fn checked_rows_span(
+    what: &'static str,
+    rows: usize,
+    row_elems: usize,
+    row_stride: usize,
+) -> Result<usize> {
+    if rows == 0 {
+        return Ok(0);
+    }
+    (rows - 1)
+        .checked_mul(row_stride)
+        .and_then(|n| n.checked_add(row_elems))
+        .ok_or(Fp8KvError::TooLarge {
+            what,
+            actual: ((rows - 1) as u128)
+                .saturating_mul(row_stride as u128)
+                .saturating_add(row_elems as u128),
+            limit: usize::MAX as u128,
+            why: "the host's usize",
+        })
+}
+
+/// A vector of `n` copies of `value`, or [`Fp8KvError::TooLarge`] naming `what` when the
+/// allocator refuses it (instead of the abort or panic of `vec![value; n]`).
+pub(crate) fn try_vec<T: Clone>(what: &'static str, n: usize, value: T) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| Fp8KvError::TooLarge {
+        what,
+        actual: (n as u128).saturating_mul(std::mem::size_of::<T>() as u128),
+        limit: isize::MAX as u128,
+        why: "bytes the host allocator could provide",
+    })?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+/// [`Fp8KvError::TooLarge`] unless `actual <= limit`.
+pub(crate) fn check_limit(
+    what: &'static str,
+    actual: usize,
+    limit: usize,
+    why: &'static str,
+) -> Result<()> {
+    if actual <= limit {
+        Ok(())
+    } else {
+        Err(Fp8KvError::TooLarge {
+            what,
+            actual: actual as u128,
+            limit: limit as u128,
+            why,
+        })
+    }
+}

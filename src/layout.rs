@@ -1,7 +1,7 @@
 //! The paged cache layout (host side) and batch metadata: every shape, stride and
 //! `(seq, token) -> (page, slot, offset)` computation of the crate lives here.
 
-use crate::error::{Fp8KvError, KvSide, Result};
+use crate::error::{check_limit, checked_product, Fp8KvError, KvSide, Result};
 use crate::policy::QuantPolicy;
 
 /// Order of the two middle dimensions of a cache page.
@@ -36,6 +36,11 @@ pub fn check_head_dims(head_dim_k: usize, head_dim_v: usize) -> Result<()> {
         })
     }
 }
+
+/// The most elements one page of one cache tensor may hold (`page_size × num_kv_heads ×
+/// head_dim`): the kernels' comptime strides are `u32` and are multiplied by the element size
+/// (up to 2 bytes) while the kernels are built, so a page stays below 2^31 elements.
+pub const MAX_PAGE_ELEMS: usize = i32::MAX as usize;
 
 /// Strides (in elements) of one cache tensor, K or V: the device twin of this is what kernels take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,7 +99,14 @@ pub struct PagedKvLayout {
 }
 
 impl PagedKvLayout {
-    /// A validated layout: `page_size` a power of two ≥ 16, supported head dims, nonzero counts.
+    /// A validated layout: `page_size` a power of two ≥ 16, supported head dims, nonzero counts,
+    /// a page of at most [`MAX_PAGE_ELEMS`] elements per side ([`Fp8KvError::TooLarge`]), and
+    /// both caches' bytes at 2 bytes per element (the widest cache element) within `usize`, so
+    /// that every size method of the layout is exact.
+    ///
+    /// Errors: [`Fp8KvError::ZeroSize`] (no pages or no KV heads),
+    /// [`Fp8KvError::InvalidPageSize`], [`Fp8KvError::UnsupportedHeadDim`],
+    /// [`Fp8KvError::TooLarge`].
     pub fn new(
         num_pages: usize,
         page_size: usize,
@@ -115,6 +127,28 @@ impl PagedKvLayout {
             return Err(Fp8KvError::InvalidPageSize { page_size });
         }
         check_head_dims(head_dim_k, head_dim_v)?;
+        let page_elems = checked_product(
+            "cache page elements",
+            &[page_size, num_kv_heads, head_dim_k.max(head_dim_v)],
+        )?;
+        check_limit(
+            "cache page elements",
+            page_elems,
+            MAX_PAGE_ELEMS,
+            "the kernels' 32-bit comptime strides",
+        )?;
+        // K and V together at 2 bytes per element: bounds cache_elems, cache_bytes and
+        // bytes_per_token for every policy.
+        checked_product(
+            "k + v cache bytes",
+            &[
+                num_pages,
+                page_size,
+                num_kv_heads,
+                head_dim_k + head_dim_v,
+                2,
+            ],
+        )?;
         Ok(PagedKvLayout {
             num_pages,
             page_size,
@@ -233,6 +267,10 @@ fn len_err(what: &'static str, expected: usize, actual: usize) -> Fp8KvError {
 impl BatchMetadata {
     /// Metadata with consistent array lengths (one entry per sequence, a `[batch,
     /// max_pages_per_seq]` block table). Validate against a layout with [`Self::validate`].
+    ///
+    /// Errors: [`Fp8KvError::ShapeMismatch`] (a length that disagrees with `kv_seqlens`' or a
+    /// block table of another size), [`Fp8KvError::ZeroSize`] (no block-table columns for a
+    /// non-empty batch), [`Fp8KvError::TooLarge`] (`batch × max_pages_per_seq` overflows).
     pub fn new(
         q_start_loc: Vec<i32>,
         q_seq_length: Vec<i32>,
@@ -252,7 +290,11 @@ impl BatchMetadata {
                 what: "max_pages_per_seq",
             });
         }
-        if block_table.len() != batch * max_pages_per_seq {
+        let table_len = checked_product(
+            "block_table (batch x max_pages_per_seq)",
+            &[batch, max_pages_per_seq],
+        )?;
+        if block_table.len() != table_len {
             return Err(Fp8KvError::ShapeMismatch {
                 what: "block_table",
                 expected: format!("[{batch}, {max_pages_per_seq}]"),
@@ -334,6 +376,11 @@ impl BatchMetadata {
     }
 
     /// `(physical page, slot)` of position `pos` of sequence `seq` (valid metadata assumed).
+    ///
+    /// # Panics
+    ///
+    /// If `page_size` is 0 or `(seq, pos / page_size)` is outside the block table: call it
+    /// only with positions that [`Self::validate_reads`] accepted.
     pub fn locate(&self, seq: usize, pos: usize, page_size: usize) -> (usize, usize) {
         let page = self.block_table[seq * self.max_pages_per_seq + pos / page_size];
         (page as usize, pos % page_size)
@@ -342,9 +389,13 @@ impl BatchMetadata {
     /// Checks what every kernel reads: `0 ≤ kv_seqlens ≤ max_pages_per_seq × page_size` and
     /// every block-table entry a sequence uses within `[0, num_pages)`. Entries past a
     /// sequence's last page are never read and may hold anything (engines pad with -1 or 0).
+    ///
+    /// Errors: [`Fp8KvError::NegativeLength`], [`Fp8KvError::SeqLenPastCache`],
+    /// [`Fp8KvError::BlockTableOutOfRange`] (each naming the sequence).
     pub fn validate_reads(&self, layout: &PagedKvLayout) -> Result<()> {
         let page_size = layout.page_size();
-        let capacity = self.max_pages_per_seq * page_size;
+        // Saturating: a capacity past usize is past every i32 length anyway.
+        let capacity = self.max_pages_per_seq.saturating_mul(page_size);
         for (b, &kv_len) in self.kv_seqlens.iter().enumerate() {
             let kv_len = kv_len as i64;
             if kv_len < 0 {
@@ -382,6 +433,16 @@ impl BatchMetadata {
     /// `0 ≤ q_seq_length ≤ kv_seqlens`, each sequence's new tokens inside `[0, num_tokens)` and
     /// disjoint from the others', and no two new tokens written to the same slot. Pages may be
     /// shared for reading (prefix caching); only the slots written in this step must be unique.
+    ///
+    /// Sequences need not be packed in batch order (every kernel finds a sequence's rows from
+    /// its own `q_start_loc`), and a sequence without new tokens may have any `q_start_loc ≥ 0`
+    /// (it is never read). All arithmetic is in `i64`, so `q_start_loc + q_seq_length` cannot
+    /// overflow.
+    ///
+    /// Errors, one variant per defect: [`Fp8KvError::NegativeLength`],
+    /// [`Fp8KvError::SeqLenPastCache`], [`Fp8KvError::BlockTableOutOfRange`],
+    /// [`Fp8KvError::QueryLongerThanKv`], [`Fp8KvError::QueryOutOfRange`],
+    /// [`Fp8KvError::QueryOverlap`], [`Fp8KvError::SlotConflict`].
     pub fn validate(&self, layout: &PagedKvLayout, num_tokens: usize) -> Result<()> {
         self.validate_reads(layout)?;
         let mut spans = Vec::with_capacity(self.batch());

@@ -46,6 +46,7 @@
 
 #[cfg(feature = "burn")]
 pub mod burn;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod fp8;
@@ -58,6 +59,7 @@ pub mod reference;
 pub mod scales;
 pub mod testing;
 
+pub use checkpoint::{load_kv_scales, LoadedScales, ScaleWarning};
 pub use error::{Fp8KvError, KvSide, Result};
 pub use fp8::Fp8Format;
 pub use layout::{BatchMetadata, CacheTensorLayout, KvLayoutKind, PagedKvLayout};

@@ -143,23 +143,33 @@ pub(crate) fn tuning(family: &'static str, default: (u32, u32, u32)) -> (u32, u3
 }
 
 /// The kernels index buffers in 32-bit vector units; a buffer of more vectors than that is
-/// refused (a cache for all layers of a big model should be split per layer).
+/// refused with [`crate::Fp8KvError::TooLarge`] (a cache for all layers of a big model should
+/// be split per layer).
 pub(crate) fn check_u32_vectors(
     what: &'static str,
     elems: usize,
     vec: usize,
 ) -> crate::error::Result<()> {
-    if elems / vec > u32::MAX as usize {
-        return Err(crate::error::Fp8KvError::ShapeMismatch {
-            what,
-            expected: format!(
-                "at most {} vectors of {vec} elements (32-bit indices)",
-                u32::MAX
-            ),
-            actual: format!("{elems} elements"),
-        });
-    }
-    Ok(())
+    crate::error::check_limit(
+        what,
+        elems / vec,
+        u32::MAX as usize,
+        "the kernels' 32-bit vector indices",
+    )
+}
+
+/// CUDA's limit on a grid's y and z dimensions. Every launch puts the batch on grid y, and
+/// decode's combine the longest query on grid z.
+pub(crate) const MAX_GRID_YZ: usize = 65535;
+
+/// [`crate::Fp8KvError::TooLarge`] for a batch past [`MAX_GRID_YZ`] sequences.
+pub(crate) fn check_grid_batch(batch: usize) -> crate::error::Result<()> {
+    crate::error::check_limit(
+        "batch (sequences)",
+        batch,
+        MAX_GRID_YZ,
+        "CUDA's grid y limit: one row of cubes per sequence",
+    )
 }
 
 /// Vectors below which a fill or flatten launch gives each thread one vector: decode-sized

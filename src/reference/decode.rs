@@ -1,7 +1,7 @@
 //! Reference paged attention (decode and multi-token decode), f64 throughout.
 
 use super::HostKvCache;
-use crate::error::{Fp8KvError, KvSide, Result};
+use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
 use crate::scales::KvScales;
 
@@ -11,7 +11,9 @@ pub struct AttentionOptions {
     /// Softmax scale applied to `q · k`; `None` means `1 / sqrt(head_dim_k)`.
     pub sm_scale: Option<f32>,
     /// Sliding window: a query at position `p` sees keys `j` with `p - window < j ≤ p`
-    /// (the window counts the query's own position). `None`: no window.
+    /// (the window counts the query's own position). `None`: no window. A window at least as
+    /// long as the sequence limits nothing (the GPU kernels clamp values past `i32::MAX`, which
+    /// every position is below).
     pub window: Option<usize>,
     /// Logit softcap `c`: scores become `c · tanh(s / c)` (Gemma-2 style). Must be > 0.
     pub softcap: Option<f32>,
@@ -23,7 +25,9 @@ pub struct AttentionOptions {
 }
 
 impl AttentionOptions {
-    /// Checks the options against the query head count.
+    /// Checks the options against the query head count: [`Fp8KvError::InvalidOption`] for a
+    /// non-finite or non-positive `sm_scale` or `softcap`, a window of 0 or non-finite sinks or
+    /// slopes; [`Fp8KvError::ShapeMismatch`] for sinks or slopes not one per query head.
     pub fn validate(&self, num_heads: usize) -> Result<()> {
         if let Some(s) = self.sm_scale {
             if !s.is_finite() || s <= 0.0 {
@@ -71,6 +75,20 @@ impl AttentionOptions {
 /// with the sink in the denominator; `o = Σ_j (p_j · v_scale) · f32(V_j)`. Returns
 /// `[num_tokens, num_heads, head_dim_v]` in f64; rows that belong to no sequence stay 0, and a
 /// query that sees no key gets 0.
+///
+/// Non-finite cache values (fill stores a NaN input as the format's NaN code, see
+/// [`crate::reference::fill`]): a NaN in any dim of key `j` makes score `s_j` NaN for every
+/// query head of that KV group whose window contains `j`; the running maximum skips it
+/// (`f64::max`), but the softmax denominator becomes NaN, so **every dim** of those heads'
+/// output rows is NaN. A NaN in dim `d` of value `j` makes **dim `d` only** of those rows NaN,
+/// even where `p_j` underflows to 0 (`0 · NaN = NaN`). Queries whose window excludes `j`, other
+/// KV heads and other sequences are unaffected. Saturated ±MAX codes are finite and give
+/// finite scores and outputs. (An E5M2 ±inf code, which fill never writes, gives ±inf or NaN
+/// scores.)
+///
+/// Errors: [`Fp8KvError::HeadRatio`], [`Fp8KvError::ShapeMismatch`] (q of the wrong length, a
+/// cache that fails [`HostKvCache::check_shape`]), [`Fp8KvError::TooLarge`], every error of
+/// [`AttentionOptions::validate`] and [`BatchMetadata::validate`].
 pub fn paged_decode(
     q: &[f32],
     num_heads: usize,
@@ -89,7 +107,10 @@ pub fn paged_decode(
             num_kv_heads: kv_heads,
         });
     }
-    if q.len() != num_tokens * num_heads * dk {
+    cache.check_shape()?;
+    let q_elems = checked_product("q elements", &[num_tokens, num_heads, dk])?;
+    let out_elems = checked_product("decode output elements", &[num_tokens, num_heads, dv])?;
+    if q.len() != q_elems {
         return Err(Fp8KvError::ShapeMismatch {
             what: "q",
             expected: format!("[{num_tokens}, {num_heads}, {dk}]"),
@@ -188,7 +209,7 @@ pub fn paged_decode(
             .map(|w| w.join().expect("reference decode worker panicked"))
             .collect()
     });
-    let mut out = vec![0f64; num_tokens * num_heads * dv];
+    let mut out = try_vec("decode output elements", out_elems, 0f64)?;
     for (tok, rows) in done.into_iter().flatten() {
         out[tok * num_heads * dv..][..num_heads * dv].copy_from_slice(&rows);
     }

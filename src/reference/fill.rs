@@ -9,6 +9,16 @@ use crate::scales::KvScales;
 /// `v_new`, each row `[num_kv_heads, head_dim]`) into cache positions `[kv_len - q_len,
 /// kv_len)`, quantizing FP8 as `clamp(x / scale, ±MAX)` with round-to-nearest-even. Touches no
 /// other slot. Validates `meta` against the cache layout first.
+///
+/// Non-finite inputs ([`crate::kernels::fill`] documents the same for the GPU): NaN is stored
+/// as the format's NaN code with the input's sign (E4M3 `0x7F`/`0xFF`, E5M2 `0x7E`/`0xFE`);
+/// ±inf saturates to ±MAX like any finite value beyond it (E4M3 `0x7E`/`0xFE`, E5M2
+/// `0x7B`/`0xFB`). The unquantized (f16/bf16) cache stores NaN and ±inf as they are (and f16
+/// turns a finite value past 65504 into ±inf).
+///
+/// Errors: [`crate::Fp8KvError::ShapeMismatch`] / [`crate::Fp8KvError::RowStride`] /
+/// [`crate::Fp8KvError::TooLarge`] for rows or cache buffers of the wrong size, and every error
+/// of [`BatchMetadata::validate`].
 pub fn fill(
     cache: &mut HostKvCache,
     scales: &KvScales,
@@ -17,6 +27,7 @@ pub fn fill(
     num_tokens: usize,
     meta: &BatchMetadata,
 ) -> Result<()> {
+    cache.check_shape()?;
     let layout = *cache.layout();
     let heads = layout.num_kv_heads();
     k_new.check("k", num_tokens, heads * layout.head_dim_k())?;

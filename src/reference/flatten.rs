@@ -1,7 +1,7 @@
 //! Reference flatten: paged cache to contiguous, dequantized K/V.
 
 use super::HostKvCache;
-use crate::error::{Fp8KvError, KvSide, Result};
+use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
 use crate::policy::Dtype;
 use crate::scales::KvScales;
@@ -32,6 +32,10 @@ pub fn flatten_start_loc(meta: &BatchMetadata) -> Vec<usize> {
 /// Gathers every sequence's `kv_seqlens[b]` cached tokens into contiguous K and V tensors in
 /// `out_layout`, sequences concatenated in batch order (see [`flatten_start_loc`]), values
 /// `f32(q) * scale` rounded to `out_dtype`. Returns `(k, v)` as f32 values of `out_dtype`.
+///
+/// Errors: [`Fp8KvError::UnsupportedDtype`] (an FP8 output), a cache whose buffers fail
+/// [`HostKvCache::check_shape`], every error of [`BatchMetadata::validate_reads`], and
+/// [`Fp8KvError::TooLarge`] for an output the host cannot hold.
 pub fn flatten(
     cache: &HostKvCache,
     scales: &KvScales,
@@ -44,6 +48,7 @@ pub fn flatten(
             "flatten output must be f32, f16 or bf16, got {out_dtype}"
         )));
     }
+    cache.check_shape()?;
     let layout = *cache.layout();
     meta.validate_reads(&layout)?;
     let starts = flatten_start_loc(meta);
@@ -52,7 +57,8 @@ pub fn flatten(
     let mut out = Vec::with_capacity(2);
     for (side, scale) in [(KvSide::K, scales.k()), (KvSide::V, scales.v())] {
         let d_len = layout.head_dim(side);
-        let mut o = vec![0f32; heads * total * d_len];
+        let elems = checked_product("flatten output elements", &[heads, total, d_len])?;
+        let mut o = try_vec("flatten output elements", elems, 0f32)?;
         for (b, &seq_start) in starts[..meta.batch()].iter().enumerate() {
             for pos in 0..meta.kv_seqlens()[b] as usize {
                 let (page, slot) = meta.locate(b, pos, layout.page_size());

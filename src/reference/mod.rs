@@ -12,7 +12,7 @@ pub use decode::{paged_decode, AttentionOptions};
 pub use fill::fill;
 pub use flatten::{flatten, flatten_start_loc, FlattenLayout};
 
-use crate::error::{Fp8KvError, KvSide, Result};
+use crate::error::{checked_rows_span, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::PagedKvLayout;
 use crate::policy::{Dtype, QuantPolicy};
 
@@ -30,6 +30,9 @@ pub struct HostKvCache {
 
 impl HostKvCache {
     /// A cache whose every byte is `fill_byte` (use a poison byte to catch stray writes).
+    ///
+    /// Errors: [`Fp8KvError::UnsupportedDtype`] (a dtype the policy does not store),
+    /// [`Fp8KvError::TooLarge`] (the host cannot allocate it).
     pub fn new(
         layout: PagedKvLayout,
         policy: QuantPolicy,
@@ -37,14 +40,52 @@ impl HostKvCache {
         fill_byte: u8,
     ) -> Result<Self> {
         policy.check_cache_dtype(dtype)?;
-        let es = dtype.size_bytes();
         Ok(HostKvCache {
             layout,
             policy,
             dtype,
-            k: vec![fill_byte; layout.cache_elems(KvSide::K) * es],
-            v: vec![fill_byte; layout.cache_elems(KvSide::V) * es],
+            k: try_vec(
+                "host k cache bytes",
+                Self::side_bytes(&layout, dtype, KvSide::K),
+                fill_byte,
+            )?,
+            v: try_vec(
+                "host v cache bytes",
+                Self::side_bytes(&layout, dtype, KvSide::V),
+                fill_byte,
+            )?,
         })
+    }
+
+    /// Bytes one side of a cache of `layout` and `dtype` holds (exact: [`PagedKvLayout::new`]
+    /// bounds the cache bytes at 2 bytes per element).
+    fn side_bytes(layout: &PagedKvLayout, dtype: Dtype, side: KvSide) -> usize {
+        layout.cache_elems(side) * dtype.size_bytes()
+    }
+
+    /// Checks that [`Self::k`] and [`Self::v`] (public fields, so a caller may have replaced
+    /// them) still hold exactly `layout.shape(side)` elements of the cache dtype: every
+    /// reference kernel and [`crate::device::PagedKvCache::from_host`] call this first, so a
+    /// short buffer is an error instead of an out-of-bounds index.
+    pub fn check_shape(&self) -> Result<()> {
+        for (what, side, bytes) in [
+            ("host k cache bytes", KvSide::K, &self.k),
+            ("host v cache bytes", KvSide::V, &self.v),
+        ] {
+            let need = Self::side_bytes(&self.layout, self.dtype, side);
+            if bytes.len() != need {
+                return Err(Fp8KvError::ShapeMismatch {
+                    what,
+                    expected: format!(
+                        "{need} bytes ({:?} of {})",
+                        self.layout.shape(side),
+                        self.dtype
+                    ),
+                    actual: format!("{} bytes", bytes.len()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The layout.
@@ -70,6 +111,10 @@ impl HostKvCache {
 
     /// Dequantized value of element `(page, slot, head, d)` of one side: `f32(q) * scale` for
     /// FP8, the stored value for the unquantized cache (whose scales are not applied).
+    ///
+    /// # Panics
+    ///
+    /// If the element is outside the layout or the buffers fail [`Self::check_shape`].
     pub fn dequant(
         &self,
         side: KvSide,
@@ -102,7 +147,9 @@ pub struct HostRows<'a> {
 }
 
 impl HostRows<'_> {
-    /// Checks that `num_tokens` rows of `row_elems` fit.
+    /// Checks that `num_tokens` rows of `row_elems` fit: [`Fp8KvError::RowStride`] for a
+    /// stride below the row, [`Fp8KvError::ShapeMismatch`] for too little data,
+    /// [`Fp8KvError::TooLarge`] when the span of the rows overflows `usize`.
     pub fn check(&self, what: &'static str, num_tokens: usize, row_elems: usize) -> Result<()> {
         if self.row_stride < row_elems {
             return Err(Fp8KvError::RowStride {
@@ -111,11 +158,7 @@ impl HostRows<'_> {
                 row_elems,
             });
         }
-        let need = if num_tokens == 0 {
-            0
-        } else {
-            (num_tokens - 1) * self.row_stride + row_elems
-        };
+        let need = checked_rows_span("host rows span", num_tokens, row_elems, self.row_stride)?;
         if self.data.len() < need {
             return Err(Fp8KvError::ShapeMismatch {
                 what,

@@ -442,7 +442,7 @@ pub(crate) fn launch_decode<R: Runtime>(
         k_scale * sm_scale,
         v_scale,
         opts.softcap.unwrap_or(1.0),
-        opts.window.unwrap_or(1) as u32,
+        kernel_window(opts.window),
     );
     let meta_len = batch.offsets().len;
     let grid = CubeCount::Static(
@@ -450,12 +450,28 @@ pub(crate) fn launch_decode<R: Runtime>(
         meta.batch() as u32,
         plan.num_splits as u32,
     );
-    // SAFETY: array lengths are the buffers' real sizes; the public entry validated the
-    // metadata against this cache's layout (every block-table entry a sequence reads is in
-    // range, q_len ≤ kv_len, query rows inside q) and the q/out shapes, and checked that every
-    // index fits in u32. The tensor-core kernel reads the caches as 32-bit words in vectors of
-    // 16 (or 8) bytes: every lane piece it reads is a whole multiple of its vector and starts
-    // at a multiple of it (rows start at multiples of the head dim; see `mma_config`).
+    // SAFETY: array lengths are the buffers' real sizes (q and out: `len_elems`, the
+    // workspace: the sizes allocated just above, the caches: bytes in use / word or vector
+    // bytes, alibi/sinks: `num_heads` values or a 1-element dummy the kernels do not read
+    // when the option is off), and every index stays below them because `paged_decode_path`
+    // (mod.rs) checked, before this launch:
+    // - metadata: the batch was validated for writing against this cache's layout
+    //   (`DeviceBatch::new` -> `BatchMetadata::validate`; `check_layout`): every block-table
+    //   entry a sequence reads is in `[0, num_pages)` (caches hold at least `cache_elems`
+    //   elements: `PagedKvCache::new` / `from_handles` / `from_host`), `q_seq_length <=
+    //   kv_seqlens`, and each sequence's query rows lie inside `[0, num_tokens)`;
+    // - shapes: `q` has exactly `num_tokens` rows of `num_heads x head_dim_k` (any stride; its
+    //   buffer covers them, checked by `DeviceRows`), `out` exactly `num_tokens` contiguous
+    //   rows of `num_heads x head_dim_v`; sinks and slopes hold one value per query head
+    //   (`AttentionOptions::validate`);
+    // - 32-bit arithmetic cannot wrap: the caches in 16-byte vectors (and 4-byte words for the
+    //   wide kernel), q and the workspace in elements are below `u32::MAX` (`too_big`), the
+    //   metadata below `u32::MAX` entries (`check_batch_buffer_len`), the window is clamped by
+    //   `kernel_window`; the grid's y (batch) and the combine's z (longest query) are at most
+    //   65535.
+    // The tensor-core kernels read the caches as 32-bit words in vectors of 16 (or 8) bytes:
+    // every lane piece they read is a whole multiple of its vector and starts at a multiple of
+    // it (rows start at multiples of the head dim; see `mma_config`).
     unsafe {
         if let Some(mcfg) = mma.filter(|m| wide_dims(m.k.head_dim, m.v.head_dim)) {
             decode_split_wide_kernel::launch_unchecked::<R>(
@@ -544,9 +560,43 @@ pub(crate) fn launch_decode<R: Runtime>(
     Ok(())
 }
 
+/// The window as the kernels' `u32` parameter (read only when the window is on). They test
+/// `t + window > pos` in `u32`, with positions and keys below 2^31 (`kv_seqlens` are `i32`):
+/// a window clamped to `i32::MAX` keeps that sum from wrapping and still exceeds every
+/// position, so it limits nothing, as the unclamped window would not either. A plain `as u32`
+/// would turn a window of 2^32 into 0, and one near `u32::MAX` into a sum that wraps and hides
+/// keys.
+fn kernel_window(window: Option<usize>) -> u32 {
+    window.map_or(1, |w| w.min(i32::MAX as usize) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_windows_clamp_below_the_u32_wrap() {
+        // Every position is at most i32::MAX - 1, so t + window must not wrap for t < 2^31.
+        let max = i32::MAX as u32;
+        for (window, want) in [
+            (Some(1), 1),
+            (Some(4096), 4096),
+            (Some(i32::MAX as usize), max),
+            (Some(i32::MAX as usize + 1), max),
+            (Some(u32::MAX as usize), max),
+            (Some(1usize << 32), max),
+            (Some(usize::MAX), max),
+        ] {
+            let got = kernel_window(window);
+            assert_eq!(got, want, "{window:?}");
+            if got == max {
+                // From the last possible position, key 0 is visible and t + window never wraps.
+                let last = i32::MAX as u32 - 1;
+                assert!(got > last, "{window:?}");
+                assert!(last.checked_add(got).is_some(), "{window:?}");
+            }
+        }
+    }
 
     #[test]
     fn mma_configs_read_whole_aligned_vectors() {

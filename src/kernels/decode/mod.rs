@@ -98,8 +98,9 @@ pub enum SplitChoice {
 ///   belong to no sequence are not written; a query that sees no key (an empty window) gets 0.
 ///
 /// Errors: [`Fp8KvError::HeadRatio`], [`Fp8KvError::ShapeMismatch`], [`Fp8KvError::UnsupportedDtype`],
-/// [`Fp8KvError::InvalidOption`] (from [`AttentionOptions::validate`]), and
-/// [`Fp8KvError::Runtime`] for sizes past the kernels' 32-bit indexing.
+/// [`Fp8KvError::InvalidOption`] (from [`AttentionOptions::validate`], or a batch built with
+/// [`DeviceBatch::for_reads`]), and [`Fp8KvError::TooLarge`] for more than 65535 sequences or
+/// new tokens in one sequence (CUDA's grid limits) and sizes past the kernels' 32-bit indexing.
 pub fn paged_decode<R: Runtime>(
     q: &DeviceRows<R>,
     num_heads: usize,
@@ -196,22 +197,21 @@ pub fn paged_decode_path<R: Runtime>(
     let meta = batch.meta();
     // CUDA limits grid y and z to 65535: batch is grid y of both kernels, the longest query
     // grid z of the combine.
-    if meta.batch() > 65535 || meta.max_q_len() > 65535 {
-        return Err(Fp8KvError::Runtime(format!(
-            "batch {} or longest query {} exceeds the grid limit of 65535",
-            meta.batch(),
-            meta.max_q_len()
-        )));
-    }
+    crate::kernels::check_grid_batch(meta.batch())?;
+    crate::error::check_limit(
+        "new tokens of one sequence",
+        meta.max_q_len(),
+        crate::kernels::MAX_GRID_YZ,
+        "CUDA's grid z limit: the combine kernel's grid z is the longest query",
+    )?;
     // Kernels index with u32: the cache in vectors, the query/workspace/output in elements.
-    let too_big = |what: &str, elems: usize| -> Result<()> {
-        if elems >= u32::MAX as usize {
-            Err(Fp8KvError::Runtime(format!(
-                "{what} of {elems} elements exceeds 32-bit indexing"
-            )))
-        } else {
-            Ok(())
-        }
+    let too_big = |what: &'static str, elems: usize| -> Result<()> {
+        crate::error::check_limit(
+            what,
+            elems,
+            u32::MAX as usize - 1,
+            "the kernels' 32-bit indices",
+        )
     };
     too_big(
         "K cache (in 16-byte vectors)",

@@ -70,15 +70,18 @@ impl SplitPlan {
     /// the fewest splits among equals. Batch 1 × 32k with 8 KV heads on 132 SMs × 3 gets 47
     /// splits of 704 tokens (376 cubes, one wave; 64 of 512 would take two); batch 128 × 32k
     /// gets a few long splits.
+    ///
+    /// Total for any input: `max_kv_len` is clamped to `[1, i32::MAX]` (lengths are `i32`) and
+    /// the products saturate, so no argument can overflow or divide by zero.
     pub fn new(
         base_cubes: usize,
         max_kv_len: usize,
         sm_count: usize,
         resident_per_sm: usize,
     ) -> Self {
-        let max_kv_len = max_kv_len.max(1);
+        let max_kv_len = max_kv_len.clamp(1, i32::MAX as usize);
         let base = base_cubes.max(1);
-        let slots = sm_count.max(1) * resident_per_sm.max(1);
+        let slots = sm_count.max(1).saturating_mul(resident_per_sm.max(1));
         let most = max_kv_len.div_ceil(MIN_SPLIT_TOKENS).clamp(1, MAX_SPLITS);
         let mut best: Option<(usize, SplitPlan)> = None;
         for wanted in 1..=most {
@@ -87,8 +90,8 @@ impl SplitPlan {
                 num_splits: max_kv_len.div_ceil(split_tokens),
                 split_tokens,
             };
-            let waves = (base * plan.num_splits).div_ceil(slots);
-            let cost = waves * (split_tokens + SPLIT_OVERHEAD_TOKENS);
+            let waves = base.saturating_mul(plan.num_splits).div_ceil(slots);
+            let cost = waves.saturating_mul(split_tokens + SPLIT_OVERHEAD_TOKENS);
             if best.is_none_or(|(c, _)| cost < c) {
                 best = Some((cost, plan));
             }
@@ -98,15 +101,27 @@ impl SplitPlan {
     }
 
     /// A plan with exactly the given slice length (rounded up to whole tiles), for tests that
-    /// want many splits on short sequences.
+    /// want many splits on short sequences. A slice longer than the longest sequence is one
+    /// split of that sequence's length rounded up to whole tiles (the launch passes the slice
+    /// length as `u32`, and rounding `usize::MAX` up would overflow).
+    ///
+    /// Errors: [`Fp8KvError::ZeroSize`] for 0, [`Fp8KvError::InvalidOption`] for more than
+    /// `MAX_SPLITS` slices, [`Fp8KvError::TooLarge`] for a `max_kv_len` past `i32::MAX`.
     pub fn with_split_tokens(split_tokens: usize, max_kv_len: usize) -> Result<Self> {
         if split_tokens == 0 {
             return Err(Fp8KvError::ZeroSize {
                 what: "split_tokens",
             });
         }
-        let split_tokens = split_tokens.next_multiple_of(TILE_TOKENS);
-        let num_splits = max_kv_len.max(1).div_ceil(split_tokens);
+        crate::error::check_limit(
+            "max_kv_len",
+            max_kv_len,
+            i32::MAX as usize,
+            "kv_seqlens are i32",
+        )?;
+        let max_kv_len = max_kv_len.max(1);
+        let split_tokens = split_tokens.min(max_kv_len).next_multiple_of(TILE_TOKENS);
+        let num_splits = max_kv_len.div_ceil(split_tokens);
         if num_splits > MAX_SPLITS {
             return Err(Fp8KvError::InvalidOption(format!(
                 "{num_splits} splits of {split_tokens} tokens exceed the maximum of {MAX_SPLITS}"

@@ -75,9 +75,28 @@ pub(crate) fn launch_fill<R: Runtime>(
     let es_act = act.size_bytes();
     let es_cache = cache_dtype.size_bytes();
     let offsets = batch.offsets();
-    // SAFETY: lengths are the buffers' real sizes (in scalars, as ArrayArg wants); the public entry validated that
-    // every index the kernel forms (rows of new tokens, block-table entries, cache slots) is
-    // inside them.
+    // SAFETY: every array length is the buffer's real size (`array_len`: bytes in use / element
+    // size, in scalars as `ArrayArg` wants; the metadata buffer's `offsets.len` i32s as
+    // uploaded), and every index the kernel forms stays below it because `fill` (mod.rs) and
+    // the types it takes checked, before this launch:
+    // - metadata: the batch was validated for writing against this cache's layout
+    //   (`DeviceBatch::new` -> `BatchMetadata::validate`; `check_layout`): for every sequence,
+    //   `q_start_loc + q_seq_length <= num_tokens`, `q_seq_length <= kv_seqlens <= max_pages x
+    //   page_size`, and each block-table entry of a written position in `[0, num_pages)`; so
+    //   the metadata index `4 batch + 1 + b max_pages + pos / page_size` is inside the buffer,
+    //   and the cache vector `page page_stride + slot slot_stride + head head_stride + v`
+    //   is below `num_pages x page_stride = layout.cache_elems(side) / vec`;
+    // - caches: `PagedKvCache::new` allocates `cache_elems` elements, `from_handles` checks at
+    //   least that many, `from_host` checks `HostKvCache::check_shape`;
+    // - rows: `check_rows` checked `num_tokens <= rows` and the row width, and `DeviceRows`'
+    //   constructors that the buffer covers `(rows - 1) row_stride + row_elems` elements, so
+    //   `(q_start + token) row_stride / vec + v` is inside;
+    // - `access_elems` made `vec` divide the head dims, the row strides and the buffer
+    //   offsets, so no vector straddles a buffer's end;
+    // - 32-bit arithmetic cannot wrap: `check_copy_vectors` bounded each buffer to `u32::MAX`
+    //   vectors, `check_batch_buffer_len` the metadata to `u32::MAX` entries, and
+    //   `PagedKvLayout::new` a page to `MAX_PAGE_ELEMS` (the comptime strides); the grid's y
+    //   (the batch) is at most 65535 (`check_grid_batch`).
     unsafe {
         fill_kernel::launch_unchecked::<R>(
             &client,

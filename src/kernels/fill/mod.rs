@@ -3,6 +3,35 @@
 //! FP8 caches store `encode(clamp(x / scale, ±MAX))` with round-to-nearest-even, bit for bit
 //! what [`crate::reference::fill`] writes; the unquantized cache stores `x` rounded to f16/bf16.
 //! Only the slots of the new tokens are written.
+//!
+//! # Non-finite activations
+//!
+//! Fill never fails on a value: it validates shapes and metadata, not activations. What a
+//! non-finite input becomes (the CPU reference, the software codec [`crate::fp8`] and the
+//! kernel's integer encoder [`crate::kernels::codec`] agree bit for bit):
+//!
+//! | input | E4M3 code | E5M2 code | f16/bf16 cache |
+//! |---|---|---|---|
+//! | NaN (sign `s`) | `s·0x80 \| 0x7F` (its only NaN) | `s·0x80 \| 0x7E` | NaN |
+//! | +inf / −inf | `0x7E` / `0xFE` (±448, saturated) | `0x7B` / `0xFB` (±57344, saturated) | ±inf |
+//! | finite beyond ±MAX·scale | ±MAX, as ±inf | ±MAX, as ±inf | rounded (f16: ±inf past 65504) |
+//!
+//! So an FP8 cache never holds an infinity, and a NaN only where the input was NaN.
+//!
+//! What decode then computes over a sequence holding such a slot `j`
+//! ([`crate::reference::paged_decode`] documents it; flatten returns `NaN · scale = NaN` and
+//! `±MAX · scale`):
+//!
+//! - **NaN code in K** (any dim of one KV head): score `s_j` is NaN for every query head of that
+//!   KV group whose window contains `j`; the softmax denominator is then NaN, so **every dim**
+//!   of those heads' outputs is NaN.
+//! - **NaN code in V** (dim `d`): **dim `d`** of those heads' outputs is NaN (even where `p_j`
+//!   underflows to 0: `0 · NaN = NaN`); the other dims are unaffected.
+//! - **±MAX codes** (from ±inf or saturation): finite values, finite scores, finite outputs.
+//!
+//! Queries whose window excludes `j`, other KV heads and other sequences are unaffected.
+//! These are the CPU reference's semantics; the GPU decode kernels compute the same formula
+//! but their NaN propagation is not covered by a GPU test yet.
 
 pub(crate) mod kernel;
 mod launch;
@@ -66,8 +95,16 @@ fn check_rows<R: Runtime>(
 /// any row stride) go to cache positions `[kv_seqlens[b] - q_seq_length[b], kv_seqlens[b])`
 /// through the block table.
 ///
-/// Errors: a batch uploaded with [`DeviceBatch::for_reads`] or for another layout, rows of the
-/// wrong width, fewer rows than the batch's packed tokens, K and V of different dtypes.
+/// Non-finite inputs (the same as [`crate::reference::fill`], bit for bit): a NaN activation
+/// is stored as the format's NaN code with the input's sign (E4M3 `0x7F`/`0xFF`, E5M2
+/// `0x7E`/`0xFE`); ±inf saturates to ±MAX like any finite value beyond it (E4M3
+/// `0x7E`/`0xFE`, E5M2 `0x7B`/`0xFB`). See the [module docs](self) for what decode then does.
+///
+/// Errors: a batch uploaded with [`DeviceBatch::for_reads`] ([`Fp8KvError::InvalidOption`])
+/// or for another layout ([`Fp8KvError::ShapeMismatch`]), rows of the wrong width or fewer
+/// rows than the batch's packed tokens ([`Fp8KvError::ShapeMismatch`]), K and V of different
+/// dtypes ([`Fp8KvError::UnsupportedDtype`]), more than 65535 sequences or buffers past the
+/// kernel's 32-bit vector indices ([`Fp8KvError::TooLarge`]).
 pub fn fill<R: Runtime>(
     cache: &mut PagedKvCache<R>,
     k_new: &DeviceRows<R>,
@@ -82,6 +119,7 @@ pub fn fill<R: Runtime>(
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
     cache.policy().check_cache_dtype(cache.dtype())?;
+    crate::kernels::check_grid_batch(batch.batch())?;
     if k_new.dtype() != v_new.dtype() {
         return Err(Fp8KvError::UnsupportedDtype(format!(
             "k_new is {} but v_new is {}",

@@ -63,8 +63,25 @@ pub(crate) fn launch_flatten<R: Runtime>(
     let client = cache.client().clone();
     let scales = cache.scales();
     let (es_out, es_cache) = (out.size_bytes(), cache_dtype.size_bytes());
-    // SAFETY: lengths are the buffers' real sizes (in scalars, as ArrayArg wants); the public entry validated the
-    // block-table entries each sequence reads and the output sizes.
+    // SAFETY: every array length is the buffer's real size (`array_len`: bytes in use / element
+    // size, in scalars as `ArrayArg` wants; the metadata buffer's `offsets.len` i32s as
+    // uploaded), and every index the kernel forms stays below it because `flatten` (mod.rs)
+    // and the types it takes checked, before this launch:
+    // - metadata: the batch was validated for reading against this cache's layout
+    //   (`DeviceBatch::for_reads`/`new` -> `validate_reads`; `check_layout`): `0 <= kv_seqlens
+    //   <= max_pages x page_size` and every block-table entry a sequence reads in
+    //   `[0, num_pages)`, so every cache vector read is below `layout.cache_elems(side) / vec`
+    //   (caches hold at least `cache_elems` elements: `PagedKvCache::new` / `from_handles` /
+    //   `from_host`);
+    // - outputs: exactly `output_rows(..)` contiguous rows for `total_kv_tokens` tokens, and
+    //   `kv_start_loc` is the prefix sum of `kv_seqlens` computed on the host at upload (at
+    //   most `u32::MAX` in all, checked), so token `kv_start_loc[b] + pos < total` and the row
+    //   `h total + tok` (hsd) or `tok heads + h` (shd) is inside;
+    // - `access_elems` made `vec` divide the head dims and the buffer offsets;
+    // - 32-bit arithmetic cannot wrap: `check_copy_vectors` bounded each buffer to `u32::MAX`
+    //   vectors, `check_batch_buffer_len` the metadata to `u32::MAX` entries, and
+    //   `PagedKvLayout::new` a page to `MAX_PAGE_ELEMS`; the grid's y (the batch) is at most
+    //   65535 (`check_grid_batch`).
     unsafe {
         flatten_kernel::launch_unchecked::<R>(
             &client,

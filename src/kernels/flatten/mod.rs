@@ -54,6 +54,12 @@ pub fn output_rows(
 
 /// Gathers every sequence of `batch` out of `cache` into `k_out` / `v_out` (contiguous rows
 /// as given by [`output_rows`], dtype f32/f16/bf16, both the same).
+///
+/// Errors: a batch validated for another layout or outputs of the wrong shape
+/// ([`Fp8KvError::ShapeMismatch`]), outputs of different or non-activation dtypes
+/// ([`Fp8KvError::UnsupportedDtype`]), more than 65535 sequences, more than `u32::MAX` cached
+/// tokens in all (the kernel reads `kv_start_loc` as 32-bit) or buffers past its 32-bit vector
+/// indices ([`Fp8KvError::TooLarge`]).
 pub fn flatten<R: Runtime>(
     cache: &PagedKvCache<R>,
     batch: &DeviceBatch<R>,
@@ -64,6 +70,13 @@ pub fn flatten<R: Runtime>(
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
     cache.policy().check_cache_dtype(cache.dtype())?;
+    crate::kernels::check_grid_batch(batch.batch())?;
+    crate::error::check_limit(
+        "cached tokens of the batch",
+        batch.total_kv_tokens(),
+        u32::MAX as usize,
+        "kv_start_loc is uploaded as 32-bit entries",
+    )?;
     if k_out.dtype() != v_out.dtype() || !k_out.dtype().is_activation() {
         return Err(Fp8KvError::UnsupportedDtype(format!(
             "flatten outputs must both be f32, f16 or bf16, got k {} and v {}",

@@ -200,3 +200,136 @@ fn forced_tensor_core_paths_apply_or_say_why() {
         assert!(e.to_string().contains("does not apply"), "{e}");
     }
 }
+
+/// Sizes whose products used to wrap (so a huge request became a tiny buffer the kernels then
+/// indexed past) and host caches whose buffers were resized behind the layout's back.
+#[test]
+fn device_types_reject_sizes_that_overflow_and_resized_host_caches() {
+    let c = client();
+    // 2^62 rows of 8 bf16: 2^66 bytes wrapped to 0 and allocated 16 bytes.
+    let e = DeviceRows::empty(&c, Dtype::Bf16, 1 << 62, 8, 8)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            Fp8KvError::TooLarge {
+                what: "rows bytes",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // (2^61 + 1 - 1) x 8 + 8 elements wrapped to 8: a 16-byte buffer passed for 2^61 + 1 rows.
+    let small = DeviceRows::empty(&c, Dtype::Bf16, 1, 8, 8).unwrap();
+    let e = DeviceRows::from_handle(&c, small.handle().clone(), Dtype::Bf16, (1 << 61) + 1, 8, 8)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "TooLarge", "{e}");
+    let e = DeviceRows::from_f32(&c, &[0.0; 8], Dtype::F32, 1 << 62, 8, 8)
+        .err()
+        .unwrap();
+    assert_eq!(variant(&e), "TooLarge", "{e}");
+
+    // A host cache whose public buffer was shortened must not be uploaded.
+    let mut host =
+        fp8kv::reference::HostKvCache::new(layout(), QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    host.k.truncate(100);
+    let e = PagedKvCache::from_host(&c, &host, KvScales::default())
+        .err()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            Fp8KvError::ShapeMismatch {
+                what: "host k cache bytes",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// More than 65535 sequences (CUDA's grid y) or new tokens in one sequence (the combine's grid
+/// z): fill and flatten used to launch such grids and fail on the device; every entry point
+/// now refuses them on the host.
+#[test]
+fn entry_points_refuse_grids_past_cuda_limits() {
+    let c = client();
+    let mut cache = cache(&c);
+    let n = 65536;
+    let meta = BatchMetadata::new(vec![0; n], vec![0; n], vec![0; n], vec![0; n], 1).unwrap();
+    let batch = DeviceBatch::new(&c, meta, &layout(), 0).unwrap();
+    let too_many = |e: Fp8KvError| {
+        assert!(
+            matches!(
+                e,
+                Fp8KvError::TooLarge {
+                    what: "batch (sequences)",
+                    actual: 65536,
+                    limit: 65535,
+                    ..
+                }
+            ),
+            "{e}"
+        )
+    };
+    let k = rows(&c, Dtype::Bf16, 4, 128);
+    too_many(fill::fill(&mut cache, &k, &k, &batch).unwrap_err());
+    too_many(
+        flatten::flatten_new(&c, &cache, &batch, flatten::FlattenLayout::Hsd, Dtype::Bf16)
+            .err()
+            .unwrap(),
+    );
+    let (q, mut out) = (
+        rows(&c, Dtype::Bf16, 0, 8 * 64),
+        rows(&c, Dtype::Bf16, 0, 8 * 64),
+    );
+    too_many(
+        decode::paged_decode(
+            &q,
+            8,
+            &cache,
+            &batch,
+            &AttentionOptions::default(),
+            &mut out,
+        )
+        .unwrap_err(),
+    );
+
+    // One sequence with 65536 new tokens: one page of 2^17 tokens holds them.
+    let big = PagedKvLayout::new(1, 1 << 17, 2, 64, 64, KvLayoutKind::Bshd).unwrap();
+    let cache = PagedKvCache::new(
+        &c,
+        big,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        KvScales::default(),
+    )
+    .unwrap();
+    let meta = BatchMetadata::new(vec![0], vec![n as i32], vec![n as i32], vec![0], 1).unwrap();
+    let batch = DeviceBatch::new(&c, meta, &big, n).unwrap();
+    let (q, mut out) = (
+        rows(&c, Dtype::Bf16, n, 8 * 64),
+        rows(&c, Dtype::Bf16, n, 8 * 64),
+    );
+    let e = decode::paged_decode(
+        &q,
+        8,
+        &cache,
+        &batch,
+        &AttentionOptions::default(),
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Fp8KvError::TooLarge {
+                what: "new tokens of one sequence",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

@@ -241,6 +241,9 @@ impl ComputeServer for OfflineServer {
         Err(unsupported("hand out device resources"))
     }
 
+    // `unsafe` because the trait's `launch` is (a real server runs unchecked kernels). This one
+    // only compiles the kernel and records its source: nothing is run and no buffer is touched,
+    // so it has no safety requirement of its own.
     unsafe fn launch(
         &mut self,
         kernel: Self::Kernel,
