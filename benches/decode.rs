@@ -66,15 +66,7 @@ fn copy_kernel(
 /// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
 /// the host's microseconds per call to issue them: where the second is the larger, the device
 /// waits on the host and the first measures the host.
-///
-/// `finish` runs after the calls, inside the profile and the host timing (a lazy backend,
-/// Burn's fusion, launches its queued kernels there).
-fn device_us_then(
-    client: &ComputeClient<Cuda>,
-    calls: usize,
-    f: &(dyn Fn(usize) + Sync),
-    finish: &(dyn Fn() + Sync),
-) -> (f64, f64) {
+fn device_us(client: &ComputeClient<Cuda>, calls: usize, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
     let mut host = 0.0;
     let (_, dur) = client
         .profile(
@@ -83,7 +75,6 @@ fn device_us_then(
                 for i in 0..calls {
                     f(i);
                 }
-                finish();
                 host = t.elapsed().as_secs_f64() * 1e6 / calls as f64;
             },
             "bench",
@@ -98,22 +89,11 @@ fn median_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> f64 {
     median_device_host_us(client, f).0
 }
 
-/// Median device and host µs per call (see [`device_us_then`]) after warm-up.
+/// Median device and host µs per call (see [`device_us`]) after warm-up.
 fn median_device_host_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> (f64, f64) {
-    median_device_host_us_then(client, f, &|| ())
-}
-
-/// [`median_device_host_us`] with a finishing step (see [`device_us_then`]).
-fn median_device_host_us_then(
-    client: &ComputeClient<Cuda>,
-    f: &(dyn Fn(usize) + Sync),
-    finish: &(dyn Fn() + Sync),
-) -> (f64, f64) {
-    let (first, _) = device_us_then(client, 3, f, finish);
+    let (first, _) = device_us(client, 3, f);
     let calls = ((RUN_TARGET_US / first).ceil() as usize).clamp(3, 2000);
-    let runs: Vec<(f64, f64)> = (0..RUNS)
-        .map(|_| device_us_then(client, calls, f, finish))
-        .collect();
+    let runs: Vec<(f64, f64)> = (0..RUNS).map(|_| device_us(client, calls, f)).collect();
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[RUNS / 2]
@@ -380,12 +360,44 @@ fn bench_ratio(
     }
 }
 
-/// Decode through the Burn extension on backend `B` at the `--burn` shape: `(device µs, host
-/// µs)` per call, median, caches rotated like [`bench_shape`]'s.
+/// Calls per timed run of `--burn` (queued back to back, then one device sync).
+const BURN_CALLS: usize = 200;
+
+/// `--burn` timing: `(wall µs per call, host µs per call)`, medians of [`RUNS`] runs of
+/// [`BURN_CALLS`] calls. The wall time runs from the first call to the end of a device sync:
+/// with the host ahead of the device, it is the device time per call. The host time is the
+/// time to issue the calls (a lazy backend's `drain` included). Wall-clock on purpose: a
+/// profile of CubeCL's cannot see work that Burn's fusion launches from its own queue.
+fn wall_host_us(f: &dyn Fn(usize), drain: &dyn Fn(), sync: &dyn Fn()) -> (f64, f64) {
+    for i in 0..5 {
+        f(i);
+    }
+    drain();
+    sync();
+    let mut wall = Vec::new();
+    let mut host = Vec::new();
+    for _ in 0..RUNS {
+        let t = std::time::Instant::now();
+        for i in 0..BURN_CALLS {
+            f(i);
+        }
+        drain();
+        host.push(t.elapsed().as_secs_f64() * 1e6 / BURN_CALLS as f64);
+        sync();
+        wall.push(t.elapsed().as_secs_f64() * 1e6 / BURN_CALLS as f64);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[RUNS / 2]
+    };
+    (median(wall), median(host))
+}
+
+/// Decode through the Burn extension on backend `B` at shape `s`: `(wall, host)` µs per call
+/// ([`wall_host_us`]), caches rotated like [`bench_shape`]'s.
 fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::CudaDevice>>(
-    client: &ComputeClient<Cuda>,
     s: &Shape,
-    finish: &(dyn Fn() + Sync),
+    drain: &dyn Fn(),
 ) -> Result<(f64, f64), String> {
     use burn_tensor::{DType, Tensor, TensorData};
     use fp8kv::burn::{KvBatch, KvCache, KvCacheConfig};
@@ -429,51 +441,13 @@ fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::Cuda
             .decode(q.clone(), &batch, &opts)
             .expect("burn decode");
     };
-    Ok(median_device_host_us_then(client, &f, finish))
+    let sync = || B::sync(&device).expect("sync");
+    Ok(wall_host_us(&f, drain, &sync))
 }
 
-/// `--burn`: the Burn paths against the direct entry point, same shape, same run.
-fn bench_burn(client: &ComputeClient<Cuda>, copy: f64) {
-    use burn_cubecl::CubeBackend;
-    use burn_fusion::Fusion;
-    type Cube = CubeBackend<cubecl::cuda::CudaRuntime, half::bf16, i32, u8>;
-    type Fused = Fusion<Cube>;
-    let s = Shape::e4m3(32, 4096, 64);
-    let direct = match bench_shape(client, &s, copy) {
-        Ok(us) => us,
-        Err(err) => return println!("  error: {err}"),
-    };
-    // The direct path's host cost, at the same shape (bench_shape prints it only when large).
-    let (_, direct_host) = match bench_burn_direct_host(client, &s) {
-        Ok(t) => t,
-        Err(err) => return println!("  error: {err}"),
-    };
-    let device = cubecl::cuda::CudaDevice::new(0);
-    let drain = || burn_fusion::get_client::<Cube>(&device).sync(|| ());
-    for (name, r) in [
-        (
-            "CubeBackend",
-            bench_burn_backend::<Cube>(client, &s, &|| ()),
-        ),
-        (
-            "Fusion<CubeBackend> (burn_cuda::Cuda)",
-            bench_burn_backend::<Fused>(client, &s, &drain),
-        ),
-    ] {
-        match r {
-            Ok((us, host)) => println!(
-                "burn decode b32 ctx 4096 e4m3 via {name}: {us:.1} µs device ({:+.1}% vs direct {direct:.1} µs: {}), host {host:.1} µs/call (direct {direct_host:.1}, extra {:+.1})",
-                100.0 * (us / direct - 1.0),
-                if us <= direct * 1.03 { "within 3%" } else { "MORE THAN 3%" },
-                host - direct_host,
-            ),
-            Err(err) => println!("  {name}: error: {err}"),
-        }
-    }
-}
-
-/// The direct entry point's `(device, host)` µs per call at shape `s` (as [`bench_shape`]).
-fn bench_burn_direct_host(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f64, f64), String> {
+/// The direct entry point at shape `s`, timed as [`bench_burn_backend`] (a fresh output per
+/// call, as the Burn path allocates one).
+fn bench_burn_direct(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f64, f64), String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let m = s.model;
     let pages_per_seq = s.context.div_ceil(s.page_size);
@@ -488,29 +462,28 @@ fn bench_burn_direct_host(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f6
     )
     .map_err(e)?;
     let scales = KvScales::new(0.05, 0.02).map_err(e)?;
-    let cache = PagedKvCache::new(client, layout, s.policy, Dtype::E4m3, scales).map_err(e)?;
-    let pages: Vec<i32> = (0..num_pages as i32).collect();
+    let copies = ROTATE_BYTES.div_ceil(layout.cache_bytes(s.policy)).max(1);
+    let caches = (0..copies)
+        .map(|_| PagedKvCache::new(client, layout, s.policy, Dtype::E4m3, scales))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(e)?;
+    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
+    Rng::new(7).shuffle(&mut pages);
     let meta =
         BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
     let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
     let (qw, ow) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
-    let q = DeviceRows::from_f32(
-        client,
-        &vec![0.1; s.batch * qw],
-        Dtype::Bf16,
-        s.batch,
-        qw,
-        qw,
-    )
-    .map_err(e)?;
+    let q_vals: Vec<f32> = (0..s.batch * qw)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
+        .collect();
+    let q = DeviceRows::from_f32(client, &q_vals, Dtype::Bf16, s.batch, qw, qw).map_err(e)?;
     let opts = AttentionOptions::default();
-    // A fresh output per call, as the Burn path allocates one.
-    let f = |_: usize| {
+    let f = |i: usize| {
         let mut out = DeviceRows::empty(client, Dtype::Bf16, s.batch, ow, ow).expect("out");
         paged_decode_path(
             &q,
             m.heads,
-            &cache,
+            &caches[i % copies],
             &batch,
             &opts,
             SplitChoice::Auto,
@@ -519,7 +492,45 @@ fn bench_burn_direct_host(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f6
         )
         .expect("decode");
     };
-    Ok(median_device_host_us(client, &f))
+    let sync = || cubecl::future::block_on(client.sync()).expect("sync");
+    Ok(wall_host_us(&f, &|| (), &sync))
+}
+
+/// `--burn`: the Burn paths against the direct entry point, same shape, same run.
+fn bench_burn(client: &ComputeClient<Cuda>, copy: f64) {
+    use burn_cubecl::CubeBackend;
+    use burn_fusion::Fusion;
+    type Cube = CubeBackend<cubecl::cuda::CudaRuntime, half::bf16, i32, u8>;
+    type Fused = Fusion<Cube>;
+    let s = Shape::e4m3(32, 4096, 64);
+    if let Err(err) = bench_shape(client, &s, copy) {
+        return println!("  error: {err}");
+    }
+    let (direct, direct_host) = match bench_burn_direct(client, &s) {
+        Ok(t) => t,
+        Err(err) => return println!("  error: {err}"),
+    };
+    println!("direct entry point, b32 ctx 4096 e4m3, {BURN_CALLS} calls + sync: {direct:.1} µs/call wall, host {direct_host:.1} µs/call");
+    let device = cubecl::cuda::CudaDevice::new(0);
+    let drain = || burn_fusion::get_client::<Cube>(&device).sync(|| ());
+    let cube = || bench_burn_backend::<Cube>(&s, &|| ());
+    let fused = || bench_burn_backend::<Fused>(&s, &drain);
+    type Run<'a> = &'a dyn Fn() -> Result<(f64, f64), String>;
+    let runs: [(&str, Run); 2] = [
+        ("CubeBackend", &cube),
+        ("Fusion<CubeBackend> (burn_cuda::Cuda)", &fused),
+    ];
+    for (name, run) in runs {
+        match run() {
+            Ok((us, host)) => println!(
+                "burn decode b32 ctx 4096 e4m3 via {name}: {us:.1} µs/call wall ({:+.1}% vs direct: {}), host {host:.1} µs/call (extra {:+.1} µs/call)",
+                100.0 * (us / direct - 1.0),
+                if us <= direct * 1.03 { "within 3%" } else { "MORE THAN 3%" },
+                host - direct_host,
+            ),
+            Err(err) => println!("  {name}: error: {err}"),
+        }
+    }
 }
 
 fn main() {

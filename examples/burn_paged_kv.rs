@@ -57,9 +57,9 @@ fn run<B: PagedKvBackend>(device: &B::Device, act: DType) -> fp8kv::Result<()> {
         for (b, q_range) in [(0, 0..20), (1, 20..27)] {
             let kv = starts[b]..starts[b + 1];
             let out = causal_attention(
-                q.clone().slice([q_range]),
-                k_all.clone().slice([kv.clone()]),
-                v_all.clone().slice([kv]),
+                q.clone().slice(q_range),
+                k_all.clone().slice(kv.clone()),
+                v_all.clone().slice(kv),
                 None,
             )?;
             println!("prefill seq {b}: attention output {:?}", out.dims());

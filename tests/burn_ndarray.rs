@@ -312,7 +312,7 @@ fn bad_input_gets_its_own_error() {
         Err(Fp8KvError::WrongRank { what: "k_new", .. })
     ));
     // Shape: one token short, a head too many.
-    let short = kv().slice([0..p.num_tokens - 1]);
+    let short = kv().slice(0..p.num_tokens - 1);
     assert!(matches!(
         cache.fill(short, kv(), &batch),
         Err(Fp8KvError::ShapeMismatch { what: "k_new", .. })
@@ -442,9 +442,9 @@ fn causal_attention_over_the_flattened_cache_equals_the_reference_decode() {
                 }
                 let q0 = p.meta.q_start_loc()[b] as usize;
                 let out = fp8kv::burn::causal_attention(
-                    q.clone().slice([q0..q0 + q_len]),
-                    k.clone().slice([starts[b]..starts[b + 1]]),
-                    v.clone().slice([starts[b]..starts[b + 1]]),
+                    q.clone().slice(q0..q0 + q_len),
+                    k.clone().slice(starts[b]..starts[b + 1]),
+                    v.clone().slice(starts[b]..starts[b + 1]),
                     None,
                 )
                 .unwrap();

@@ -648,7 +648,7 @@ fn copy_pages<B: Backend>(
         let index = Tensor::<B, 1, Int>::from_data(TensorData::from(srcs.as_slice()), device);
         let gathered = t.clone().select(0, index);
         for (i, &(_, dst)) in pairs.iter().enumerate() {
-            t = t.slice_assign([dst..dst + 1], gathered.clone().slice([i..i + 1]));
+            t = t.slice_assign(dst..dst + 1, gathered.clone().slice(i..i + 1));
         }
         t
     }

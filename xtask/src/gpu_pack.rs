@@ -135,11 +135,16 @@ fn gzip(path: &Path) -> Result<u64, String> {
         Ok(s) if s.success()
     );
     if !ok {
-        return Err(format!("gzip {} failed (is gzip installed?)", path.display()));
+        return Err(format!(
+            "gzip {} failed (is gzip installed?)",
+            path.display()
+        ));
     }
     let gz = path.with_file_name(format!(
         "{}.gz",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("binary")
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("binary")
     ));
     std::fs::metadata(&gz)
         .map(|m| m.len())
