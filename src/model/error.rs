@@ -128,6 +128,13 @@ pub enum ModelError {
         /// The vocabulary size.
         vocab_size: usize,
     },
+    /// The KV cache or its metadata rejected a step (from the fp8kv library).
+    #[error("KV cache: {0}")]
+    Kv(#[from] crate::Fp8KvError),
+    /// A request the model cannot serve (an empty prompt, a context past the model's, too few
+    /// free pages).
+    #[error("{0}")]
+    Request(String),
 }
 
 impl ModelError {

@@ -23,9 +23,11 @@
 //! # }
 //! ```
 
+pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod llama;
 pub mod tokenizer;
 
 pub use error::ModelError;

@@ -1,0 +1,315 @@
+//! The Llama architecture (SmolLM2-135M) in Burn, generic over the backend, its KV cache
+//! entirely through the fp8kv extension: embedding → blocks of (RMSNorm, attention with RoPE
+//! and GQA, RMSNorm, SwiGLU MLP) → RMSNorm → logits (tied embedding).
+//!
+//! Attention is one call per layer into the cache: [`KvCache::fill`] with this step's K and V,
+//! then either [`KvCache::decode`] (decode steps) or [`KvCache::flatten`] +
+//! [`causal_attention`] (prefill chunks), so prefill attends to the same dequantized values
+//! decode will read. Every number (heads, dims, RoPE base, eps) comes from the GGUF.
+
+use burn_tensor::activation::silu;
+use burn_tensor::backend::Backend;
+use burn_tensor::{DType, Int, Tensor, TensorData};
+
+use super::error::{ModelError, Result};
+use super::gguf::{Gguf, LlamaConfig};
+use crate::burn::{
+    causal_attention, AttentionOptions, FlattenLayout, KvBatch, KvCache, KvCacheConfig,
+    PagedKvBackend,
+};
+use crate::layout::{KvLayoutKind, PagedKvLayout};
+
+/// One transformer block's weights; projections stored `[in, out]` so `x.matmul(w)` applies
+/// them.
+struct Block<B: Backend> {
+    attn_norm: Tensor<B, 1>,
+    wq: Tensor<B, 2>,
+    wk: Tensor<B, 2>,
+    wv: Tensor<B, 2>,
+    wo: Tensor<B, 2>,
+    ffn_norm: Tensor<B, 1>,
+    w_gate: Tensor<B, 2>,
+    w_up: Tensor<B, 2>,
+    w_down: Tensor<B, 2>,
+}
+
+/// How a step's attention reads the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attend {
+    /// The paged decode kernel (any number of new tokens per sequence, causal among them).
+    Decode,
+    /// Flatten each sequence's cache and run [`causal_attention`] over it (prefill chunks).
+    Prefill,
+}
+
+/// One sequence's share of a step: its rows `[q_start, q_start + q_len)` of the packed tokens,
+/// and its cached tokens after the step (`kv_len`, the new ones included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// First packed row.
+    pub q_start: usize,
+    /// New tokens.
+    pub q_len: usize,
+    /// Cached tokens after the step.
+    pub kv_len: usize,
+}
+
+/// SmolLM2 (any `llama`-architecture GGUF this loader reads) on backend `B`.
+pub struct Llama<B: Backend> {
+    config: LlamaConfig,
+    act: DType,
+    device: B::Device,
+    embedding: Tensor<B, 2>,
+    blocks: Vec<Block<B>>,
+    out_norm: Tensor<B, 1>,
+    lm_head: Tensor<B, 2>,
+}
+
+/// A GGUF matrix (`[ne0 = in, ne1 = out]`, `in` contiguous) as a `[in, out]` tensor.
+fn matrix<B: Backend>(
+    gguf: &Gguf,
+    name: &str,
+    act: DType,
+    device: &B::Device,
+) -> Result<Tensor<B, 2>> {
+    let t = gguf.tensor_f32(name)?;
+    let [cols, rows] = match t.shape[..] {
+        [a, b] => [a, b],
+        _ => {
+            return Err(ModelError::BadTensor {
+                tensor: name.into(),
+                reason: format!("expected 2 dimensions, got {:?}", t.shape),
+            })
+        }
+    };
+    // Row-major [out, in] in the file; transpose on the host once so matmuls read [in, out].
+    let mut data = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            data[c * rows + r] = t.data[r * cols + c];
+        }
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(data, [cols, rows]),
+        (device, act),
+    ))
+}
+
+fn vector<B: Backend>(gguf: &Gguf, name: &str, device: &B::Device) -> Result<Tensor<B, 1>> {
+    let t = gguf.tensor_f32(name)?;
+    let n = t.data.len();
+    // Norm weights stay f32: the norms run in f32.
+    Ok(Tensor::from_data(
+        TensorData::new(t.data, [n]),
+        (device, DType::F32),
+    ))
+}
+
+/// RMSNorm in f32: `x / sqrt(mean(x²) + eps) * w`, back in `x`'s dtype.
+fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
+    let dtype = x.dtype();
+    let x = x.cast(DType::F32);
+    let inv = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
+    (x * inv * w.clone().unsqueeze_dim::<2>(0)).cast(dtype)
+}
+
+impl<B: PagedKvBackend> Llama<B> {
+    /// Loads every weight (dequantized to f32, then cast to `act`: f32, f16 or bf16) onto
+    /// `device`.
+    pub fn load(gguf: &Gguf, act: DType, device: &B::Device) -> Result<Self> {
+        let config = gguf.llama_config()?;
+        let emb = gguf.tensor_f32("token_embd.weight")?;
+        let [hidden, vocab] = match emb.shape[..] {
+            [a, b] => [a, b],
+            _ => {
+                return Err(ModelError::BadTensor {
+                    tensor: "token_embd.weight".into(),
+                    reason: format!("expected 2 dimensions, got {:?}", emb.shape),
+                })
+            }
+        };
+        let embedding =
+            Tensor::<B, 2>::from_data(TensorData::new(emb.data, [vocab, hidden]), (device, act));
+        // Tied output projection (no `output.weight` in this file): logits = x · Eᵀ.
+        let lm_head = if gguf.tensor_info("output.weight").is_ok() {
+            matrix::<B>(gguf, "output.weight", act, device)?
+        } else {
+            embedding.clone().transpose()
+        };
+        let blocks = (0..config.block_count)
+            .map(|i| {
+                let m = |w: &str| matrix::<B>(gguf, &format!("blk.{i}.{w}.weight"), act, device);
+                Ok(Block {
+                    attn_norm: vector::<B>(gguf, &format!("blk.{i}.attn_norm.weight"), device)?,
+                    wq: m("attn_q")?,
+                    wk: m("attn_k")?,
+                    wv: m("attn_v")?,
+                    wo: m("attn_output")?,
+                    ffn_norm: vector::<B>(gguf, &format!("blk.{i}.ffn_norm.weight"), device)?,
+                    w_gate: m("ffn_gate")?,
+                    w_up: m("ffn_up")?,
+                    w_down: m("ffn_down")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Llama {
+            config,
+            act,
+            device: device.clone(),
+            embedding,
+            blocks,
+            out_norm: vector::<B>(gguf, "output_norm.weight", device)?,
+            lm_head,
+        })
+    }
+
+    /// The hyperparameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    /// The activation dtype.
+    pub fn act(&self) -> DType {
+        self.act
+    }
+    /// The device.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// A cache config for this model: `num_pages` pages of `page_size` tokens per layer,
+    /// `policy` as users type it, the unquantized cache in bf16 (f16 when activations are f16).
+    pub fn cache_config(
+        &self,
+        policy: &str,
+        num_pages: usize,
+        page_size: usize,
+    ) -> Result<KvCacheConfig> {
+        let c = &self.config;
+        let d = c.head_dim();
+        let layout = PagedKvLayout::new(
+            num_pages,
+            page_size,
+            c.head_count_kv,
+            d,
+            d,
+            KvLayoutKind::Bshd,
+        )?;
+        let unq = if self.act == DType::F16 {
+            crate::Dtype::F16
+        } else {
+            crate::Dtype::Bf16
+        };
+        Ok(KvCacheConfig::new(policy, layout)?
+            .with_layers(c.block_count)?
+            .with_unquantized(unq)?)
+    }
+
+    /// RoPE as llama.cpp applies it to GGUF's permuted Q/K weights: dimensions `(2i, 2i + 1)`
+    /// of each head rotate together by `pos · base^(−2i/d)` (in f32).
+    fn rope(&self, x: Tensor<B, 3>, positions: &[usize]) -> Tensor<B, 3> {
+        let [n, h, d] = x.dims();
+        let half = d / 2;
+        let base = self.config.rope_freq_base as f64;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for &p in positions {
+            for i in 0..half {
+                let angle = p as f64 * base.powf(-2.0 * i as f64 / d as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(v, [n, 1, half, 1]),
+                (&self.device, DType::F32),
+            )
+        };
+        let (cos, sin) = (table(cos), table(sin));
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32).reshape([n, h, half, 2]);
+        let x0 = x.clone().slice([0..n, 0..h, 0..half, 0..1]);
+        let x1 = x.slice([0..n, 0..h, 0..half, 1..2]);
+        let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+        let r1 = x0 * sin + x1 * cos;
+        Tensor::cat(vec![r0, r1], 3).reshape([n, h, d]).cast(dtype)
+    }
+
+    /// One engine step over `tokens` (packed, `positions[i]` the position of `tokens[i]` in its
+    /// sequence): writes their K/V into `caches` (one per layer) and returns the final hidden
+    /// states `[num_tokens, hidden]` (normalised; apply [`Self::logits`] to the rows you need).
+    pub fn forward(
+        &self,
+        caches: &mut [KvCache<B>],
+        tokens: &[u32],
+        positions: &[usize],
+        batch: &KvBatch<B>,
+        spans: &[SeqSpan],
+        attend: Attend,
+    ) -> Result<Tensor<B, 2>> {
+        let c = &self.config;
+        let (n, d) = (tokens.len(), c.head_dim());
+        if positions.len() != n || caches.len() != self.blocks.len() {
+            return Err(ModelError::Request(format!(
+                "forward: {n} tokens with {} positions and {} caches for {} layers",
+                positions.len(),
+                caches.len(),
+                self.blocks.len()
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::UnknownTokenId {
+                id: t,
+                vocab_size: c.vocab_size,
+            });
+        }
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+        let mut x = self.embedding.clone().select(0, ids);
+        let opts = AttentionOptions::default();
+        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+            let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
+            let q = self.rope(
+                h.clone()
+                    .matmul(block.wq.clone())
+                    .reshape([n, c.head_count, d]),
+                positions,
+            );
+            let k = self.rope(
+                h.clone()
+                    .matmul(block.wk.clone())
+                    .reshape([n, c.head_count_kv, d]),
+                positions,
+            );
+            let v = h.matmul(block.wv.clone()).reshape([n, c.head_count_kv, d]);
+            cache.fill(k, v, batch)?;
+            let attn = match attend {
+                Attend::Decode => cache.decode(q, batch, &opts)?,
+                Attend::Prefill => {
+                    let (k_all, v_all) = cache.flatten(batch, FlattenLayout::Shd, self.act)?;
+                    let starts = batch.kv_start_loc();
+                    let mut outs = Vec::with_capacity(spans.len());
+                    for (b, s) in spans.iter().enumerate().filter(|(_, s)| s.q_len > 0) {
+                        outs.push(causal_attention(
+                            q.clone().slice(s.q_start..s.q_start + s.q_len),
+                            k_all.clone().slice(starts[b]..starts[b + 1]),
+                            v_all.clone().slice(starts[b]..starts[b + 1]),
+                            None,
+                        )?);
+                    }
+                    Tensor::cat(outs, 0)
+                }
+            };
+            x = x + attn.reshape([n, c.head_count * d]).matmul(block.wo.clone());
+            let h = rms_norm(x.clone(), &block.ffn_norm, c.rms_norm_eps);
+            let mlp = silu(h.clone().matmul(block.w_gate.clone())) * h.matmul(block.w_up.clone());
+            x = x + mlp.matmul(block.w_down.clone());
+        }
+        Ok(rms_norm(x, &self.out_norm, c.rms_norm_eps))
+    }
+
+    /// Logits `[rows, vocab]` in f32 of final hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        hidden.matmul(self.lm_head.clone()).cast(DType::F32)
+    }
+}
