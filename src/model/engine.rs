@@ -7,7 +7,7 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{Tensor, TensorData};
 
 use super::error::{ModelError, Result};
-use super::llama::{Attend, Llama, SeqSpan};
+use super::llama::{Attend, KvStats, Llama, SeqSpan};
 use crate::burn::{KvBatch, KvCache, KvCacheConfig, PagedKvBackend};
 use crate::layout::BatchMetadata;
 use crate::scales::KvScales;
@@ -83,6 +83,9 @@ pub struct Engine<B: PagedKvBackend> {
     seqs: Vec<Option<Sequence>>,
     /// Tokens of one sequence a prefill step takes at most.
     pub prefill_chunk: usize,
+    /// When set (one entry per layer), steps accumulate K/V statistics into it (slow: for
+    /// calibration and reports).
+    pub kv_stats: Option<Vec<KvStats>>,
 }
 
 impl<B: PagedKvBackend> Engine<B> {
@@ -111,6 +114,7 @@ impl<B: PagedKvBackend> Engine<B> {
             pool: PagePool::new(num_pages),
             seqs: Vec::new(),
             prefill_chunk: 512,
+            kv_stats: None,
         })
     }
 
@@ -179,6 +183,24 @@ impl<B: PagedKvBackend> Engine<B> {
         Ok(self.seqs.len() - 1)
     }
 
+    /// A sequence whose first `context` tokens count as cached without running them (their
+    /// K/V is whatever the pages hold), then one more token to decode: for timing decode at a
+    /// long context without a long prefill. Not for generating text.
+    pub fn add_synthetic(&mut self, context: usize, token: u32) -> Result<usize> {
+        let page_size = self.config.layout.page_size();
+        let mut pages = Vec::with_capacity(context.div_ceil(page_size));
+        for _ in 0..context.div_ceil(page_size) {
+            pages.push(self.pool.alloc()?);
+        }
+        self.seqs.push(Some(Sequence {
+            tokens: vec![token; context + 1],
+            pages,
+            cached: context,
+            prompt_len: context + 1,
+        }));
+        Ok(self.seqs.len() - 1)
+    }
+
     /// Ends a sequence and gives its pages back.
     pub fn release(&mut self, id: usize) {
         if let Some(seq) = self.seqs.get_mut(id).and_then(Option::take) {
@@ -199,16 +221,17 @@ impl<B: PagedKvBackend> Engine<B> {
         Ok(())
     }
 
-    /// One step over sequences `ids`: caches each one's pending tokens (at most
-    /// [`Self::prefill_chunk`] of them), prefill attention when any sequence brings more than
-    /// one, decode otherwise. Returns the final hidden states `[rows, hidden]` of every new
-    /// token and each row's `(sequence id, position)`.
-    pub fn step(&mut self, ids: &[usize]) -> Result<(Tensor<B, 2>, Vec<(usize, usize)>)> {
+    /// The metadata of the next step over sequences `ids` (taking the pages it needs): each
+    /// sequence's pending tokens, at most [`Self::prefill_chunk`] of them. Does not run it.
+    pub fn plan_step(&mut self, ids: &[usize]) -> Result<StepPlan<B>> {
         let page_size = self.config.layout.page_size();
-        let mut tokens = Vec::new();
-        let mut positions = Vec::new();
-        let mut rows = Vec::new();
-        let mut spans = Vec::new();
+        let mut plan = StepPlan {
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            rows: Vec::new(),
+            spans: Vec::new(),
+            batch: None,
+        };
         for &id in ids {
             let seq = self
                 .seqs
@@ -220,22 +243,17 @@ impl<B: PagedKvBackend> Engine<B> {
             while seq.pages.len() * page_size < kv_len {
                 seq.pages.push(self.pool.alloc()?);
             }
-            spans.push(SeqSpan {
-                q_start: tokens.len(),
+            plan.spans.push(SeqSpan {
+                q_start: plan.tokens.len(),
                 q_len,
                 kv_len,
             });
             for pos in seq.cached..kv_len {
-                tokens.push(seq.tokens[pos]);
-                positions.push(pos);
-                rows.push((id, pos));
+                plan.tokens.push(seq.tokens[pos]);
+                plan.positions.push(pos);
+                plan.rows.push((id, pos));
             }
         }
-        let attend = if spans.iter().any(|s| s.q_len > 1) {
-            Attend::Prefill
-        } else {
-            Attend::Decode
-        };
         let max_pages = ids
             .iter()
             .filter_map(|&id| self.sequence(id))
@@ -245,37 +263,66 @@ impl<B: PagedKvBackend> Engine<B> {
             .max(1);
         let mut table = Vec::with_capacity(ids.len() * max_pages);
         for &id in ids {
-            let pages = &self
+            let pages = self
                 .sequence(id)
-                .map(|s| s.pages.clone())
+                .map(|s| s.pages.as_slice())
                 .unwrap_or_default();
             table.extend(pages.iter().copied());
             // Columns past a sequence's pages are never read; 0 keeps them in range anyway.
             table.extend(std::iter::repeat_n(0, max_pages - pages.len()));
         }
         let meta = BatchMetadata::new(
-            spans.iter().map(|s| s.q_start as i32).collect(),
-            spans.iter().map(|s| s.q_len as i32).collect(),
-            spans.iter().map(|s| s.kv_len as i32).collect(),
+            plan.spans.iter().map(|s| s.q_start as i32).collect(),
+            plan.spans.iter().map(|s| s.q_len as i32).collect(),
+            plan.spans.iter().map(|s| s.kv_len as i32).collect(),
             table,
             max_pages,
         )?;
-        let batch =
-            KvBatch::<B>::new(meta, &self.config.layout, tokens.len(), self.model.device())?;
+        plan.batch = Some(KvBatch::<B>::new(
+            meta,
+            &self.config.layout,
+            plan.tokens.len(),
+            self.model.device(),
+        )?);
+        Ok(plan)
+    }
+
+    /// One step over sequences `ids` ([`Self::plan_step`], then the model): prefill attention
+    /// when any sequence brings more than one token, decode otherwise. Returns the final hidden
+    /// states `[rows, hidden]` of every new token and each row's `(sequence id, position)`.
+    pub fn step(&mut self, ids: &[usize]) -> Result<(Tensor<B, 2>, Vec<(usize, usize)>)> {
+        let plan = self.plan_step(ids)?;
+        let attend = if plan.spans.iter().any(|s| s.q_len > 1) {
+            Attend::Prefill
+        } else {
+            Attend::Decode
+        };
+        let batch = plan.batch.as_ref().expect("planned");
         let hidden = self.model.forward(
             &mut self.caches,
-            &tokens,
-            &positions,
-            &batch,
-            &spans,
+            &plan.tokens,
+            &plan.positions,
+            batch,
+            &plan.spans,
             attend,
+            self.kv_stats.as_deref_mut(),
         )?;
-        for (&id, s) in ids.iter().zip(&spans) {
+        for (&id, s) in ids.iter().zip(&plan.spans) {
             if let Some(seq) = self.seqs.get_mut(id).and_then(Option::as_mut) {
                 seq.cached += s.q_len;
             }
         }
-        Ok((hidden, rows))
+        Ok((hidden, plan.rows))
+    }
+
+    /// The per-layer caches (for timing the attention calls alone).
+    pub fn caches_mut(&mut self) -> &mut [KvCache<B>] {
+        &mut self.caches
+    }
+
+    /// Gives the model back (to build an engine with another cache policy).
+    pub fn into_model(self) -> Llama<B> {
+        self.model
     }
 
     /// Greedy generation for several prompts of different lengths, batched: prefill (chunked),
@@ -358,6 +405,21 @@ impl<B: PagedKvBackend> Engine<B> {
         self.release(id);
         Ok(rows)
     }
+}
+
+/// A planned step: packed tokens, their positions and rows, each sequence's span, and the
+/// step's metadata on the device.
+pub struct StepPlan<B: PagedKvBackend> {
+    /// Packed new tokens.
+    pub tokens: Vec<u32>,
+    /// Their positions.
+    pub positions: Vec<usize>,
+    /// `(sequence id, position)` of each packed token.
+    pub rows: Vec<(usize, usize)>,
+    /// Each sequence's span.
+    pub spans: Vec<SeqSpan>,
+    /// The metadata, validated and uploaded.
+    pub batch: Option<KvBatch<B>>,
 }
 
 /// Row-wise argmax of `[rows, vocab]` logits, read back to the host.

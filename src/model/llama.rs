@@ -9,7 +9,7 @@
 
 use burn_tensor::activation::silu;
 use burn_tensor::backend::Backend;
-use burn_tensor::{DType, Int, Tensor, TensorData};
+use burn_tensor::{DType, ElementConversion, Int, Tensor, TensorData};
 
 use super::error::{ModelError, Result};
 use super::gguf::{Gguf, LlamaConfig};
@@ -52,6 +52,57 @@ pub struct SeqSpan {
     pub q_len: usize,
     /// Cached tokens after the step.
     pub kv_len: usize,
+}
+
+/// One layer's K and V values as written to the cache (after RoPE, before quantization),
+/// accumulated over the steps that collected them: the amax calibration needs and the count of
+/// values each FP8 format saturates at scale 1.0.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KvStats {
+    /// Largest |K|.
+    pub k_amax: f32,
+    /// Largest |V|.
+    pub v_amax: f32,
+    /// K values with |x| > 448 (E4M3's MAX).
+    pub k_over_e4m3: u64,
+    /// V values with |x| > 448.
+    pub v_over_e4m3: u64,
+    /// K values with |x| > 57344 (E5M2's MAX).
+    pub k_over_e5m2: u64,
+    /// V values with |x| > 57344.
+    pub v_over_e5m2: u64,
+    /// K (and V) values seen.
+    pub values: u64,
+}
+
+impl KvStats {
+    fn add<B: Backend>(&mut self, k: &Tensor<B, 3>, v: &Tensor<B, 3>) {
+        let amax = |t: &Tensor<B, 3>| {
+            t.clone()
+                .cast(DType::F32)
+                .abs()
+                .max()
+                .into_scalar()
+                .elem::<f32>()
+        };
+        let over = |t: &Tensor<B, 3>, max: f32| {
+            t.clone()
+                .cast(DType::F32)
+                .abs()
+                .greater_elem(max)
+                .int()
+                .sum()
+                .into_scalar()
+                .elem::<i64>() as u64
+        };
+        self.k_amax = self.k_amax.max(amax(k));
+        self.v_amax = self.v_amax.max(amax(v));
+        self.k_over_e4m3 += over(k, 448.0);
+        self.v_over_e4m3 += over(v, 448.0);
+        self.k_over_e5m2 += over(k, 57344.0);
+        self.v_over_e5m2 += over(v, 57344.0);
+        self.values += k.dims().iter().product::<usize>() as u64;
+    }
 }
 
 /// SmolLM2 (any `llama`-architecture GGUF this loader reads) on backend `B`.
@@ -238,6 +289,8 @@ impl<B: PagedKvBackend> Llama<B> {
     /// One engine step over `tokens` (packed, `positions[i]` the position of `tokens[i]` in its
     /// sequence): writes their K/V into `caches` (one per layer) and returns the final hidden
     /// states `[num_tokens, hidden]` (normalised; apply [`Self::logits`] to the rows you need).
+    /// With `stats` (one per layer), the K/V values are also measured (a device sync per layer:
+    /// for calibration and reports, not the hot path).
     pub fn forward(
         &self,
         caches: &mut [KvCache<B>],
@@ -246,6 +299,7 @@ impl<B: PagedKvBackend> Llama<B> {
         batch: &KvBatch<B>,
         spans: &[SeqSpan],
         attend: Attend,
+        mut stats: Option<&mut [KvStats]>,
     ) -> Result<Tensor<B, 2>> {
         let c = &self.config;
         let (n, d) = (tokens.len(), c.head_dim());
@@ -267,7 +321,7 @@ impl<B: PagedKvBackend> Llama<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
         let mut x = self.embedding.clone().select(0, ids);
         let opts = AttentionOptions::default();
-        for (block, cache) in self.blocks.iter().zip(caches.iter_mut()) {
+        for (l, (block, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
             let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
             let q = self.rope(
                 h.clone()
@@ -282,6 +336,9 @@ impl<B: PagedKvBackend> Llama<B> {
                 positions,
             );
             let v = h.matmul(block.wv.clone()).reshape([n, c.head_count_kv, d]);
+            if let Some(s) = stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
+                s.add(&k, &v);
+            }
             cache.fill(k, v, batch)?;
             let attn = match attend {
                 Attend::Decode => cache.decode(q, batch, &opts)?,

@@ -25,13 +25,16 @@
 //!   CUDA C++ on the CPU (host C++ with threads standing in for CUDA threads and warp
 //!   collectives) and checks every partial state against a double-precision reference; needs
 //!   g++ and the CUDA headers from PyPI in `.nvrtc/` (see `emulate`).
-//! - `cargo xtask demo [ARGS..]` runs the end-to-end demo.
+//! - `cargo xtask demo [ARGS..]` runs SmolLM2-135M-Instruct through the FP8 paged cache (see
+//!   `model_demo.rs` for the flags); `cargo xtask demo synthetic` runs the synthetic workload
+//!   (LLM-like K/V through the CPU reference kernels and, with CUDA, the GPU kernels).
 //! - `cargo xtask ci` runs `.ci/run` (fmt, clippy, tests, codegen --ptx).
 
 mod codegen;
 mod demo;
 mod emulate;
 mod gpu_pack;
+mod model_demo;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,7 +56,10 @@ fn main() -> ExitCode {
         Some("gpu-pack") => gpu_pack::run(&args[1..], &root),
         Some("codegen") => codegen::run(&args[1..], &root),
         Some("emulate") => emulate::run(&args[1..], &root),
-        Some("demo") => demo::run(&args[1..]),
+        Some("demo") if args.get(1).map(String::as_str) == Some("synthetic") => {
+            demo::run(&args[2..])
+        }
+        Some("demo") => model_demo::run(&args[1..]),
         Some("ci") => run_ci(&root),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
