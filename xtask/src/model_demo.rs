@@ -168,9 +168,15 @@ fn run_on<B: PagedKvBackend>(
             "{:<9} {:>10} {:>12} {:>10}  text",
             "policy", "tokens/s", "KV B/token", "pages"
         );
+        // Pages for every sequence's prompt and continuation (the CPU path reads the whole cache
+        // per call: no more than needed).
+        let pages: usize = prompt_ids
+            .iter()
+            .map(|p| (p.len() + max_new).div_ceil(PAGE) + 1)
+            .sum();
         for policy in &o.policies {
             let mut engine =
-                Engine::new(model.take().expect("model"), policy, 512, PAGE).map_err(e)?;
+                Engine::new(model.take().expect("model"), policy, pages, PAGE).map_err(e)?;
             let mut first: Vec<Option<Instant>> = vec![None; prompt_ids.len()];
             let t0 = Instant::now();
             let out = engine
