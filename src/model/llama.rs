@@ -255,10 +255,11 @@ impl<B: PagedKvBackend> Llama<B> {
             .with_unquantized(unq)?)
     }
 
-    /// RoPE as llama.cpp applies it to GGUF's permuted Q/K weights: dimensions `(2i, 2i + 1)`
-    /// of each head rotate together by `pos · base^(−2i/d)` (in f32).
-    fn rope(&self, x: Tensor<B, 3>, positions: &[usize]) -> Tensor<B, 3> {
-        let [n, h, d] = x.dims();
+    /// RoPE tables `(cos, sin)`, `[n, 1, d/2, 1]` f32, for these positions: angle
+    /// `pos · base^(−2i/d)` for the pair `(2i, 2i + 1)`. Built once per step, shared by the
+    /// layers (each upload is host work on the decode path).
+    fn rope_tables(&self, positions: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (n, d) = (positions.len(), self.config.head_dim());
         let half = d / 2;
         let base = self.config.rope_freq_base as f64;
         let mut cos = Vec::with_capacity(n * half);
@@ -276,13 +277,21 @@ impl<B: PagedKvBackend> Llama<B> {
                 (&self.device, DType::F32),
             )
         };
-        let (cos, sin) = (table(cos), table(sin));
+        (table(cos), table(sin))
+    }
+
+    /// RoPE as llama.cpp applies it to GGUF's permuted Q/K weights: dimensions `(2i, 2i + 1)`
+    /// of each head rotate together (in f32; `tables` from [`Self::rope_tables`]).
+    fn rope(x: Tensor<B, 3>, tables: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 3> {
+        let [n, h, d] = x.dims();
+        let half = d / 2;
+        let (cos, sin) = tables;
         let dtype = x.dtype();
         let x = x.cast(DType::F32).reshape([n, h, half, 2]);
         let x0 = x.clone().slice([0..n, 0..h, 0..half, 0..1]);
         let x1 = x.slice([0..n, 0..h, 0..half, 1..2]);
         let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-        let r1 = x0 * sin + x1 * cos;
+        let r1 = x0 * sin.clone() + x1 * cos.clone();
         Tensor::cat(vec![r0, r1], 3).reshape([n, h, d]).cast(dtype)
     }
 
@@ -321,19 +330,20 @@ impl<B: PagedKvBackend> Llama<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
         let mut x = self.embedding.clone().select(0, ids);
         let opts = AttentionOptions::default();
+        let tables = self.rope_tables(positions);
         for (l, (block, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
             let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
-            let q = self.rope(
+            let q = Self::rope(
                 h.clone()
                     .matmul(block.wq.clone())
                     .reshape([n, c.head_count, d]),
-                positions,
+                &tables,
             );
-            let k = self.rope(
+            let k = Self::rope(
                 h.clone()
                     .matmul(block.wk.clone())
                     .reshape([n, c.head_count_kv, d]),
-                positions,
+                &tables,
             );
             let v = h.matmul(block.wv.clone()).reshape([n, c.head_count_kv, d]);
             if let Some(s) = stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
