@@ -7,7 +7,7 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{Tensor, TensorData};
 
 use super::error::{ModelError, Result};
-use super::llama::{Attend, KvStats, Llama, SeqSpan};
+use super::llama::{Attend, KvStats, Llama, SeqSpan, Step};
 use crate::burn::{KvBatch, KvCache, KvCacheConfig, PagedKvBackend};
 use crate::layout::BatchMetadata;
 use crate::scales::KvScales;
@@ -225,13 +225,8 @@ impl<B: PagedKvBackend> Engine<B> {
     /// sequence's pending tokens, at most [`Self::prefill_chunk`] of them. Does not run it.
     pub fn plan_step(&mut self, ids: &[usize]) -> Result<StepPlan<B>> {
         let page_size = self.config.layout.page_size();
-        let mut plan = StepPlan {
-            tokens: Vec::new(),
-            positions: Vec::new(),
-            rows: Vec::new(),
-            spans: Vec::new(),
-            batch: None,
-        };
+        let (mut tokens, mut positions, mut rows, mut spans) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for &id in ids {
             let seq = self
                 .seqs
@@ -243,15 +238,15 @@ impl<B: PagedKvBackend> Engine<B> {
             while seq.pages.len() * page_size < kv_len {
                 seq.pages.push(self.pool.alloc()?);
             }
-            plan.spans.push(SeqSpan {
-                q_start: plan.tokens.len(),
+            spans.push(SeqSpan {
+                q_start: tokens.len(),
                 q_len,
                 kv_len,
             });
             for pos in seq.cached..kv_len {
-                plan.tokens.push(seq.tokens[pos]);
-                plan.positions.push(pos);
-                plan.rows.push((id, pos));
+                tokens.push(seq.tokens[pos]);
+                positions.push(pos);
+                rows.push((id, pos));
             }
         }
         let max_pages = ids
@@ -272,42 +267,42 @@ impl<B: PagedKvBackend> Engine<B> {
             table.extend(std::iter::repeat_n(0, max_pages - pages.len()));
         }
         let meta = BatchMetadata::new(
-            plan.spans.iter().map(|s| s.q_start as i32).collect(),
-            plan.spans.iter().map(|s| s.q_len as i32).collect(),
-            plan.spans.iter().map(|s| s.kv_len as i32).collect(),
+            spans.iter().map(|s| s.q_start as i32).collect(),
+            spans.iter().map(|s| s.q_len as i32).collect(),
+            spans.iter().map(|s| s.kv_len as i32).collect(),
             table,
             max_pages,
         )?;
-        plan.batch = Some(KvBatch::<B>::new(
-            meta,
-            &self.config.layout,
-            plan.tokens.len(),
-            self.model.device(),
-        )?);
-        Ok(plan)
+        let batch =
+            KvBatch::<B>::new(meta, &self.config.layout, tokens.len(), self.model.device())?;
+        Ok(StepPlan {
+            rows,
+            step: Step {
+                tokens,
+                positions,
+                spans,
+                batch,
+            },
+        })
     }
 
     /// One step over sequences `ids` ([`Self::plan_step`], then the model): prefill attention
     /// when any sequence brings more than one token, decode otherwise. Returns the final hidden
     /// states `[rows, hidden]` of every new token and each row's `(sequence id, position)`.
-    pub fn step(&mut self, ids: &[usize]) -> Result<(Tensor<B, 2>, Vec<(usize, usize)>)> {
+    pub fn step(&mut self, ids: &[usize]) -> Result<StepOutput<B>> {
         let plan = self.plan_step(ids)?;
-        let attend = if plan.spans.iter().any(|s| s.q_len > 1) {
+        let attend = if plan.step.spans.iter().any(|s| s.q_len > 1) {
             Attend::Prefill
         } else {
             Attend::Decode
         };
-        let batch = plan.batch.as_ref().expect("planned");
         let hidden = self.model.forward(
             &mut self.caches,
-            &plan.tokens,
-            &plan.positions,
-            batch,
-            &plan.spans,
+            &plan.step,
             attend,
             self.kv_stats.as_deref_mut(),
         )?;
-        for (&id, s) in ids.iter().zip(&plan.spans) {
+        for (&id, s) in ids.iter().zip(&plan.step.spans) {
             if let Some(seq) = self.seqs.get_mut(id).and_then(Option::as_mut) {
                 seq.cached += s.q_len;
             }
@@ -407,20 +402,17 @@ impl<B: PagedKvBackend> Engine<B> {
     }
 }
 
-/// A planned step: packed tokens, their positions and rows, each sequence's span, and the
-/// step's metadata on the device.
+/// A planned step: the model's input and each packed token's `(sequence id, position)`.
 pub struct StepPlan<B: PagedKvBackend> {
-    /// Packed new tokens.
-    pub tokens: Vec<u32>,
-    /// Their positions.
-    pub positions: Vec<usize>,
     /// `(sequence id, position)` of each packed token.
     pub rows: Vec<(usize, usize)>,
-    /// Each sequence's span.
-    pub spans: Vec<SeqSpan>,
-    /// The metadata, validated and uploaded.
-    pub batch: Option<KvBatch<B>>,
+    /// The model's input.
+    pub step: Step<B>,
 }
+
+/// What [`Engine::step`] returns: final hidden states `[rows, hidden]` and each row's
+/// `(sequence id, position)`.
+pub type StepOutput<B> = (Tensor<B, 2>, Vec<(usize, usize)>);
 
 /// Row-wise argmax of `[rows, vocab]` logits, read back to the host.
 pub fn argmax_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {

@@ -54,6 +54,19 @@ pub struct SeqSpan {
     pub kv_len: usize,
 }
 
+/// One engine step's input: the packed new tokens, their positions, each sequence's span and
+/// the step's metadata (validated and uploaded once, shared by every layer).
+pub struct Step<B: PagedKvBackend> {
+    /// Packed new tokens.
+    pub tokens: Vec<u32>,
+    /// Position of each token in its sequence.
+    pub positions: Vec<usize>,
+    /// Each sequence's span, in packing order.
+    pub spans: Vec<SeqSpan>,
+    /// The metadata.
+    pub batch: KvBatch<B>,
+}
+
 /// One layer's K and V values as written to the cache (after RoPE, before quantization),
 /// accumulated over the steps that collected them: the amax calibration needs and the count of
 /// values each FP8 format saturates at scale 1.0.
@@ -295,21 +308,20 @@ impl<B: PagedKvBackend> Llama<B> {
         Tensor::cat(vec![r0, r1], 3).reshape([n, h, d]).cast(dtype)
     }
 
-    /// One engine step over `tokens` (packed, `positions[i]` the position of `tokens[i]` in its
-    /// sequence): writes their K/V into `caches` (one per layer) and returns the final hidden
+    /// One engine step over `step.tokens` (packed, `step.positions[i]` the position of
+    /// `step.tokens[i]` in its sequence): writes their K/V into `caches` (one per layer) and returns the final hidden
     /// states `[num_tokens, hidden]` (normalised; apply [`Self::logits`] to the rows you need).
     /// With `stats` (one per layer), the K/V values are also measured (a device sync per layer:
     /// for calibration and reports, not the hot path).
     pub fn forward(
         &self,
         caches: &mut [KvCache<B>],
-        tokens: &[u32],
-        positions: &[usize],
-        batch: &KvBatch<B>,
-        spans: &[SeqSpan],
+        step: &Step<B>,
         attend: Attend,
         mut stats: Option<&mut [KvStats]>,
     ) -> Result<Tensor<B, 2>> {
+        let (tokens, positions, batch, spans) =
+            (&step.tokens, &step.positions, &step.batch, &step.spans);
         let c = &self.config;
         let (n, d) = (tokens.len(), c.head_dim());
         if positions.len() != n || caches.len() != self.blocks.len() {

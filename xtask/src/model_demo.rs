@@ -546,8 +546,8 @@ fn attention_only<B: PagedKvBackend>(
         engine.push(id, 13)?;
     }
     let plan = engine.plan_step(ids)?;
-    let batch = plan.batch.expect("planned");
-    let n = plan.tokens.len();
+    let batch = plan.step.batch;
+    let n = plan.step.tokens.len();
     let rnd = |h: usize| {
         Tensor::<B, 3>::random([n, h, d], Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
     };
