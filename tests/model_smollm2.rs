@@ -263,3 +263,31 @@ fn fork_shares_full_pages_and_continues_like_its_parent() {
     e.release(child);
     assert_eq!(e.pool().free_pages(), 64);
 }
+
+#[test]
+fn batched_generation_equals_one_sequence_at_a_time() {
+    let Some(g) = gguf("batched_generation_equals_one_sequence_at_a_time") else {
+        return;
+    };
+    let fx = fixture();
+    // Two prompts of different lengths (33 and 14 tokens) decoded together.
+    let prompts: Vec<Vec<u32>> = fx["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|gr| ids(&gr["prompt_ids"]))
+        .collect();
+    assert_ne!(prompts[0].len(), prompts[1].len());
+    let mut e = engine(g, "fp8_e4m3");
+    let together = e.generate(&prompts, 6, &|_| false, |_, _| {}).unwrap();
+    for (p, want) in prompts.iter().zip(&together) {
+        let alone = e
+            .generate(std::slice::from_ref(p), 6, &|_| false, |_, _| {})
+            .unwrap();
+        assert_eq!(
+            &alone[0], want,
+            "a sequence generates the same tokens alone and in a batch"
+        );
+    }
+    assert_eq!(e.pool().free_pages(), 64, "pages leaked");
+}

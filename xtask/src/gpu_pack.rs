@@ -180,6 +180,11 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   bash gpu-pack/run.sh all              tests (8 threads), demo, benches; logs into $OUT if set
 #   bash gpu-pack/run.sh key-major        the suite on the experimental key-major decode kernels
 #                                         only, then (if it passes) the decode bench's --ab
+#   bash gpu-pack/run.sh model            the SmolLM2 model on the GPU: assembles .models/ from
+#                                         .xfer*/part if needed, its tests, the demo with --speed
+#   bash gpu-pack/run.sh sanitize [BIN..] compute-sanitizer memcheck, racecheck and initcheck
+#                                         over the GPU test binaries (default: gpu_*)
+# FP8KV_TEST_BINS="a b" limits `tests` to those binaries (to split the suite over calls).
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -200,6 +205,10 @@ tests)
   log="$(mktemp)"
   trap 'rm -f "$log"' EXIT
   bins=("$pack"/tests/*)
+  if [ -n "${FP8KV_TEST_BINS:-}" ]; then
+    bins=()
+    for b in $FP8KV_TEST_BINS; do bins+=("$pack/tests/$b"); done
+  fi
   [ "${#bins[@]}" -gt 0 ] || { echo "no test binaries in the pack"; exit 1; }
   for bin in "${bins[@]}"; do
     echo "=== $(basename "$bin")"
@@ -259,8 +268,42 @@ key-major)
   [ "$t" -eq 0 ] || { echo "key-major tests failed: no bench"; exit 1; }
   "$pack/benches/decode" --bench --ab 2>&1 | tee "$logs/key-major-ab.log"
   ;;
+model)
+  # The GGUF travels in pieces (one transfer carries 64 MiB): put it together once.
+  mkdir -p .models
+  gguf=.models/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ ! -s "$gguf" ] && [ -e .xfer1/part ]; then cat .xfer*/part > "$gguf"; fi
+  export FP8KV_MODEL_DIR="$PWD/.models" FP8KV_REQUIRE_MODEL=1
+  FP8KV_TEST_BINS="model_loader model_smollm2" FP8KV_TEST_THREADS="${FP8KV_TEST_THREADS:-4}" \
+    bash "$pack/run.sh" tests
+  t=$?
+  "$pack/xtask" demo --speed "$@"
+  d=$?
+  echo "model tests exit $t, demo exit $d"
+  [ "$t" -eq 0 ] && [ "$d" -eq 0 ]
+  ;;
+sanitize)
+  # Every kernel and path under NVIDIA's compute-sanitizer: memcheck (out-of-bounds and
+  # misaligned accesses), racecheck (shared-memory hazards), initcheck (reads of uninitialised
+  # device memory). One test thread: the tools serialise kernels anyway.
+  san=/usr/local/cuda/bin/compute-sanitizer
+  [ -x "$san" ] || san="$(command -v compute-sanitizer)" || { echo "no compute-sanitizer"; exit 1; }
+  export FP8KV_REQUIRE_GPU=1
+  bins=("$@")
+  [ "${#bins[@]}" -gt 0 ] || bins=(gpu_codec gpu_fill_flatten gpu_decode gpu_burn)
+  status=0
+  for tool in memcheck racecheck initcheck; do
+    for b in "${bins[@]}"; do
+      echo "=== $tool $b"
+      "$san" --tool "$tool" --error-exitcode 9 "$pack/tests/$b" --test-threads=1 2>&1 |
+        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|========= (Invalid|Race|Uninitialized)" | head -20
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    done
+  done
+  exit "$status"
+  ;;
 *)
-  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER] | key-major" >&2
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER] | key-major | model | sanitize [BIN..]" >&2
   exit 2
   ;;
 esac
