@@ -462,3 +462,56 @@ fn causal_attention_over_the_flattened_cache_equals_the_reference_decode() {
         }
     }
 }
+
+#[test]
+fn calibration_and_saturation_detect_data_of_large_range() {
+    // K of range ±2000 and V of ±100000 (a large-range model): E4M3 at scale 1.0 clamps K past
+    // 448, E5M2 clamps V past 57344; the calibrated scales are amax / MAX exactly.
+    let layout = fp8kv::PagedKvLayout::new(4, 16, 2, 64, 64, fp8kv::KvLayoutKind::Bshd).unwrap();
+    let n = 10;
+    let k_vals: Vec<f32> = (0..n * 2 * 64)
+        .map(|i| ((i % 41) as f32 - 20.0) * 100.0)
+        .collect(); // ±2000
+    let v_vals: Vec<f32> = (0..n * 2 * 64)
+        .map(|i| ((i % 21) as f32 - 10.0) * 10000.0)
+        .collect(); // ±100000
+    let k = || Tensor::<B, 3>::from_data(TensorData::new(k_vals.clone(), [n, 2, 64]), &device());
+    let v = || Tensor::<B, 3>::from_data(TensorData::new(v_vals.clone(), [n, 2, 64]), &device());
+    let count = |vals: &[f32], limit: f32| vals.iter().filter(|x| x.abs() > limit).count() as u64;
+    for (policy, max) in [("fp8_e4m3", 448.0f32), ("fp8_e5m2", 57344.0)] {
+        let cfg = KvCacheConfig::new(policy, layout).unwrap();
+        let mut cache = KvCache::<B>::new(&cfg, &device()).unwrap();
+        let sat = cache.saturation(&k(), &v());
+        assert_eq!(sat.k, count(&k_vals, max), "{policy} K");
+        assert_eq!(sat.v, count(&v_vals, max), "{policy} V");
+        assert!(
+            sat.fraction() > 0.1,
+            "{policy}: large-range data must show as saturated"
+        );
+        // The opt-in check warns on the first fill that saturates.
+        cache.set_saturation_check(Some(0.001));
+        let meta =
+            fp8kv::BatchMetadata::new(vec![0], vec![n as i32], vec![n as i32], vec![0], 1).unwrap();
+        let batch = KvBatch::<B>::new(meta, &layout, n, &device()).unwrap();
+        cache.fill(k(), v(), &batch).unwrap();
+        assert!(cache.saturation_warned(), "{policy}: no warning");
+        // Calibrated scales: amax / MAX, and then nothing saturates.
+        let scales = cache.calibrate(&k(), &v()).unwrap();
+        assert_eq!(scales.k(), 2000.0 / max);
+        assert_eq!(scales.v(), 100000.0 / max);
+        cache.set_scales(scales);
+        let after = cache.saturation(&k(), &v());
+        assert_eq!(
+            (after.k, after.v),
+            (0, 0),
+            "{policy}: calibrated scales still saturate"
+        );
+    }
+    // The unquantized cache never saturates and calibrates to 1.0.
+    let none = KvCache::<B>::new(&KvCacheConfig::new("none", layout).unwrap(), &device()).unwrap();
+    assert_eq!(none.saturation(&k(), &v()).k, 0);
+    assert_eq!(
+        none.calibrate(&k(), &v()).unwrap(),
+        fp8kv::KvScales::default()
+    );
+}

@@ -335,6 +335,52 @@ pub struct KvCache<B: PagedKvBackend> {
     device: B::Device,
     // `None` only while `copy_blocks` runs Burn's by-value ops on it (or after a panic there).
     storage: Option<KvCachePrimitive<B>>,
+    // Opt-in saturation check on fill, and whether it has warned already (once per cache).
+    saturation_check: Option<f64>,
+    warned: bool,
+}
+
+/// How many of a batch's K and V values an FP8 cache clamps to ±MAX at its current scales.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Saturation {
+    /// K values with `|x / k_scale| > MAX`.
+    pub k: u64,
+    /// V values with `|x / v_scale| > MAX`.
+    pub v: u64,
+    /// Values of each side looked at.
+    pub per_side: u64,
+}
+
+impl Saturation {
+    /// The larger side's saturated fraction.
+    pub fn fraction(&self) -> f64 {
+        self.k.max(self.v) as f64 / self.per_side.max(1) as f64
+    }
+}
+
+/// `|x| > limit` counted on the device, read back as one scalar.
+fn count_over<B: Backend, const D: usize>(x: &Tensor<B, D>, limit: f32) -> u64 {
+    use burn_tensor::ElementConversion;
+    x.clone()
+        .cast(DType::F32)
+        .abs()
+        .greater_elem(limit)
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<i64>() as u64
+}
+
+/// `max |x|` on the device, read back as one scalar (NaN is skipped by the max; an all-NaN
+/// tensor gives a NaN amax, which calibration rejects).
+fn amax<B: Backend, const D: usize>(x: &Tensor<B, D>) -> f32 {
+    use burn_tensor::ElementConversion;
+    x.clone()
+        .cast(DType::F32)
+        .abs()
+        .max()
+        .into_scalar()
+        .elem::<f32>()
 }
 
 impl<B: PagedKvBackend> Debug for KvCache<B> {
@@ -381,6 +427,8 @@ impl<B: PagedKvBackend> KvCache<B> {
             spec,
             device: device.clone(),
             storage: Some(storage),
+            saturation_check: None,
+            warned: false,
         })
     }
 
@@ -456,6 +504,49 @@ impl<B: PagedKvBackend> KvCache<B> {
         Ok(())
     }
 
+    /// Scales that map this batch's K and V amax onto the FP8 format's largest value
+    /// ([`KvScales::calibrate`]): one reduction per side on the device and one read of the two
+    /// maxima (deterministic: a max does not depend on the order of the reduction). Call it on
+    /// a prefill's K/V, then [`Self::set_scales`]; 1.0 for the `none` policy.
+    pub fn calibrate<const D: usize>(
+        &self,
+        k: &Tensor<B, D>,
+        v: &Tensor<B, D>,
+    ) -> Result<KvScales> {
+        KvScales::calibrate(amax(k), amax(v), self.spec.policy)
+    }
+
+    /// How many values of `k` / `v` this cache would clamp to ±MAX at its current scales (all
+    /// zero for the `none` policy). Two device reductions and a read of two counts.
+    pub fn saturation<const D: usize>(&self, k: &Tensor<B, D>, v: &Tensor<B, D>) -> Saturation {
+        let per_side = k.dims().iter().product::<usize>() as u64;
+        match self.spec.policy.fp8_max() {
+            None => Saturation {
+                k: 0,
+                v: 0,
+                per_side,
+            },
+            Some(max) => Saturation {
+                k: count_over(k, max * self.spec.scales.k()),
+                v: count_over(v, max * self.spec.scales.v()),
+                per_side,
+            },
+        }
+    }
+
+    /// Opt-in check on every [`Self::fill`]: counts what saturates ([`Self::saturation`]; a
+    /// device sync per fill, so off by default) and warns once on stderr, naming `label` (the
+    /// layer), when more than `fraction` of a side's values saturate at the current scale.
+    /// `None` turns it off.
+    pub fn set_saturation_check(&mut self, fraction: Option<f64>) {
+        self.saturation_check = fraction;
+    }
+
+    /// Whether the saturation check has warned.
+    pub fn saturation_warned(&self) -> bool {
+        self.warned
+    }
+
     /// Quantizes this step's new K and V tokens into the cache, in place: rows
     /// `q_start_loc[b] .. + q_seq_length[b]` of `k_new` / `v_new` (`[num_tokens,
     /// num_kv_heads, head_dim]`, f32/f16/bf16, the same dtype) go to cache positions
@@ -492,6 +583,23 @@ impl<B: PagedKvBackend> KvCache<B> {
         }
         self.check_device("k_new", &k_new.device())?;
         self.check_device("v_new", &v_new.device())?;
+        if let (Some(limit), false) = (self.saturation_check, self.warned) {
+            let sat = self.saturation(&k_new, &v_new);
+            if sat.fraction() > limit {
+                self.warned = true;
+                eprintln!(
+                    "fp8kv: warning: {} at scales k {} / v {} saturates {} of {} K and {} of {} V values (more than {:.3}%): calibrate the scales (KvCache::calibrate) or load them from the checkpoint",
+                    self.spec.policy,
+                    self.spec.scales.k(),
+                    self.spec.scales.v(),
+                    sat.k,
+                    sat.per_side,
+                    sat.v,
+                    sat.per_side,
+                    100.0 * limit
+                );
+            }
+        }
         let storage = self
             .storage
             .as_mut()
