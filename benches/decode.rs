@@ -220,20 +220,35 @@ impl Shape {
     }
 }
 
+impl Shape {
+    /// Exactly the pages the batch's contexts need.
+    fn layout(&self) -> fp8kv::Result<PagedKvLayout> {
+        let m = self.model;
+        let pages = self.batch * self.context.div_ceil(self.page_size);
+        PagedKvLayout::new(
+            pages,
+            self.page_size,
+            m.kv_heads,
+            m.head_dim_k,
+            m.head_dim_v,
+            self.kind,
+        )
+    }
+
+    /// One decode token per sequence, pages handed out in shuffled order, as a long-running
+    /// engine's block manager does.
+    fn meta(&self) -> fp8kv::Result<BatchMetadata> {
+        let pages_per_seq = self.context.div_ceil(self.page_size);
+        let mut pages: Vec<i32> = (0..(self.batch * pages_per_seq) as i32).collect();
+        Rng::new(7).shuffle(&mut pages);
+        BatchMetadata::decode(vec![self.context as i32; self.batch], pages, pages_per_seq)
+    }
+}
+
 fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64, String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
-    let pages_per_seq = s.context.div_ceil(s.page_size);
-    let num_pages = s.batch * pages_per_seq;
     let m = s.model;
-    let layout = PagedKvLayout::new(
-        num_pages,
-        s.page_size,
-        m.kv_heads,
-        m.head_dim_k,
-        m.head_dim_v,
-        s.kind,
-    )
-    .map_err(e)?;
+    let layout = s.layout().map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
     // The key-major kernel covers what the tensor-core kernel does; other shapes (MLA) keep
     // their default kernel under `--key-major`.
@@ -258,11 +273,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         .map(|_| PagedKvCache::new(client, layout, s.policy, cache_dtype, scales))
         .collect::<Result<Vec<_>, _>>()
         .map_err(e)?;
-    // Pages handed out in shuffled order, as a long-running engine's block manager does.
-    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
-    Rng::new(7).shuffle(&mut pages);
-    let meta =
-        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let meta = s.meta().map_err(e)?;
     let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
     let (q_width, out_width) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
     let q_vals: Vec<f32> = (0..s.batch * q_width)
@@ -404,17 +415,7 @@ fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::Cuda
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let device = cubecl::cuda::CudaDevice::new(0);
     let m = s.model;
-    let pages_per_seq = s.context.div_ceil(s.page_size);
-    let num_pages = s.batch * pages_per_seq;
-    let layout = PagedKvLayout::new(
-        num_pages,
-        s.page_size,
-        m.kv_heads,
-        m.head_dim_k,
-        m.head_dim_v,
-        s.kind,
-    )
-    .map_err(e)?;
+    let layout = s.layout().map_err(e)?;
     let cfg = KvCacheConfig::new(&s.policy.to_string(), layout)
         .map_err(e)?
         .with_scales(KvScales::new(0.05, 0.02).map_err(e)?);
@@ -423,10 +424,7 @@ fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::Cuda
         .map(|_| KvCache::<B>::new(&cfg, &device))
         .collect::<Result<Vec<_>, _>>()
         .map_err(e)?;
-    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
-    Rng::new(7).shuffle(&mut pages);
-    let meta =
-        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let meta = s.meta().map_err(e)?;
     let batch = KvBatch::<B>::new(meta, &layout, s.batch, &device).map_err(e)?;
     let q_vals: Vec<f32> = (0..s.batch * m.heads * m.head_dim_k)
         .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
@@ -450,27 +448,14 @@ fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::Cuda
 fn bench_burn_direct(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f64, f64), String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let m = s.model;
-    let pages_per_seq = s.context.div_ceil(s.page_size);
-    let num_pages = s.batch * pages_per_seq;
-    let layout = PagedKvLayout::new(
-        num_pages,
-        s.page_size,
-        m.kv_heads,
-        m.head_dim_k,
-        m.head_dim_v,
-        s.kind,
-    )
-    .map_err(e)?;
+    let layout = s.layout().map_err(e)?;
     let scales = KvScales::new(0.05, 0.02).map_err(e)?;
     let copies = ROTATE_BYTES.div_ceil(layout.cache_bytes(s.policy)).max(1);
     let caches = (0..copies)
         .map(|_| PagedKvCache::new(client, layout, s.policy, Dtype::E4m3, scales))
         .collect::<Result<Vec<_>, _>>()
         .map_err(e)?;
-    let mut pages: Vec<i32> = (0..num_pages as i32).collect();
-    Rng::new(7).shuffle(&mut pages);
-    let meta =
-        BatchMetadata::decode(vec![s.context as i32; s.batch], pages, pages_per_seq).map_err(e)?;
+    let meta = s.meta().map_err(e)?;
     let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
     let (qw, ow) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
     let q_vals: Vec<f32> = (0..s.batch * qw)
