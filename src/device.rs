@@ -148,20 +148,13 @@ impl<R: Runtime> PagedKvCache<R> {
         dtype: Dtype,
         scales: KvScales,
     ) -> Result<Self> {
+        // The checks first, so that a bad request allocates nothing; from_handles repeats them.
         policy.check_cache_dtype(dtype)?;
         check_dtype_support(client, dtype)?;
         let es = dtype.size_bytes();
         let k = client.empty(alloc_len(layout.cache_elems(KvSide::K) * es));
         let v = client.empty(alloc_len(layout.cache_elems(KvSide::V) * es));
-        Ok(PagedKvCache {
-            client: client.clone(),
-            layout,
-            policy,
-            dtype,
-            scales,
-            k,
-            v,
-        })
+        Self::from_handles(client, layout, policy, dtype, scales, k, v)
     }
 
     /// Wraps existing K and V buffers (e.g. the storage of Burn tensors) without copying them.

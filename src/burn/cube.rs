@@ -10,8 +10,8 @@ use cubecl::cuda::CudaRuntime;
 use cubecl::Runtime;
 
 use super::{
-    activation_dtype, burn_dtype, side_shape, AttentionOptions, CachePrimitive, FlattenLayout,
-    KvCachePrimitive, KvCacheSpec, PagedKvBackend,
+    activation_dtype, burn_dtype, flatten_shape, side_shape, AttentionOptions, CachePrimitive,
+    FlattenLayout, KvCachePrimitive, KvCacheSpec, PagedKvBackend,
 };
 use crate::device::{check_dtype_support, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
@@ -150,11 +150,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> PagedKvBackend for Cube<F,
         let lib = library_cache(cache, spec)?;
         let t = side_tensor(&cache.k);
         let (k, v) = flatten::flatten_new(&t.client, &lib, batch, layout, dtype)?;
-        let heads = spec.layout.num_kv_heads();
-        let shape = |side| match layout {
-            FlattenLayout::Hsd => [heads, total, spec.layout.head_dim(side)],
-            FlattenLayout::Shd => [total, heads, spec.layout.head_dim(side)],
-        };
+        let shape = |side| flatten_shape(&spec.layout, side, total, layout);
         Ok((
             to_tensor(k, &t.client, &t.device, shape(KvSide::K))?,
             to_tensor(v, &t.client, &t.device, shape(KvSide::V))?,

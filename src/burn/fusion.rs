@@ -17,8 +17,8 @@ use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 use burn_tensor::{DType, Shape};
 
 use super::{
-    burn_dtype, side_shape, AttentionOptions, CachePrimitive, FlattenLayout, KvCachePrimitive,
-    KvCacheSpec, PagedKvBackend,
+    burn_dtype, flatten_shape, side_shape, AttentionOptions, CachePrimitive, FlattenLayout,
+    KvCachePrimitive, KvCacheSpec, PagedKvBackend,
 };
 use crate::error::{KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
@@ -277,14 +277,9 @@ impl<B: FusionBackend + PagedKvBackend> PagedKvBackend for Fusion<B> {
         let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
         let client = k_cache.client.clone();
         let streams = OperationStreams::with_inputs([k_cache, v_cache]);
-        let heads = spec.layout.num_kv_heads();
         let dt = burn_dtype(dtype)?;
         let out = |side| {
-            let d = spec.layout.head_dim(side);
-            let shape = match layout {
-                FlattenLayout::Hsd => Shape::new([heads, total, d]),
-                FlattenLayout::Shd => Shape::new([total, heads, d]),
-            };
+            let shape = Shape::new(flatten_shape(&spec.layout, side, total, layout));
             TensorIr::uninit(client.create_empty_handle(), shape, dt)
         };
         let outputs = [out(KvSide::K), out(KvSide::V)];

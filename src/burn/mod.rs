@@ -810,6 +810,21 @@ fn read_storage<B: Backend>(side: &CachePrimitive<B>, dtype: Dtype) -> Result<Ve
     }
 }
 
+/// Shape of one side's flatten output: `[kv_heads, total, d]` (hsd) or `[total, kv_heads, d]`
+/// (shd), `total` the batch's cached tokens.
+fn flatten_shape(
+    layout: &PagedKvLayout,
+    side: KvSide,
+    total: usize,
+    order: FlattenLayout,
+) -> [usize; 3] {
+    let (heads, d) = (layout.num_kv_heads(), layout.head_dim(side));
+    match order {
+        FlattenLayout::Hsd => [heads, total, d],
+        FlattenLayout::Shd => [total, heads, d],
+    }
+}
+
 /// Shape of one cache side as a Burn shape.
 fn side_shape(layout: &PagedKvLayout, side: KvSide) -> Shape {
     Shape::new(layout.shape(side))

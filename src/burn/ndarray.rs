@@ -10,8 +10,8 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::{
-    burn_dtype, read_storage, side_shape, tensor_data, AttentionOptions, CachePrimitive,
-    FlattenLayout, KvCachePrimitive, KvCacheSpec, PagedKvBackend,
+    burn_dtype, flatten_shape, read_storage, side_shape, tensor_data, AttentionOptions,
+    CachePrimitive, FlattenLayout, KvCachePrimitive, KvCacheSpec, PagedKvBackend,
 };
 use crate::error::{Fp8KvError, KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
@@ -166,11 +166,7 @@ where
     ) -> Result<(NdArrayTensor, NdArrayTensor)> {
         let host = host_cache::<Self>(cache, spec)?;
         let (k, v) = reference::flatten(&host, &spec.scales, &batch.meta, layout, dtype)?;
-        let heads = spec.layout.num_kv_heads();
-        let shape = |side| match layout {
-            FlattenLayout::Hsd => [heads, total, spec.layout.head_dim(side)],
-            FlattenLayout::Shd => [total, heads, spec.layout.head_dim(side)],
-        };
+        let shape = |side| flatten_shape(&spec.layout, side, total, layout);
         let (dt, device) = (burn_dtype(dtype)?, Default::default());
         Ok((
             float_tensor::<Self>(k, shape(KvSide::K), dt, &device),
