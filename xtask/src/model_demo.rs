@@ -271,10 +271,11 @@ fn quality<B: PagedKvBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Re
         .collect();
     let cont = if gpu { 128 } else { 8 };
     if gpu {
-        // A long context: this repository's README and architecture map, to summarise.
+        // A long context (about 11k tokens): this repository's longer documents, to summarise.
         let doc = format!(
-            "{}\n\n{}",
-            include_str!("../../README.md"),
+            "{}\n\n{}\n\n{}",
+            include_str!("../../benches/PERFORMANCE.md"),
+            include_str!("../../tests/README.md"),
             include_str!("../../ARCHITECTURE.md")
         );
         texts.push(format!(
@@ -424,7 +425,7 @@ fn speed<B: PagedKvBackend>(
 ) -> Result<(), String> {
     let e = |x: fp8kv::model::ModelError| x.to_string();
     let mut model = Some(load::<B>(gguf, DType::BF16, device)?);
-    let doc = include_str!("../../README.md").repeat(2);
+    let doc = include_str!("../../benches/PERFORMANCE.md").repeat(2);
     let long = tok.encode(&doc, false).map_err(e)?;
     let prompt: Vec<u32> = long.iter().copied().cycle().take(2048).collect();
     println!("\nspeed (CubeBackend, bf16 activations, page {PAGE}): medians of timed steps, each ending in a host read of the next tokens");
