@@ -1,15 +1,20 @@
 //! SmolLM2-135M on Burn (NdArray, f32, the CPU reference kernels) against the llama.cpp and
 //! numpy-f32 fixture (`tests/fixtures/smollm2/`): logits, top-1 and a greedy continuation, the
-//! decode path against the prefill path, and a short FP8 generation. The model is fetched on
-//! first use; offline these tests print `SKIPPED` (`FP8KV_REQUIRE_MODEL=1` fails instead).
+//! decode path against the prefill path, and a short FP8 generation; the logits and greedy
+//! checks also on the GPU (`burn_cuda::Cuda`, bf16 activations and a bf16 cache). The model is
+//! fetched on first use; offline these tests print `SKIPPED` (`FP8KV_REQUIRE_MODEL=1` fails
+//! instead), and so do the GPU ones without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
 
 #![cfg(feature = "model")]
 
 use std::io::Write;
 use std::sync::OnceLock;
 
+mod common;
+
 use burn_ndarray::NdArray;
 use burn_tensor::DType;
+use fp8kv::burn::PagedKvBackend;
 use fp8kv::model::engine::{logits_rows, Engine};
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
@@ -18,6 +23,8 @@ use fp8kv::Dtype;
 use serde_json::Value;
 
 type B = NdArray<f32>;
+/// `burn_cuda::Cuda` with Burn's default features: the fused CUDA backend the demo runs on.
+type Gpu = burn_fusion::Fusion<burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>;
 
 fn fixture() -> Value {
     let path = concat!(
@@ -53,13 +60,36 @@ fn gguf(test: &str) -> Option<&'static Gguf> {
 
 /// An engine on NdArray f32 with a `policy` cache; the unquantized cache in f16, as llama.cpp's.
 fn engine(gguf: &Gguf, policy: &str) -> Engine<B> {
-    let model = Llama::<B>::load(gguf, DType::F32, &Default::default()).unwrap();
+    engine_on::<B>(gguf, policy, DType::F32, Dtype::F16, &Default::default())
+}
+
+/// An engine on backend `Q`: activations `act`, the unquantized cache in `unquantized`.
+fn engine_on<Q: PagedKvBackend>(
+    gguf: &Gguf,
+    policy: &str,
+    act: DType,
+    unquantized: Dtype,
+    device: &Q::Device,
+) -> Engine<Q> {
+    let model = Llama::<Q>::load(gguf, act, device).unwrap();
     let config = model
         .cache_config(policy, 64, 16)
         .unwrap()
-        .with_unquantized(Dtype::F16)
+        .with_unquantized(unquantized)
         .unwrap();
     Engine::with_config(model, config).unwrap()
+}
+
+/// The GPU engine (bf16 activations, bf16 unquantized cache), or `None` after printing why.
+fn gpu_engine(gguf: &Gguf, policy: &str, test: &str) -> Option<Engine<Gpu>> {
+    common::gpu::client_or_skip(test)?;
+    Some(engine_on::<Gpu>(
+        gguf,
+        policy,
+        DType::BF16,
+        Dtype::Bf16,
+        &Default::default(),
+    ))
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -78,7 +108,7 @@ fn floats(v: &Value) -> Vec<f64> {
 }
 
 /// Every position's logits of `tokens` in one prefill step.
-fn prefill_logits(e: &mut Engine<B>, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn prefill_logits<Q: PagedKvBackend>(e: &mut Engine<Q>, tokens: &[u32]) -> Vec<Vec<f32>> {
     e.prefill_chunk = tokens.len();
     let id = e.add(tokens.to_vec()).unwrap();
     let (hidden, _) = e.step(&[id]).unwrap();
@@ -112,19 +142,38 @@ fn logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely() {
     let Some(g) = gguf("logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely") else {
         return;
     };
+    check_logits(&mut engine(g, "none"), "NdArray f32", NUMPY_TOL);
+}
+
+/// bf16 on the GPU: bf16 keeps 8 significant bits, as llama.cpp's 8-bit activations do, so
+/// its logits are held to llama.cpp's stated tolerance against both oracles (the numpy f32
+/// bound of the f32 model does not apply to bf16 arithmetic).
+#[test]
+fn gpu_bf16_logits_match_llama_cpp_within_its_tolerance() {
+    let test = "gpu_bf16_logits_match_llama_cpp_within_its_tolerance";
+    let Some(g) = gguf(test) else { return };
+    let Some(mut e) = gpu_engine(g, "none", test) else {
+        return;
+    };
+    let tol = fixture()["tolerance"]["stated"].as_f64().unwrap();
+    check_logits(&mut e, "GPU bf16", tol);
+}
+
+/// Every fixture sequence's logits in one prefill: within the fixture's stated tolerance of
+/// llama.cpp and within `numpy_tol` of numpy f32, the same top-1 where llama.cpp is sure.
+fn check_logits<Q: PagedKvBackend>(e: &mut Engine<Q>, what: &str, numpy_tol: f64) {
     let fx = fixture();
     let tol = fx["tolerance"]["stated"].as_f64().unwrap();
-    let mut e = engine(g, "none");
     let (mut worst_cpp, mut worst_np, mut checked_top1) = (0f64, 0f64, 0);
     for seq in fx["sequences"].as_array().unwrap() {
         let name = seq["name"].as_str().unwrap();
         let tokens = ids(&seq["ids"]);
-        let rows = prefill_logits(&mut e, &tokens);
+        let rows = prefill_logits(e, &tokens);
         assert_eq!(rows.len(), tokens.len());
         for (pos, row) in rows.iter().enumerate() {
             for (oracle, limit, worst) in [
                 ("llamacpp", tol, &mut worst_cpp),
-                ("numpy_f32", NUMPY_TOL, &mut worst_np),
+                ("numpy_f32", numpy_tol, &mut worst_np),
             ] {
                 let o = &seq[oracle][pos];
                 let (top, vals) = (ids(&o["top_ids"]), floats(&o["top_logits"]));
@@ -133,7 +182,7 @@ fn logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely() {
                     *worst = worst.max(d);
                     assert!(
                         d <= limit,
-                        "{name} pos {pos}: logit of {t} is {} vs {oracle} {v} (tolerance {limit})",
+                        "{what} {name} pos {pos}: logit of {t} is {} vs {oracle} {v} (tolerance {limit})",
                         row[t as usize]
                     );
                 }
@@ -141,14 +190,14 @@ fn logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely() {
                 *worst = worst.max(d);
                 assert!(
                     d <= limit,
-                    "{name} pos {pos}: lse differs from {oracle} by {d}"
+                    "{what} {name} pos {pos}: lse differs from {oracle} by {d}"
                 );
                 if oracle == "llamacpp" && vals[0] - vals[1] > tol {
                     checked_top1 += 1;
                     assert_eq!(
                         argmax(row),
                         top[0],
-                        "{name} pos {pos}: top-1 differs from llama.cpp (margin {})",
+                        "{what} {name} pos {pos}: top-1 differs from llama.cpp (margin {})",
                         vals[0] - vals[1]
                     );
                 }
@@ -157,7 +206,7 @@ fn logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely() {
     }
     let _ = writeln!(
         std::io::stderr(),
-        "max |Δ| against llama.cpp {worst_cpp:.4} (tolerance {tol}), against numpy f32 {worst_np:.4} (tolerance {NUMPY_TOL}); top-1 checked at {checked_top1} positions"
+        "{what}: max |Δ| against llama.cpp {worst_cpp:.4} (tolerance {tol}), against numpy f32 {worst_np:.4} (tolerance {numpy_tol}); top-1 checked at {checked_top1} positions"
     );
     assert!(
         checked_top1 >= 20,
@@ -171,26 +220,43 @@ fn greedy_continuation_matches_llama_cpp_until_its_first_low_margin_step() {
     else {
         return;
     };
+    for policy in ["none", "fp8_e4m3"] {
+        check_greedy(&mut engine(g, policy), policy);
+    }
+}
+
+#[test]
+fn gpu_bf16_greedy_continuation_matches_llama_cpp_until_its_first_low_margin_step() {
+    let test = "gpu_bf16_greedy_continuation_matches_llama_cpp_until_its_first_low_margin_step";
+    let Some(g) = gguf(test) else { return };
+    for policy in ["none", "fp8_e4m3"] {
+        let Some(mut e) = gpu_engine(g, policy, test) else {
+            return;
+        };
+        check_greedy(&mut e, policy);
+    }
+}
+
+/// Each fixture prompt's greedy continuation equals llama.cpp's up to its first step whose
+/// margin is within the stated tolerance; every page returns to the pool.
+fn check_greedy<Q: PagedKvBackend>(e: &mut Engine<Q>, policy: &str) {
     let fx = fixture();
     let tol = fx["tolerance"]["stated"].as_f64().unwrap();
-    for policy in ["none", "fp8_e4m3"] {
-        let mut e = engine(g, policy);
-        for gr in fx["greedy"].as_array().unwrap() {
-            let name = gr["name"].as_str().unwrap();
-            let want = ids(&gr["continuation"]);
-            let margins = floats(&gr["margins"]);
-            let sure = margins.iter().position(|&m| m <= tol).unwrap_or(want.len());
-            let got = e
-                .generate(&[ids(&gr["prompt_ids"])], want.len(), &|_| false, |_, _| {})
-                .unwrap();
-            assert_eq!(
-                got[0][..sure],
-                want[..sure],
-                "{policy}/{name}: greedy tokens differ before step {sure}"
-            );
-            // Every page came back.
-            assert_eq!(e.pool().free_pages(), 64, "{policy}/{name}: pages leaked");
-        }
+    for gr in fx["greedy"].as_array().unwrap() {
+        let name = gr["name"].as_str().unwrap();
+        let want = ids(&gr["continuation"]);
+        let margins = floats(&gr["margins"]);
+        let sure = margins.iter().position(|&m| m <= tol).unwrap_or(want.len());
+        let got = e
+            .generate(&[ids(&gr["prompt_ids"])], want.len(), &|_| false, |_, _| {})
+            .unwrap();
+        assert_eq!(
+            got[0][..sure],
+            want[..sure],
+            "{policy}/{name}: greedy tokens differ before step {sure}"
+        );
+        // Every page came back.
+        assert_eq!(e.pool().free_pages(), 64, "{policy}/{name}: pages leaked");
     }
 }
 
