@@ -11,6 +11,7 @@ pub mod decode;
 pub mod fill;
 pub mod flatten;
 pub(crate) mod meta;
+pub mod stats;
 
 use crate::error::KvSide;
 use crate::layout::{KvLayoutKind, PagedKvLayout};

@@ -5,7 +5,7 @@
 
 use cubecl::Runtime;
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::{decode, fill, flatten};
+use fp8kv::kernels::{decode, fill, flatten, stats};
 use fp8kv::reference::AttentionOptions;
 use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
@@ -91,6 +91,49 @@ fn fill_rejects_bad_input_and_accepts_good() {
     let other = PagedKvLayout::new(5, 16, 2, 64, 64, KvLayoutKind::Bshd).unwrap();
     let other_batch = DeviceBatch::new(&c, meta(), &other, 4).unwrap();
     let e = fill::fill(&mut cache, &good(), &good(), &other_batch).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+}
+
+#[test]
+fn stats_rejects_bad_input_and_accepts_good() {
+    let c = client();
+    let mut acc = stats::DeviceKvStats::new(&c);
+    let scales = KvScales::new(0.5, 0.25).unwrap();
+    let p = QuantPolicy::Fp8E4m3;
+    // K and V rows of different widths (MLA) are fine; zero rows launch nothing.
+    stats::kv_stats(
+        &mut acc,
+        &rows(&c, Dtype::Bf16, 4, 576),
+        &rows(&c, Dtype::Bf16, 4, 512),
+        &scales,
+        p,
+    )
+    .unwrap();
+    stats::kv_stats(
+        &mut acc,
+        &rows(&c, Dtype::F32, 0, 64),
+        &rows(&c, Dtype::F32, 0, 64),
+        &scales,
+        p,
+    )
+    .unwrap();
+    let e = stats::kv_stats(
+        &mut acc,
+        &rows(&c, Dtype::Bf16, 4, 64),
+        &rows(&c, Dtype::F16, 4, 64),
+        &scales,
+        p,
+    )
+    .unwrap_err();
+    assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
+    let e = stats::kv_stats(
+        &mut acc,
+        &rows(&c, Dtype::Bf16, 4, 64),
+        &rows(&c, Dtype::Bf16, 3, 64),
+        &scales,
+        p,
+    )
+    .unwrap_err();
     assert_eq!(variant(&e), "ShapeMismatch", "{e}");
 }
 

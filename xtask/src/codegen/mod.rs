@@ -47,6 +47,10 @@ fn families() -> Vec<Family> {
             launch: |c| hook(fp8kv::kernels::flatten::launch_codegen_samples(c)),
         },
         Family {
+            name: "stats",
+            launch: |c| hook(fp8kv::kernels::stats::launch_codegen_samples(c)),
+        },
+        Family {
             name: "decode",
             launch: |c| hook(fp8kv::kernels::decode::launch_codegen_samples(c)),
         },

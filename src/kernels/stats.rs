@@ -1,0 +1,328 @@
+//! Statistics of a batch's new K and V rows on the device, for calibration and saturation
+//! checks: each side's amax (largest finite magnitude) and how many values the fill kernel
+//! would clamp at the cache's current scales. One launch for both sides, accumulated into a
+//! 16-byte device buffer ([`DeviceKvStats`]) across as many calls (layers, steps) as wanted,
+//! read back once.
+//!
+//! Deterministic: a maximum and an integer count do not depend on the order in which the
+//! cubes' atomics land. Definitions, bit for bit what [`reference_stats`] computes:
+//! - amax: the largest `|x|` over the rows, NaN skipped (an infinity counts: it makes
+//!   [`KvStats::calibrate`] fail, as it should), 0 for no rows;
+//! - saturated: the values with `|x| > MAX · scale`, the product rounded to f32 (NaN is never
+//!   counted, ±inf always); 0 for the unquantized policy.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+use crate::device::{storage_type, DeviceRows};
+use crate::error::{Fp8KvError, Result};
+use crate::kernels::{access_elems, array_len, check_u32_vectors};
+use crate::policy::QuantPolicy;
+use crate::scales::KvScales;
+
+/// Threads per cube.
+const THREADS: u32 = 256;
+/// Vectors per thread (each thread folds them before the warp's reduction and one atomic).
+const PER_THREAD: u32 = 8;
+
+/// One side of [`kv_stats_kernel`]: folds the thread's vectors, reduces over the warp, and
+/// lane 0 adds the warp's result to `stats[slot]` (amax bits) and `stats[slot + 2]` (count).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn side_stats<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    stats: &mut Array<Atomic<u32>>,
+    slot: u32,
+    rows: u32,
+    row_stride: u32,
+    limit: f32,
+    #[comptime] vec_per_row: u32,
+    #[comptime] vec: u32,
+) {
+    let total = rows * vec_per_row;
+    let base = CUBE_POS_X * comptime![THREADS * PER_THREAD] + UNIT_POS;
+    let mut amax = 0.0f32;
+    let mut count = 0u32;
+    #[unroll]
+    for u in 0..PER_THREAD {
+        let item = base + u * THREADS;
+        if item < total {
+            let row = item / vec_per_row;
+            let v = item % vec_per_row;
+            let x = Vector::<f32, N>::cast_from(input[(row * row_stride + v) as usize]);
+            #[unroll]
+            for i in 0..vec {
+                let a = f32::abs(x[i as usize]);
+                // A NaN fails both comparisons: never the amax, never counted.
+                if a > amax {
+                    amax = a;
+                }
+                if a > limit {
+                    count += 1;
+                }
+            }
+        }
+    }
+    let m = plane_max(amax);
+    let c = plane_sum(count);
+    if UNIT_POS_PLANE == 0 {
+        // Non-negative floats order as their bit patterns: an integer max is a float max.
+        if m > 0.0 {
+            stats[slot as usize].fetch_max(u32::reinterpret(m));
+        }
+        if c > 0 {
+            stats[(slot + 2) as usize].fetch_add(c);
+        }
+    }
+}
+
+/// Grid `(x: chunks of THREADS * PER_THREAD vectors, 1, z: 0 = K / 1 = V)`, cube
+/// `(THREADS, 1, 1)`. `stats` is `[k_amax_bits, v_amax_bits, k_saturated, v_saturated]`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn kv_stats_kernel<F: Float, N: Size>(
+    k_new: &Array<Vector<F, N>>,
+    v_new: &Array<Vector<F, N>>,
+    stats: &mut Array<Atomic<u32>>,
+    rows: u32,
+    k_row_stride: u32,
+    v_row_stride: u32,
+    k_limit: f32,
+    v_limit: f32,
+    #[comptime] k_vec_per_row: u32,
+    #[comptime] v_vec_per_row: u32,
+    #[comptime] vec: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    if CUBE_POS_Z == 0 {
+        side_stats::<F, N>(
+            k_new,
+            stats,
+            0,
+            rows,
+            k_row_stride,
+            k_limit,
+            k_vec_per_row,
+            vec,
+        );
+    } else {
+        side_stats::<F, N>(
+            v_new,
+            stats,
+            1,
+            rows,
+            v_row_stride,
+            v_limit,
+            v_vec_per_row,
+            vec,
+        );
+    }
+}
+
+/// What [`DeviceKvStats::read`] returns: per side, the amax and the saturated count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvStats {
+    /// Largest `|x|` of the K rows seen (NaN skipped; 0 if none).
+    pub k_amax: f32,
+    /// Largest `|x|` of the V rows seen.
+    pub v_amax: f32,
+    /// K values with `|x| > MAX · k_scale` (what fill clamps).
+    pub k_saturated: u32,
+    /// V values with `|x| > MAX · v_scale`.
+    pub v_saturated: u32,
+}
+
+impl KvStats {
+    /// Scales that map the amax onto the format's largest value ([`KvScales::calibrate`]).
+    ///
+    /// Errors: [`Fp8KvError::InvalidAmax`] when an amax is infinite (an infinity was seen).
+    pub fn calibrate(&self, policy: QuantPolicy) -> Result<KvScales> {
+        KvScales::calibrate(self.k_amax, self.v_amax, policy)
+    }
+}
+
+/// A device accumulator of [`KvStats`]: four `u32`s that [`kv_stats`] updates with atomics.
+pub struct DeviceKvStats<R: Runtime> {
+    client: ComputeClient<R>,
+    handle: Handle,
+}
+
+impl<R: Runtime> DeviceKvStats<R> {
+    /// A zeroed accumulator.
+    pub fn new(client: &ComputeClient<R>) -> Self {
+        DeviceKvStats {
+            client: client.clone(),
+            handle: client.create_from_slice(bytemuck::cast_slice(&[0u32; 4])),
+        }
+    }
+
+    /// Reads the accumulated statistics (one device → host copy of 16 bytes; it waits for
+    /// the launches before it). Counts are `u32`: read and start a new accumulator before
+    /// 2^32 values saturate.
+    pub fn read(&self) -> Result<KvStats> {
+        let bytes = self
+            .client
+            .read_one(self.handle.clone())
+            .map_err(|e| Fp8KvError::Runtime(format!("read failed: {e:?}")))?;
+        let w: Vec<u32> = bytes
+            .chunks_exact(4)
+            .take(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        Ok(KvStats {
+            k_amax: f32::from_bits(w[0]),
+            v_amax: f32::from_bits(w[1]),
+            k_saturated: w[2],
+            v_saturated: w[3],
+        })
+    }
+}
+
+/// The saturation threshold of one side: `MAX · scale` in f32, or +inf (nothing counts) for
+/// the unquantized policy.
+fn limit(policy: QuantPolicy, scale: f32) -> f32 {
+    match policy.fp8_max() {
+        Some(max) => max * scale,
+        None => f32::INFINITY,
+    }
+}
+
+/// Adds the amax and saturated counts of every row of `k_new` / `v_new` (all their rows,
+/// as packed for a step; any row stride) to `stats`, saturation judged at `scales` under
+/// `policy`. One launch for both sides; nothing is read back.
+///
+/// Errors: K and V of different dtypes ([`Fp8KvError::UnsupportedDtype`]) or row counts
+/// ([`Fp8KvError::ShapeMismatch`]), buffers past 32-bit vector indices or a grid past
+/// CUDA's limit ([`Fp8KvError::TooLarge`]).
+pub fn kv_stats<R: Runtime>(
+    stats: &mut DeviceKvStats<R>,
+    k_new: &DeviceRows<R>,
+    v_new: &DeviceRows<R>,
+    scales: &KvScales,
+    policy: QuantPolicy,
+) -> Result<()> {
+    if k_new.dtype() != v_new.dtype() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "k_new is {} but v_new is {}",
+            k_new.dtype(),
+            v_new.dtype()
+        )));
+    }
+    if k_new.rows() != v_new.rows() {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "v_new",
+            expected: format!("{} rows, as k_new", k_new.rows()),
+            actual: format!("{} rows", v_new.rows()),
+        });
+    }
+    let rows = k_new.rows();
+    if rows == 0 {
+        return Ok(());
+    }
+    let act = k_new.dtype();
+    let vec = access_elems(
+        act.size_bytes(),
+        &[
+            k_new.row_elems(),
+            v_new.row_elems(),
+            k_new.row_stride(),
+            v_new.row_stride(),
+        ],
+        &[k_new.handle(), v_new.handle()],
+    );
+    check_u32_vectors("k_new", k_new.len_elems(), vec)?;
+    check_u32_vectors("v_new", v_new.len_elems(), vec)?;
+    let (kv, vv) = (k_new.row_elems() / vec, v_new.row_elems() / vec);
+    let items = rows * kv.max(vv);
+    check_u32_vectors("k_new/v_new items", items, 1)?;
+    let cubes = items.div_ceil((THREADS * PER_THREAD) as usize);
+    crate::error::check_limit(
+        "kv_stats grid",
+        cubes,
+        i32::MAX as usize,
+        "CUDA's grid x limit",
+    )?;
+    let es = act.size_bytes();
+    // SAFETY: `rows` is both inputs' row count and each row `r` is read at vectors
+    // `r · row_stride / vec + v` with `v < row_elems / vec`, which `DeviceRows`' constructors
+    // keep inside the buffer (they cover `(rows − 1) · row_stride + row_elems` elements);
+    // `access_elems` made `vec` divide both row widths, strides and buffer offsets; every index
+    // fits in 32 bits (`check_u32_vectors` above); `stats` holds the 4 `u32`s the kernel
+    // addresses (slots 0..=3).
+    unsafe {
+        kv_stats_kernel::launch_unchecked::<R>(
+            &stats.client,
+            CubeCount::Static(cubes as u32, 1, 2),
+            CubeDim::new_1d(THREADS),
+            vec,
+            ArrayArg::from_raw_parts(k_new.handle().clone(), array_len(k_new.handle(), es)),
+            ArrayArg::from_raw_parts(v_new.handle().clone(), array_len(v_new.handle(), es)),
+            ArrayArg::from_raw_parts(stats.handle.clone(), 4),
+            rows as u32,
+            (k_new.row_stride() / vec) as u32,
+            (v_new.row_stride() / vec) as u32,
+            limit(policy, scales.k()),
+            limit(policy, scales.v()),
+            kv as u32,
+            vv as u32,
+            vec as u32,
+            storage_type(act),
+        );
+    }
+    Ok(())
+}
+
+/// The CPU definition of [`kv_stats`] over f32 rows (`rows` rows of `row_elems` values,
+/// `row_stride` apart, for each side): the ground truth of its GPU test.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_stats(
+    k: &[f32],
+    v: &[f32],
+    rows: usize,
+    k_row: (usize, usize),
+    v_row: (usize, usize),
+    scales: &KvScales,
+    policy: QuantPolicy,
+) -> KvStats {
+    let side = |data: &[f32], (elems, stride): (usize, usize), scale: f32| {
+        let lim = limit(policy, scale);
+        let (mut amax, mut count) = (0f32, 0u32);
+        for r in 0..rows {
+            for &x in &data[r * stride..][..elems] {
+                let a = x.abs();
+                if a > amax {
+                    amax = a;
+                }
+                if a > lim {
+                    count += 1;
+                }
+            }
+        }
+        (amax, count)
+    };
+    let (k_amax, k_saturated) = side(k, k_row, scales.k());
+    let (v_amax, v_saturated) = side(v, v_row, scales.v());
+    KvStats {
+        k_amax,
+        v_amax,
+        k_saturated,
+        v_saturated,
+    }
+}
+
+/// Launches the instantiations worth compiling offline through [`kv_stats`]: each activation
+/// dtype at a Llama-like row (8 KV heads × 128) and at MLA's uneven 576 / 512 rows. Used by
+/// `cargo xtask codegen`, whose client compiles instead of running.
+#[doc(hidden)]
+pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
+    let scales = KvScales::new(0.5, 0.25)?;
+    for act in crate::kernels::ACT_DTYPES {
+        for (kw, vw) in [(1024, 1024), (576, 512)] {
+            let mut stats = DeviceKvStats::new(client);
+            let k = DeviceRows::empty(client, act, 4, kw, kw)?;
+            let v = DeviceRows::empty(client, act, 4, vw, vw)?;
+            kv_stats(&mut stats, &k, &v, &scales, QuantPolicy::Fp8E4m3)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The batch statistics kernel (`fp8kv::kernels::stats`): per-side amax and saturated counts
+//! on the GPU equal the CPU definition exactly, on LLM-like rows with outliers, NaN and ±inf,
+//! strided rows whose padding must not be read, MLA's uneven K/V widths, every activation
+//! dtype, two calls accumulated into one buffer. Also the CPU definition on hand-made values.
+//! The GPU tests skip visibly without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
+
+mod common;
+
+use fp8kv::device::{Cuda, DeviceRows};
+use fp8kv::kernels::stats::{kv_stats, reference_stats, DeviceKvStats, KvStats};
+use fp8kv::testing::{llm_like, Rng};
+use fp8kv::{Dtype, KvScales, QuantPolicy};
+
+#[test]
+fn reference_stats_on_hand_made_values() {
+    // E4M3 at scale 0.5: the limit is 448 · 0.5 = 224; K has a NaN (skipped), a value at the
+    // limit (not over it) and -inf (counted, and the amax).
+    let scales = KvScales::new(0.5, 2.0).unwrap();
+    let k = [1.0, -224.0, f32::NAN, 224.5, 3.0, f32::NEG_INFINITY];
+    let v = [-900.0, 897.0, 895.0, 0.0, 1.0, 2.0];
+    let s = reference_stats(&k, &v, 2, (3, 3), (3, 3), &scales, QuantPolicy::Fp8E4m3);
+    assert_eq!(
+        s,
+        KvStats {
+            k_amax: f32::INFINITY,
+            v_amax: 900.0,
+            k_saturated: 2,
+            v_saturated: 2,
+        }
+    );
+    // A row stride above the row: the padding (the third value of each row) is not read.
+    let s = reference_stats(&k, &v, 2, (2, 3), (2, 3), &scales, QuantPolicy::Fp8E5m2);
+    assert_eq!((s.k_amax, s.v_amax), (224.5, 900.0));
+    assert_eq!(
+        (s.k_saturated, s.v_saturated),
+        (0, 0),
+        "E5M2's limit is 57344 · scale"
+    );
+    // The unquantized policy counts nothing; calibration then refuses the infinite K amax.
+    let s = reference_stats(&k, &v, 2, (3, 3), (3, 3), &scales, QuantPolicy::None);
+    assert_eq!((s.k_saturated, s.v_saturated), (0, 0));
+    assert!(s.calibrate(QuantPolicy::Fp8E4m3).is_err());
+}
+
+/// `rows` rows of `heads × dim` LLM-like values (outliers ×`gain`), `pad` elements of padding
+/// after each holding a value far above the rest, and a few NaN / ±inf placed by `rng`.
+fn rows_with_specials(
+    rng: &mut Rng,
+    rows: usize,
+    width: usize,
+    pad: usize,
+    gain: f64,
+    act: Dtype,
+) -> Vec<f32> {
+    let body = llm_like(rng, rows, 1, width, gain, act);
+    let mut out = Vec::with_capacity(rows * (width + pad));
+    for r in 0..rows {
+        out.extend_from_slice(&body[r * width..][..width]);
+        out.extend(std::iter::repeat_n(act.round_trip(30000.0), pad));
+    }
+    for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+        if rng.below(2) == 0 {
+            let (r, c) = (rng.below(rows), rng.below(width));
+            out[r * (width + pad) + c] = special;
+        }
+    }
+    out
+}
+
+#[test]
+fn gpu_kv_stats_equal_the_cpu_definition() {
+    let Some(client) = common::gpu::client_or_skip("gpu_kv_stats_equal_the_cpu_definition") else {
+        return;
+    };
+    // (rows, K width, V width, padding): Llama-3-8B rows strided as in a fused QKV output,
+    // MLA's 576 / 512, a single short row.
+    let shapes = [(300, 1024, 1024, 64), (37, 576, 512, 0), (1, 64, 64, 8)];
+    let mut checked = 0;
+    for act in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        for (i, &(rows, kw, vw, pad)) in shapes.iter().enumerate() {
+            for policy in [
+                QuantPolicy::Fp8E4m3,
+                QuantPolicy::Fp8E5m2,
+                QuantPolicy::None,
+            ] {
+                let mut rng = Rng::from_name(&format!("stats/{act}/{i}/{policy:?}"));
+                // Scales that saturate K's outlier channels under E4M3 (448 · 0.03 = 13.4).
+                let scales = match policy {
+                    QuantPolicy::Fp8E5m2 => KvScales::new(2e-4, 1e-4).unwrap(),
+                    _ => KvScales::new(0.03, 0.02).unwrap(),
+                };
+                let mut acc = DeviceKvStats::<Cuda>::new(&client);
+                let mut want: Option<KvStats> = None;
+                // Two calls into one accumulator: maxima and sums across calls.
+                for call in 0..2 {
+                    let gain = if call == 0 { 12.0 } else { 20.0 };
+                    let k = rows_with_specials(&mut rng, rows, kw, pad, gain, act);
+                    let v = rows_with_specials(&mut rng, rows, vw, pad, 4.0, act);
+                    let dk = DeviceRows::from_f32(&client, &k, act, rows, kw, kw + pad).unwrap();
+                    let dv = DeviceRows::from_f32(&client, &v, act, rows, vw, vw + pad).unwrap();
+                    kv_stats(&mut acc, &dk, &dv, &scales, policy).unwrap();
+                    let r = reference_stats(
+                        &k,
+                        &v,
+                        rows,
+                        (kw, kw + pad),
+                        (vw, vw + pad),
+                        &scales,
+                        policy,
+                    );
+                    want = Some(match want {
+                        None => r,
+                        Some(w) => KvStats {
+                            k_amax: w.k_amax.max(r.k_amax),
+                            v_amax: w.v_amax.max(r.v_amax),
+                            k_saturated: w.k_saturated + r.k_saturated,
+                            v_saturated: w.v_saturated + r.v_saturated,
+                        },
+                    });
+                }
+                let want = want.unwrap();
+                let got = acc.read().unwrap();
+                assert_eq!(
+                    got, want,
+                    "{act} rows {rows} K {kw} V {vw} pad {pad} {policy:?}"
+                );
+                if policy == QuantPolicy::Fp8E4m3 && rows > 1 {
+                    assert!(want.k_saturated > 0, "the case must saturate something");
+                }
+                checked += 1;
+            }
+        }
+    }
+    println!("kv_stats: {checked} (dtype, shape, policy) cases equal the CPU definition");
+}
