@@ -57,6 +57,7 @@ pub mod model;
 pub mod policy;
 pub mod reference;
 pub mod scales;
+#[cfg(any(test, feature = "internals"))]
 pub mod testing;
 
 pub use checkpoint::{load_kv_scales, LoadedScales, ScaleWarning};

@@ -6,7 +6,10 @@
 //! modules holding public `#[cube]` functions allow `missing_docs`; their items are documented.
 
 #[allow(missing_docs)]
+#[cfg(feature = "internals")]
 pub mod codec;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod codec;
 pub mod decode;
 pub mod fill;
 pub mod flatten;
@@ -15,6 +18,7 @@ pub mod stats;
 
 use crate::error::KvSide;
 use crate::layout::{KvLayoutKind, PagedKvLayout};
+#[cfg(feature = "internals")]
 use crate::policy::{Dtype, QuantPolicy};
 
 /// Comptime device twin of one cache tensor (K or V) of a [`PagedKvLayout`]: the kernels take
@@ -22,8 +26,9 @@ use crate::policy::{Dtype, QuantPolicy};
 /// of the generated kernel. `num_pages` is not part of it (runtime: only buffer lengths).
 ///
 /// Comptime (part of the JIT key): page size, KV heads, head dim, Bshd/Bhsd.
+#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CacheGeometry {
+pub(crate) struct CacheGeometry {
     /// Tokens per page.
     pub page_size: u32,
     /// KV heads.
@@ -210,6 +215,7 @@ pub(crate) fn check_copy_vectors(
 
 /// Every cache kind the kernels serve: both FP8 formats and the unquantized cache in both half
 /// types (the codegen sample hooks walk it).
+#[cfg(feature = "internals")]
 pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [
     (QuantPolicy::Fp8E4m3, Dtype::E4m3),
     (QuantPolicy::Fp8E5m2, Dtype::E5m2),
@@ -218,9 +224,11 @@ pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [
 ];
 
 /// The activation dtypes the kernels take.
+#[cfg(feature = "internals")]
 pub(crate) const ACT_DTYPES: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
 
 /// One tiny launch the codegen hooks make: a cache kind, an activation dtype and a layout.
+#[cfg(feature = "internals")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CodegenSample {
     /// Cache layout (4 pages of 16 tokens, 2 KV heads).
@@ -235,6 +243,7 @@ pub(crate) struct CodegenSample {
 
 /// The instantiations worth compiling offline for a streaming kernel: every head-dim pair
 /// (e4m3, bf16), every (cache, activation) pair at head dim 128, and the Bhsd layout.
+#[cfg(feature = "internals")]
 pub(crate) fn codegen_samples() -> crate::Result<Vec<CodegenSample>> {
     use crate::layout::SUPPORTED_HEAD_DIMS;
     let e4m3 = (QuantPolicy::Fp8E4m3, Dtype::E4m3);
@@ -263,6 +272,7 @@ pub(crate) fn codegen_samples() -> crate::Result<Vec<CodegenSample>> {
 
 /// The Llama-like sample (head dim 128, e4m3 cache, bf16 activations, Bshd) that the hooks
 /// also launch with their extra settings.
+#[cfg(feature = "internals")]
 pub(crate) fn codegen_llama(samples: &[CodegenSample]) -> CodegenSample {
     samples
         .iter()
@@ -272,6 +282,7 @@ pub(crate) fn codegen_llama(samples: &[CodegenSample]) -> CodegenSample {
 }
 
 /// Batch metadata valid for every [`CodegenSample`] layout: 4 packed new tokens.
+#[cfg(feature = "internals")]
 pub(crate) fn codegen_batch() -> crate::Result<crate::layout::BatchMetadata> {
     crate::layout::BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)
 }

@@ -314,6 +314,7 @@ pub fn reference_stats(
 /// dtype at a Llama-like row (8 KV heads × 128) and at MLA's uneven 576 / 512 rows. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running.
 #[doc(hidden)]
+#[cfg(feature = "internals")]
 pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
     let scales = KvScales::new(0.5, 0.25)?;
     for act in crate::kernels::ACT_DTYPES {

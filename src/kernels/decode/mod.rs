@@ -7,26 +7,42 @@
 //! the denominator) → `o = Σ_j (p_j · v_scale) · f32(V_j)`, f32 accumulation, output in the
 //! query dtype. The unquantized cache ignores the scales.
 //!
-//! Two kernels: [`kernel::decode_split_kernel()`] (one cube per KV head, sequence, block of up
-//! to [`MAX_ROWS_PER_CUBE`] query rows and cache split) writes f32 partial states to a
-//! workspace; [`kernel::decode_combine_kernel()`] merges them ([`plan::SplitState::merge`]).
-//! The split count comes from [`plan::SplitPlan::new`] (batch, heads, context, SM count).
-//! [`mma::decode_split_mma_kernel()`] is the tensor-core alternative to the split kernel (same
+//! Two kernels: `kernel::decode_split_kernel()` (one cube per KV head, sequence, block of up
+//! to `MAX_ROWS_PER_CUBE` query rows and cache split) writes f32 partial states to a
+//! workspace; `kernel::decode_combine_kernel()` merges them (`plan::SplitState::merge`).
+//! The split count comes from `plan::SplitPlan::new` (batch, heads, context, SM count).
+//! `mma::decode_split_mma_kernel()` is the tensor-core alternative to the split kernel (same
 //! workspace, same combine), chosen by [`KernelPath`].
 
 #[allow(missing_docs)]
+#[cfg(feature = "internals")]
 pub mod kernel;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod kernel;
 mod launch;
 #[allow(missing_docs)]
+#[cfg(feature = "internals")]
 pub mod mma;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod mma;
+#[cfg(feature = "internals")]
 pub mod plan;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod plan;
 #[allow(missing_docs)]
+#[cfg(feature = "internals")]
 pub mod wide;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod wide;
 
 use cubecl::Runtime;
 
 pub use crate::reference::AttentionOptions;
-pub use plan::{KernelPath, SplitPlan, SplitState, WorkspaceShape};
+pub use plan::KernelPath;
+#[cfg(not(feature = "internals"))]
+use plan::WorkspaceShape;
+#[cfg(feature = "internals")]
+pub use plan::{SplitPlan, SplitState, WorkspaceShape};
 
 use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -34,13 +50,15 @@ use crate::kernels::CacheGeometry;
 
 /// Query rows (new tokens × heads of one KV group) one cube serves from each K/V load. Larger
 /// groups (or several new tokens) use several row blocks, which re-read the cache through L2.
-pub const MAX_ROWS_PER_CUBE: usize = 8;
+#[cfg_attr(feature = "internals", visibility::make(pub))]
+pub(crate) const MAX_ROWS_PER_CUBE: usize = 8;
 
 /// Comptime configuration of [`kernel::decode_split_kernel()`] (the JIT key besides the
 /// dtypes). Runtime: batch, lengths, block table, scales, softcap value, window size, split
 /// length and count.
+#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DecodeConfig {
+pub(crate) struct DecodeConfig {
     /// K cache geometry (page size, KV heads, head dim, Bshd/Bhsd).
     pub k: CacheGeometry,
     /// V cache geometry.
@@ -81,7 +99,7 @@ pub struct DecodeConfig {
 /// Optional controls of [`paged_decode_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SplitChoice {
-    /// Plan from the problem and the device's SM count ([`SplitPlan::new`]).
+    /// Plan from the problem and the device's SM count (`SplitPlan::new`).
     #[default]
     Auto,
     /// Force slices of this many cache tokens (rounded up to whole tiles).
@@ -310,7 +328,7 @@ pub fn tensor_cores_apply_to(
 }
 
 /// Whether [`KernelPath::TensorCoresKeyMajor`] applies to one launch: wherever
-/// [`tensor_cores_apply_to()`] does, and for the wide heads of [`wide`] (MLA's K 576 / V 512)
+/// [`tensor_cores_apply_to()`] does, and for the wide heads of `wide` (MLA's K 576 / V 512)
 /// with an FP8, f16 or bf16 cache and a query the MMA type holds in one part (bf16 queries,
 /// or f16 queries with an FP8 or f16 cache), any group and number of new tokens.
 pub fn key_major_applies_to(
@@ -346,7 +364,7 @@ pub fn key_major_applies_to(
 
 /// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], for a cache
 /// of `cache_dtype` with these head dims on `client`'s device: [`KernelPath::TensorCores`]
-/// where that kernel applies, the device has the MMA it needs and [`plan::MMA_BY_DEFAULT`] is
+/// where that kernel applies, the device has the MMA it needs and `plan::MMA_BY_DEFAULT` is
 /// on, else [`KernelPath::CudaCores`] (the same with any options).
 pub fn auto_path<R: Runtime>(
     client: &cubecl::client::ComputeClient<R>,

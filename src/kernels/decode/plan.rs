@@ -23,7 +23,7 @@ pub const SPLIT_OVERHEAD_TOKENS: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelPath {
     /// The launcher decides: the tensor-core kernel where it applies, the device has its MMA
-    /// and [`MMA_BY_DEFAULT`] is on, otherwise the CUDA-core kernel.
+    /// and `MMA_BY_DEFAULT` is on, otherwise the CUDA-core kernel.
     #[default]
     Auto,
     /// The CUDA-core kernel (every shape and option).
@@ -160,11 +160,13 @@ impl WorkspaceShape {
         self.num_tokens * self.num_heads * self.num_splits * 2
     }
     /// Bytes of both parts.
+    #[cfg(any(test, feature = "internals"))]
     pub fn bytes(&self) -> usize {
         (self.o_elems() + self.md_elems()) * 4
     }
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// Online-softmax state of one query row over one slice of keys.
 ///
 /// Invariants: `m` is the largest score of the slice (−inf for a slice with no visible key);
@@ -181,6 +183,7 @@ pub struct SplitState {
     pub o: Vec<f32>,
 }
 
+#[cfg(any(test, feature = "internals"))]
 impl SplitState {
     /// The state of a slice with no visible key.
     pub fn empty(head_dim_v: usize) -> Self {

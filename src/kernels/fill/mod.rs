@@ -8,7 +8,7 @@
 //!
 //! Fill never fails on a value: it validates shapes and metadata, not activations. What a
 //! non-finite input becomes (the CPU reference, the software codec [`crate::fp8`] and the
-//! kernel's integer encoder [`crate::kernels::codec`] agree bit for bit):
+//! kernel's integer encoder `crate::kernels::codec` agree bit for bit):
 //!
 //! | input | E4M3 code | E5M2 code | f16/bf16 cache |
 //! |---|---|---|---|
@@ -45,8 +45,9 @@ use crate::kernels::codec::ScaleDiv;
 use crate::kernels::CacheGeometry;
 
 /// Comptime configuration of the `fill_kernel` (the JIT key besides the dtypes).
+#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FillConfig {
+pub(crate) struct FillConfig {
     /// K cache geometry.
     pub k: CacheGeometry,
     /// V cache geometry.
@@ -148,6 +149,7 @@ pub fn fill<R: Runtime>(
 /// at head dim 128, both cache layouts, and each exact scale-division mode. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
+#[cfg(feature = "internals")]
 pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
     use crate::scales::KvScales;
     let samples = super::codegen_samples()?;

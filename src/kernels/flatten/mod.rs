@@ -20,8 +20,9 @@ use crate::kernels::CacheGeometry;
 use crate::policy::Dtype;
 
 /// Comptime configuration of the `flatten_kernel` (the JIT key besides the dtypes).
+#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlattenConfig {
+pub(crate) struct FlattenConfig {
     /// K cache geometry.
     pub k: CacheGeometry,
     /// V cache geometry.
@@ -139,6 +140,7 @@ pub fn flatten_new<R: Runtime>(
 /// output) dtype pair at head dim 128, both output and both cache layouts. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
+#[cfg(feature = "internals")]
 pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
     use crate::scales::KvScales;
     let samples = super::codegen_samples()?;
