@@ -10,6 +10,8 @@
 //! same run (a vectorised copy kernel, bytes read + written).
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
+//! Criterion drives the timed runs of every mode but `--burn` and `--shape` (`benches/common`):
+//! its statistics, throughput in bytes and reports come with this bench's own lines.
 //! `-- --bench --models` runs a catalogue of real models' attention shapes instead (batch 32 ×
 //! 8192, e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
@@ -23,6 +25,8 @@
 //! `Fusion<CubeBackend>`, what `burn_cuda::Cuda` is by default) with the direct entry point at
 //! batch 32 × 4096 (e4m3, bf16 queries): device time (the Burn path must add no device work)
 //! and the host's µs per call.
+
+mod common;
 
 use cubecl::prelude::*;
 
@@ -299,9 +303,27 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         )
         .expect("decode");
     };
-    let (us, host_us) = median_device_host_us(client, &f);
     // Bytes of K and V the sequences' contexts occupy.
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
+    let mut hosts = Vec::new();
+    let name = format!(
+        "b{} ctx {} page {} {} {:?} {:?} {}",
+        s.batch, s.context, s.page_size, s.policy, path, s.kind, m.name
+    );
+    let timed = common::measure("decode", &name, bytes as u64, &mut |iters| {
+        let (us, host) = device_us(client, iters as usize, &f);
+        hosts.push(host);
+        us * iters as f64 * 1e-6
+    });
+    let (us, host_us) = match timed {
+        common::Timed::Median(secs) => {
+            let mut last: Vec<f64> = hosts.iter().rev().take(10).copied().collect();
+            last.sort_by(f64::total_cmp);
+            (secs * 1e6, last[last.len() / 2])
+        }
+        common::Timed::Filtered => return Ok(f64::NAN),
+        common::Timed::Off => median_device_host_us(client, &f),
+    };
     let tbps = bytes as f64 / (us * 1e-6) / 1e12;
     let verdict = |t: f64| if us <= t { "met" } else { "MISSED" };
     let target = s.target_us.map_or(String::new(), |t| {
@@ -366,6 +388,8 @@ fn bench_ratio(
     note: &str,
 ) {
     match (bench_shape(client, a, copy), bench_shape(client, b, copy)) {
+        // NaN: criterion's filter left one out.
+        (Ok(ta), Ok(tb)) if ta.is_nan() || tb.is_nan() => {}
         (Ok(ta), Ok(tb)) => println!("  {label} time: {:.3}{note}", ta / tb),
         (ra, rb) => println!("  error: {ra:?} {rb:?}"),
     }
@@ -533,8 +557,29 @@ fn main() {
     };
     let copy = copy_tbps(&client);
     println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
-    // `--shape BxC`: only that shape, e4m3, page 64, Auto (for a profiler run).
     let args: Vec<String> = std::env::args().collect();
+    let own = [
+        "--models",
+        "--ab",
+        "--paths",
+        "--key-major",
+        "--burn",
+        "--shape",
+    ];
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    // Criterion times every mode but `--burn` (wall clock to a sync) and `--shape` (a
+    // profiler's run); it reads the command line only where none of this bench's flags is.
+    if !has("--burn") && !has("--shape") {
+        common::start(!own.iter().any(|f| has(f)));
+    }
+    run_mode(&client, copy, &args);
+    common::finish();
+}
+
+/// The mode the command line asks for (see the module docs).
+fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
+    let client = client.clone();
+    // `--shape BxC`: only that shape, e4m3, page 64, Auto (for a profiler run).
     if let Some(at) = args.iter().position(|a| a == "--shape") {
         let parsed = args.get(at + 1).and_then(|v| {
             let (b, c) = v.split_once('x')?;

@@ -5,7 +5,10 @@
 //! between two device syncs (wall clock; CubeCL's CUDA runtime reports `TimingMethod::System`),
 //! and prints the median over repetitions, GB/s and the fraction of a device-to-device copy
 //! (`Vector<u32, 4>` per thread) measured in the same run. Without a device it prints why and
-//! exits 0.
+//! exits 0. Criterion drives the timed repetitions (`benches/common`), so `cargo bench` also
+//! prints its statistics and throughput and keeps its reports.
+
+mod common;
 
 use std::time::Instant;
 
@@ -52,6 +55,31 @@ fn time_launches(client: &ComputeClient<Cuda>, iters: usize, mut launch: impl Fn
     }
     samples.sort_by(f64::total_cmp);
     samples[REPS / 2]
+}
+
+/// Seconds per launch of case `name` (`bytes` moved per launch): through criterion when it
+/// runs, else [`time_launches`] with `iters` launches per repetition; `None` when criterion's
+/// filter excludes the case.
+fn time_case(
+    client: &ComputeClient<Cuda>,
+    name: &str,
+    bytes: usize,
+    iters: usize,
+    mut launch: impl FnMut(usize),
+) -> Option<f64> {
+    let timed = common::measure("fill_flatten", name, bytes as u64, &mut |n| {
+        let t = Instant::now();
+        for i in 0..n as usize {
+            launch(i % SETS);
+        }
+        sync(client);
+        t.elapsed().as_secs_f64()
+    });
+    match timed {
+        common::Timed::Median(secs) => Some(secs),
+        common::Timed::Filtered => None,
+        common::Timed::Off => Some(time_launches(client, iters, launch)),
+    }
 }
 
 fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
@@ -158,9 +186,11 @@ fn bench_fill(
     // Bytes: read bf16 K and V rows, write FP8 codes.
     let bytes = tokens * 2 * row * (2 + 1);
     let iters = if tokens > 1000 { 50 } else { 2000 };
-    let t = time_launches(client, iters, |i| {
+    let Some(t) = time_case(client, name, bytes, iters, |i| {
         fill(&mut caches[i], &ks[i], &vs[i], &dbatch).unwrap()
-    });
+    }) else {
+        return;
+    };
     report(name, t, bytes, copy_gbs);
     if tokens <= 1000 {
         // Host-side cost of one call: no sync, so the launches queue.
@@ -211,10 +241,12 @@ fn bench_flatten(
         })
         .collect();
     let bytes = (layout.cache_elems(KvSide::K) + layout.cache_elems(KvSide::V)) * (1 + 2);
-    let t = time_launches(client, 50, |i| {
+    let Some(t) = time_case(client, name, bytes, 50, |i| {
         let (k, v) = &mut outs[i];
         flatten(&caches[i], &dbatch, FlattenLayout::Hsd, k, v).unwrap()
-    });
+    }) else {
+        return;
+    };
     report(name, t, bytes, copy_gbs);
 }
 
@@ -233,6 +265,8 @@ fn main() {
         .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let copy = copy_bandwidth(&client);
+    // Criterion drives the timing; its command line is cargo's `--bench` and the filter.
+    common::start(true);
     println!("device-to-device copy (Vector<u32,4>/thread, 512 MiB, {SETS} buffers rotated): {copy:.1} GB/s");
     // Calibrated scales (0.15, 0.05) take the Markstein division; power-of-two scales (1.0,
     // the uncalibrated default) a single multiply.
@@ -281,4 +315,5 @@ fn main() {
             bench_flatten(&client, name, batch, kv_len, page, copy);
         }
     }
+    common::finish();
 }
