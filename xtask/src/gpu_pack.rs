@@ -182,8 +182,12 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #                                         only, then (if it passes) the decode bench's --ab
 #   bash gpu-pack/run.sh model            the SmolLM2 model on the GPU: assembles .models/ from
 #                                         .xfer*/part if needed, its tests, the demo with --speed
+#   bash gpu-pack/run.sh suite [BIN..]    every test binary (or those named) as its own process,
+#                                         all at once (kernel compilation, not the GPU, bounds
+#                                         the suite's time), logs in $OUT, one summary line
 #   bash gpu-pack/run.sh sanitize [BIN..] compute-sanitizer memcheck, racecheck and initcheck
-#                                         over the GPU test binaries (default: gpu_*)
+#                                         over the GPU test binaries (default: gpu_*), every
+#                                         (tool, binary) its own process at once, logs in $OUT
 # FP8KV_TEST_BINS="a b" limits `tests` to those binaries (to split the suite over calls).
 set -uo pipefail
 shopt -s nullglob
@@ -282,28 +286,69 @@ model)
   echo "model tests exit $t, demo exit $d"
   [ "$t" -eq 0 ] && [ "$d" -eq 0 ]
   ;;
+suite)
+  # One process per binary, all at once: each compiles its own kernels (about 1.4 s per
+  # decode configuration on the H200 machine), which runs in parallel across processes.
+  export FP8KV_REQUIRE_GPU=1
+  logs="${OUT:-$pack/logs}"
+  mkdir -p "$logs"
+  bins=("$@")
+  if [ "${#bins[@]}" -eq 0 ]; then
+    for b in "$pack"/tests/*; do bins+=("$(basename "$b")"); done
+  fi
+  for b in "${bins[@]}"; do
+    (
+      t0=$(date +%s)
+      timeout "${FP8KV_SUITE_LIMIT:-560}" "$pack/tests/$b" --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/$b.log" 2>&1
+      echo "exit $? after $(($(date +%s) - t0)) s" >>"$logs/$b.log"
+    ) &
+  done
+  wait
+  passed=0 failed=0
+  for b in "${bins[@]}"; do
+    read -r p f < <(awk '/^test result:/ {
+        for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
+      } END { print p + 0, f + 0 }' "$logs/$b.log")
+    last="$(tail -1 "$logs/$b.log")"
+    echo "$b: $p passed, $f failed ($last)"
+    passed=$((passed + p)) failed=$((failed + f))
+    # Killed by the limit or crashed before libtest counted a failure: count the binary.
+    if [ "$last" != "${last#exit 0 }" ]; then :; elif [ "$f" -eq 0 ]; then failed=$((failed + 1)); fi
+  done
+  echo "GPU suite: $passed passed, $failed failed"
+  [ "$failed" -eq 0 ]
+  ;;
 sanitize)
   # Every kernel and path under NVIDIA's compute-sanitizer: memcheck (out-of-bounds and
   # misaligned accesses), racecheck (shared-memory hazards), initcheck (reads of uninitialised
-  # device memory). One test thread: the tools serialise kernels anyway.
+  # device memory). Every (tool, binary) pair is its own process, all at once.
   san=/usr/local/cuda/bin/compute-sanitizer
   [ -x "$san" ] || san="$(command -v compute-sanitizer)" || { echo "no compute-sanitizer"; exit 1; }
   export FP8KV_REQUIRE_GPU=1
+  logs="${OUT:-$pack/logs}"
+  mkdir -p "$logs"
   bins=("$@")
-  [ "${#bins[@]}" -gt 0 ] || bins=(gpu_codec gpu_fill_flatten gpu_decode gpu_burn)
-  status=0
-  for tool in memcheck racecheck initcheck; do
+  [ "${#bins[@]}" -gt 0 ] || bins=(gpu_codec gpu_fill_flatten gpu_stats gpu_decode gpu_burn)
+  for tool in ${FP8KV_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     for b in "${bins[@]}"; do
-      echo "=== $tool $b"
-      "$san" --tool "$tool" --error-exitcode 9 "$pack/tests/$b" --test-threads=1 2>&1 |
-        grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|========= (Invalid|Race|Uninitialized)" | head -20
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      (
+        timeout "${FP8KV_SUITE_LIMIT:-560}" "$san" --tool "$tool" --error-exitcode 9 \
+          "$pack/tests/$b" --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/san-$tool-$b.log" 2>&1
+        echo "exit $?" >>"$logs/san-$tool-$b.log"
+      ) &
     done
+  done
+  wait
+  status=0
+  for f in "$logs"/san-*.log; do
+    echo "=== $(basename "$f" .log)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|^test result|^exit " "$f" | tail -4
+    tail -1 "$f" | grep -q "^exit 0$" || status=1
   done
   exit "$status"
   ;;
 *)
-  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | bench [FILTER] | demo | all [FILTER] | key-major | model | sanitize [BIN..]" >&2
+  echo "usage: bash gpu-pack/run.sh tests [ARGS..] | suite [BIN..] | bench [FILTER] | demo | all [FILTER] | key-major | model | sanitize [BIN..]" >&2
   exit 2
   ;;
 esac
