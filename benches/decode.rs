@@ -12,7 +12,8 @@
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
 //! Criterion drives the timed runs of every mode but `--burn` and `--shape` (`benches/common`):
 //! its statistics, throughput in bytes and reports come with this bench's own lines.
-//! `-- --bench --models` runs a catalogue of real models' attention shapes instead (batch 32 ×
+//! `-- --bench --models` runs a catalogue of real models' attention shapes instead (SmolLM2 also at
+//! batch 128; the others at batch 32 ×
 //! 8192, e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
@@ -149,9 +150,19 @@ const LLAMA3_8B: Model = Model {
     head_dim_v: 128,
 };
 
+/// SmolLM2-135M, the model of `cargo xtask demo`: small heads over few KV heads, where FP8
+/// gains least.
+const SMOLLM2: Model = Model {
+    name: "SmolLM2-135M",
+    heads: 9,
+    kv_heads: 3,
+    head_dim_k: 64,
+    head_dim_v: 64,
+};
+
 /// The model catalogue of `--models` (DESIGN.md §3.11): GQA 8 and 7, head dims 64 and 256, and
-/// an MLA-like latent cache (one KV head, K 576 / V 512).
-const CATALOGUE: [Model; 6] = [
+/// an MLA-like latent cache (one KV head, K 576 / V 512), and the demo's SmolLM2 (GQA 3, d64).
+const CATALOGUE: [Model; 7] = [
     LLAMA3_8B,
     Model {
         name: "Llama-3-70B",
@@ -185,6 +196,7 @@ const CATALOGUE: [Model; 6] = [
         head_dim_k: 576,
         head_dim_v: 512,
     },
+    SMOLLM2,
 ];
 
 struct Shape {
@@ -617,11 +629,16 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         // The catalogue at batch 32 × 8192, e4m3 against the bf16 cache, each on its default
         // kernel (tensor cores for head dims 64 and 128, and 256 at these small groups; CUDA cores
         // for the MLA dims).
-        for model in CATALOGUE {
+        // SmolLM2 also at batch 128 (the performance issue's table).
+        let runs = CATALOGUE
+            .iter()
+            .map(|&m| (m, 32))
+            .chain(std::iter::once((SMOLLM2, 128)));
+        for (model, batch) in runs {
             let shape = |policy| Shape {
                 model,
                 policy,
-                ..Shape::e4m3(32, 8192, 64)
+                ..Shape::e4m3(batch, 8192, 64)
             };
             bench_ratio(
                 &client,
