@@ -12,9 +12,8 @@
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
 //! Criterion drives the timed runs of every mode but `--burn` and `--shape` (`benches/common`):
 //! its statistics, throughput in bytes and reports come with this bench's own lines.
-//! `-- --bench --models` runs a catalogue of real models' attention shapes instead (SmolLM2 also at
-//! batch 128; the others at batch 32 ×
-//! 8192, e4m3 and bf16 caches).
+//! `-- --bench --models` runs a catalogue of real models' attention shapes instead (batch 32 ×
+//! 8192, SmolLM2 also 128 × 8192; e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one.
