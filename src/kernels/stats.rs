@@ -5,7 +5,7 @@
 //! read back once.
 //!
 //! Deterministic: a maximum and an integer count do not depend on the order in which the
-//! cubes' atomics land. Definitions, bit for bit what [`reference_stats`] computes:
+//! cubes' atomics land. Definitions (the crate's tests hold a CPU copy of them):
 //! - amax: the largest `|x|` over the rows, NaN skipped (an infinity counts: it makes
 //!   [`KvStats::calibrate`] fail, as it should), 0 for no rows;
 //! - saturated: the values with `|x| > MAX · scale`, the product rounded to f32 (NaN is never
@@ -273,7 +273,9 @@ pub fn kv_stats<R: Runtime>(
 }
 
 /// The CPU definition of [`kv_stats`] over f32 rows (`rows` rows of `row_elems` values,
-/// `row_stride` apart, for each side): the ground truth of its GPU test.
+/// `row_stride` apart, for each side): the ground truth of its GPU test (a test helper: slices
+/// shorter than the shapes say panic).
+#[cfg(any(test, feature = "internals"))]
 #[allow(clippy::too_many_arguments)]
 pub fn reference_stats(
     k: &[f32],
