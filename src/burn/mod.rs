@@ -359,7 +359,7 @@ impl Saturation {
 }
 
 /// `|x| > limit` counted on the device, read back as one scalar.
-fn count_over<B: Backend, const D: usize>(x: &Tensor<B, D>, limit: f32) -> u64 {
+pub(crate) fn count_over<B: Backend, const D: usize>(x: &Tensor<B, D>, limit: f32) -> u64 {
     use burn_tensor::ElementConversion;
     x.clone()
         .cast(DType::F32)
@@ -373,7 +373,7 @@ fn count_over<B: Backend, const D: usize>(x: &Tensor<B, D>, limit: f32) -> u64 {
 
 /// `max |x|` on the device, read back as one scalar (NaN is skipped by the max; an all-NaN
 /// tensor gives a NaN amax, which calibration rejects).
-fn amax<B: Backend, const D: usize>(x: &Tensor<B, D>) -> f32 {
+pub(crate) fn amax<B: Backend, const D: usize>(x: &Tensor<B, D>) -> f32 {
     use burn_tensor::ElementConversion;
     x.clone()
         .cast(DType::F32)

@@ -9,7 +9,7 @@
 
 use burn_tensor::activation::silu;
 use burn_tensor::backend::Backend;
-use burn_tensor::{DType, ElementConversion, Int, Tensor, TensorData};
+use burn_tensor::{DType, Int, Tensor, TensorData};
 
 use super::error::{ModelError, Result};
 use super::gguf::{Gguf, LlamaConfig};
@@ -90,24 +90,8 @@ pub struct KvStats {
 
 impl KvStats {
     fn add<B: Backend>(&mut self, k: &Tensor<B, 3>, v: &Tensor<B, 3>) {
-        let amax = |t: &Tensor<B, 3>| {
-            t.clone()
-                .cast(DType::F32)
-                .abs()
-                .max()
-                .into_scalar()
-                .elem::<f32>()
-        };
-        let over = |t: &Tensor<B, 3>, max: f32| {
-            t.clone()
-                .cast(DType::F32)
-                .abs()
-                .greater_elem(max)
-                .int()
-                .sum()
-                .into_scalar()
-                .elem::<i64>() as u64
-        };
+        // The same device reductions as `KvCache::calibrate` / `saturation`.
+        use crate::burn::{amax, count_over as over};
         self.k_amax = self.k_amax.max(amax(k));
         self.v_amax = self.v_amax.max(amax(v));
         self.k_over_e4m3 += over(k, 448.0);
