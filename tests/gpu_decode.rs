@@ -675,11 +675,19 @@ fn gpu_decode_reports_the_default_kernel_path() {
     };
     for dt in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
         println!(
-            "default split kernel, {dt} cache, head dim 128: {:?}; 576/512: {:?}",
-            auto_path(&client, dt, 128, 128),
-            auto_path(&client, dt, 576, 512)
+            "default split kernel, {dt} cache, bf16 queries, decode: d128 group 4 {:?}; \
+             d64 group 3 {:?}; d64 group 4 {:?}; 576/512 group 16 {:?}",
+            auto_path(&client, dt, Dtype::Bf16, 128, 128, 4, 1),
+            auto_path(&client, dt, Dtype::Bf16, 64, 64, 3, 1),
+            auto_path(&client, dt, Dtype::Bf16, 64, 64, 4, 1),
+            auto_path(&client, dt, Dtype::Bf16, 576, 512, 16, 1)
         );
     }
+    // The H200 has the MMA: the measured winner of the Llama-3-8B class is key-major.
+    assert_eq!(
+        auto_path(&client, Dtype::E4m3, Dtype::Bf16, 128, 128, 4, 1),
+        KernelPath::TensorCoresKeyMajor
+    );
     let cases = decode_cases();
     let c = case(&cases, "mla_576_512");
     let run = Run {

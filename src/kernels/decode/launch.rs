@@ -237,9 +237,56 @@ pub(crate) fn choose_mma<R: Runtime>(
                 ))
             }),
         KernelPath::Auto => {
-            let supported = mma_supported(cache.client(), cache.dtype());
-            Ok(candidate.filter(|_| MMA_BY_DEFAULT && supported))
+            let supported = MMA_BY_DEFAULT && mma_supported(cache.client(), cache.dtype());
+            Ok(auto_config(
+                cache.dtype(),
+                act,
+                CacheGeometry::new(layout, KvSide::K),
+                CacheGeometry::new(layout, KvSide::V),
+                group as u32,
+                group * max_q_len,
+                opts,
+                supported,
+            ))
         }
+    }
+}
+
+/// What [`KernelPath::Auto`] launches: the split kernel measured fastest for the shape class
+/// (`--ab` on the H200, key-major time / default tensor-core time, batch × context 1 × 32768
+/// to 128 × 32768, page 64; `benches/PERFORMANCE.md`), `None` for the CUDA-core kernel:
+///
+/// | shape class | kernel | measured |
+/// |---|---|---|
+/// | FP8 cache, head dim 128 or 256, one row tile | key-major | d128 0.89–0.93, d256 0.87 |
+/// | FP8 cache, head dim 64, group ≤ 3, one row tile | key-major | SmolLM2 9/3: 47.6 / 65.2 µs = 0.73 |
+/// | FP8 cache, head dim 64, group ≥ 4 | default tensor-core | Llama-3.2-1B 32/8: 1.157 |
+/// | f16/bf16 cache | default tensor-core | bf16 d128, batch 1: 1.053 |
+/// | two row tiles (group × new tokens > 8) | default tensor-core | not measured on key-major |
+/// | MLA 576/512, one-part query | wide (key-major family) | 137 / 1739 µs = 0.079 |
+/// | everything else (f32 queries, other head dims), or no MMA | CUDA cores | |
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn auto_config(
+    cache: Dtype,
+    act: Dtype,
+    k: CacheGeometry,
+    v: CacheGeometry,
+    group: u32,
+    max_rows: usize,
+    opts: &AttentionOptions,
+    mma_supported: bool,
+) -> Option<MmaConfig> {
+    if !mma_supported {
+        return None;
+    }
+    match mma_config(cache, act, k, v, group, max_rows, opts) {
+        Some(c) => {
+            let key_major = cache.fp8_format().is_some()
+                && c.row_tiles == 1
+                && (k.head_dim >= 128 || group <= 3);
+            Some(MmaConfig { key_major, ..c })
+        }
+        None => wide_config(cache, act, k, v, group, max_rows, opts),
     }
 }
 

@@ -362,23 +362,60 @@ pub fn key_major_applies_to(
         .is_some()
 }
 
-/// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], for a cache
-/// of `cache_dtype` with these head dims on `client`'s device: [`KernelPath::TensorCores`]
-/// where that kernel applies, the device has the MMA it needs and `plan::MMA_BY_DEFAULT` is
-/// on, else [`KernelPath::CudaCores`] (the same with any options).
+/// The split kernel [`KernelPath::Auto`] picks, with default [`AttentionOptions`], on
+/// `client`'s device for a cache of `cache_dtype`, queries of `query_dtype`, these head dims,
+/// `group` query heads per KV head and at most `max_q_len` new tokens per sequence (the
+/// table of shape classes and the measurement behind each: `launch::auto_config`, in
+/// ARCHITECTURE.md and `benches/PERFORMANCE.md`). [`KernelPath::TensorCoresKeyMajor`] also
+/// stands for the wide MLA kernel; options other than the defaults never change the kernel.
+/// [`KernelPath::CudaCores`] for a group of 0 (which no launch accepts).
 pub fn auto_path<R: Runtime>(
     client: &cubecl::client::ComputeClient<R>,
     cache_dtype: crate::policy::Dtype,
+    query_dtype: crate::policy::Dtype,
     head_dim_k: usize,
     head_dim_v: usize,
+    group: usize,
+    max_q_len: usize,
 ) -> KernelPath {
-    if plan::MMA_BY_DEFAULT
-        && tensor_cores_apply(cache_dtype, head_dim_k, head_dim_v)
-        && launch::mma_supported(client, cache_dtype)
-    {
-        KernelPath::TensorCores
-    } else {
-        KernelPath::CudaCores
+    let supported = plan::MMA_BY_DEFAULT && launch::mma_supported(client, cache_dtype);
+    auto_path_for(
+        cache_dtype,
+        query_dtype,
+        head_dim_k,
+        head_dim_v,
+        group,
+        max_q_len,
+        supported,
+    )
+}
+
+/// [`auto_path`] for a device that has (`mma_supported`) or lacks the tensor cores' MMA.
+pub(crate) fn auto_path_for(
+    cache_dtype: crate::policy::Dtype,
+    query_dtype: crate::policy::Dtype,
+    head_dim_k: usize,
+    head_dim_v: usize,
+    group: usize,
+    max_q_len: usize,
+    mma_supported: bool,
+) -> KernelPath {
+    if group == 0 {
+        return KernelPath::CudaCores;
+    }
+    match launch::auto_config(
+        cache_dtype,
+        query_dtype,
+        probe_geometry(head_dim_k),
+        probe_geometry(head_dim_v),
+        group as u32,
+        group * max_q_len,
+        &AttentionOptions::default(),
+        mma_supported,
+    ) {
+        None => KernelPath::CudaCores,
+        Some(c) if c.key_major => KernelPath::TensorCoresKeyMajor,
+        Some(_) => KernelPath::TensorCores,
     }
 }
 
@@ -525,4 +562,44 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{auto_path_for, KernelPath};
+    use crate::policy::Dtype;
+
+    /// The shape-class table of `launch::auto_config`, one row per class (hand-written
+    /// expectations: the measured winner of each class).
+    #[test]
+    fn auto_picks_the_measured_winner_per_shape_class() {
+        use Dtype::{Bf16, E4m3, E5m2, F16, F32};
+        use KernelPath::{CudaCores, TensorCores, TensorCoresKeyMajor as KeyMajor};
+        // (cache, query, dk, dv, group, new tokens, MMA on the device, expected)
+        let table = [
+            (E4m3, Bf16, 128, 128, 4, 1, true, KeyMajor), // Llama-3-8B
+            (E5m2, F16, 128, 128, 4, 1, true, KeyMajor),
+            (E4m3, Bf16, 128, 128, 4, 2, true, KeyMajor), // 8 rows: one tile
+            (E4m3, Bf16, 128, 128, 4, 4, true, TensorCores), // 16 rows: two tiles
+            (E4m3, Bf16, 256, 256, 2, 1, true, KeyMajor), // Gemma-2
+            (E4m3, Bf16, 64, 64, 3, 1, true, KeyMajor),   // SmolLM2
+            (E4m3, Bf16, 64, 64, 4, 1, true, TensorCores), // Llama-3.2-1B
+            (Bf16, Bf16, 128, 128, 4, 1, true, TensorCores),
+            (F16, F16, 64, 64, 3, 1, true, TensorCores),
+            (E4m3, Bf16, 576, 512, 16, 1, true, KeyMajor), // MLA: the wide kernel
+            (Bf16, Bf16, 576, 512, 16, 1, true, KeyMajor),
+            (E4m3, F32, 576, 512, 16, 1, true, CudaCores),
+            (E4m3, F32, 128, 128, 4, 1, true, KeyMajor), // f32 queries in parts
+            (E4m3, Bf16, 96, 96, 4, 1, true, CudaCores),
+            (E4m3, Bf16, 128, 128, 4, 1, false, CudaCores), // no MMA on the device
+            (E4m3, Bf16, 128, 128, 0, 1, true, CudaCores),
+        ];
+        for (cache, query, dk, dv, group, q_len, mma, expected) in table {
+            assert_eq!(
+                auto_path_for(cache, query, dk, dv, group, q_len, mma),
+                expected,
+                "{cache} cache, {query} queries, {dk}/{dv}, group {group}, {q_len} new tokens"
+            );
+        }
+    }
 }

@@ -22,8 +22,10 @@ pub const SPLIT_OVERHEAD_TOKENS: usize = 128;
 /// the same combine kernel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelPath {
-    /// The launcher decides: the tensor-core kernel where it applies, the device has its MMA
-    /// and `MMA_BY_DEFAULT` is on, otherwise the CUDA-core kernel.
+    /// The launcher decides: the kernel measured fastest for the shape class (key-major for
+    /// FP8 caches at head dim 128/256 and at 64 with small groups, the wide kernel for MLA, the
+    /// default tensor-core kernel for f16/bf16 caches, CUDA cores where no MMA kernel applies;
+    /// `super::auto_path` and ARCHITECTURE.md have the table).
     #[default]
     Auto,
     /// The CUDA-core kernel (every shape and option).
@@ -34,9 +36,7 @@ pub enum KernelPath {
     /// The tensor-core kernel with the QK transposed as well (`S^T = K·Q^T`, see
     /// `super::mma::MmaConfig::key_major`) where [`KernelPath::TensorCores`] applies, and the
     /// wide-head kernel of `super::wide` for MLA's K 576 / V 512 (see
-    /// `super::key_major_applies_to`). Experimental: written in a session without a GPU, so
-    /// [`KernelPath::Auto`] does not pick it until it has passed the GPU suite and beaten the
-    /// default in the decode bench.
+    /// `super::key_major_applies_to`). [`KernelPath::Auto`] picks it where it measured fastest.
     TensorCoresKeyMajor,
 }
 
