@@ -15,8 +15,9 @@ use std::time::Instant;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::fill::fill;
+use fp8kv::kernels::fill::{fill, fill_with_stats};
 use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
+use fp8kv::kernels::stats::DeviceKvStats;
 use fp8kv::reference::HostKvCache;
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
@@ -157,6 +158,7 @@ fn report(name: &str, secs: f64, bytes: usize, copy_gbs: f64) {
     );
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_fill(
     client: &ComputeClient<Cuda>,
     name: &str,
@@ -164,9 +166,12 @@ fn bench_fill(
     q_len: usize,
     page: usize,
     scales: (f32, f32),
+    stats: bool,
     copy_gbs: f64,
 ) {
     let (layout, meta, tokens) = problem(batch, q_len, q_len, page);
+    // `fill_with_stats`' accumulator (16 bytes; its atomics add no measurable traffic).
+    let mut acc = DeviceKvStats::new(client);
     let scales = KvScales::new(scales.0, scales.1).unwrap();
     let row = 8 * 128;
     let mut rng = Rng::new(7);
@@ -187,12 +192,16 @@ fn bench_fill(
     let bytes = tokens * 2 * row * (2 + 1);
     let iters = if tokens > 1000 { 50 } else { 2000 };
     let Some(t) = time_case(client, name, bytes, iters, |i| {
-        fill(&mut caches[i], &ks[i], &vs[i], &dbatch).unwrap()
+        if stats {
+            fill_with_stats(&mut caches[i], &ks[i], &vs[i], &dbatch, &mut acc).unwrap()
+        } else {
+            fill(&mut caches[i], &ks[i], &vs[i], &dbatch).unwrap()
+        }
     }) else {
         return;
     };
     report(name, t, bytes, copy_gbs);
-    if tokens <= 1000 {
+    if tokens <= 1000 && !stats {
         // Host-side cost of one call: no sync, so the launches queue.
         sync(client);
         let n = 2000;
@@ -301,9 +310,30 @@ fn main() {
             calibrated,
         ),
     ];
-    for (name, batch, q_len, page, scales) in fills {
+    // The opt-in statistics (`fill_with_stats`): its cost against the plain fill above.
+    let with_stats = [
+        (
+            "fill+stats prefill 8x2048 d128 h8 page64 bf16->e4m3",
+            8,
+            2048,
+            64,
+            calibrated,
+        ),
+        (
+            "fill+stats decode 128x1 d128 h8 page64 bf16->e4m3",
+            128,
+            1,
+            64,
+            calibrated,
+        ),
+    ];
+    let runs = fills
+        .iter()
+        .map(|c| (c, false))
+        .chain(with_stats.iter().map(|c| (c, true)));
+    for (&(name, batch, q_len, page, scales), stats) in runs {
         if wanted(name) {
-            bench_fill(&client, name, batch, q_len, page, scales, copy);
+            bench_fill(&client, name, batch, q_len, page, scales, stats, copy);
         }
     }
     let flattens = [

@@ -1,15 +1,19 @@
 //! The batch statistics kernel (`fp8kv::kernels::stats`): per-side amax and saturated counts
 //! on the GPU equal the CPU definition exactly, on LLM-like rows with outliers, NaN and ±inf,
 //! strided rows whose padding must not be read, MLA's uneven K/V widths, every activation
-//! dtype, two calls accumulated into one buffer. Also the CPU definition on hand-made values.
+//! dtype, two calls accumulated into one buffer. Also the CPU definition on hand-made values,
+//! and the fill kernel's opt-in statistics (`fill_with_stats`): the same bytes as the CPU
+//! fill, the same statistics as the CPU definition over the rows it wrote.
 //! The GPU tests skip visibly without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
 
 mod common;
 
-use fp8kv::device::{Cuda, DeviceRows};
+use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
+use fp8kv::kernels::fill::fill_with_stats;
 use fp8kv::kernels::stats::{kv_stats, reference_stats, DeviceKvStats, KvStats};
-use fp8kv::testing::{llm_like, Rng};
-use fp8kv::{Dtype, KvScales, QuantPolicy};
+use fp8kv::reference::{self, HostKvCache};
+use fp8kv::testing::{fill_cases, llm_like, Problem, Rng};
+use fp8kv::{Dtype, KvScales, KvSide, QuantPolicy};
 
 #[test]
 fn reference_stats_on_hand_made_values() {
@@ -132,4 +136,151 @@ fn gpu_kv_stats_equal_the_cpu_definition() {
         }
     }
     println!("kv_stats: {checked} (dtype, shape, policy) cases equal the CPU definition");
+}
+
+/// The statistics of the rows a batch writes, by the CPU definition: each sequence's
+/// `q_seq_length` rows from `q_start_loc` (rows of no sequence are not counted).
+fn written_rows_stats(p: &Problem, scales: &KvScales, policy: QuantPolicy) -> KvStats {
+    let heads = p.layout.num_kv_heads();
+    let (kw, vw) = (heads * p.layout.head_dim_k(), heads * p.layout.head_dim_v());
+    let mut acc = KvStats {
+        k_amax: 0.0,
+        v_amax: 0.0,
+        k_saturated: 0,
+        v_saturated: 0,
+    };
+    for b in 0..p.meta.batch() {
+        let (start, len) = (
+            p.meta.q_start_loc()[b] as usize,
+            p.meta.q_seq_length()[b] as usize,
+        );
+        let r = reference_stats(
+            &p.k_new[start * p.k_row_stride..],
+            &p.v_new[start * p.v_row_stride..],
+            len,
+            (kw, p.k_row_stride),
+            (vw, p.v_row_stride),
+            scales,
+            policy,
+        );
+        acc = KvStats {
+            k_amax: acc.k_amax.max(r.k_amax),
+            v_amax: acc.v_amax.max(r.v_amax),
+            k_saturated: acc.k_saturated + r.k_saturated,
+            v_saturated: acc.v_saturated + r.v_saturated,
+        };
+    }
+    acc
+}
+
+/// `fill_with_stats` writes the same bytes as the CPU reference fill (poisoned cache, no
+/// other byte touched) and adds to the accumulator exactly the CPU definition's statistics
+/// over the rows it wrote: every fill case, FP8 caches and the bf16 cache, bf16 and f32
+/// activations, NaN and ±inf planted, at scales that clamp K's outliers and at scale 1.0
+/// over data of large range (×1000: E4M3's 448 is exceeded, which the count must show).
+#[test]
+fn gpu_fill_with_stats_writes_the_same_codes_and_counts_what_it_clamped() {
+    let Some(client) = common::gpu::client_or_skip(
+        "gpu_fill_with_stats_writes_the_same_codes_and_counts_what_it_clamped",
+    ) else {
+        return;
+    };
+    const POISON: u8 = 0xCD;
+    let mut checked = 0;
+    let mut detected_at_unit_scale = 0;
+    for case in fill_cases() {
+        for act in [Dtype::Bf16, Dtype::F32] {
+            for (policy, dtype) in [
+                (QuantPolicy::Fp8E4m3, Dtype::E4m3),
+                (QuantPolicy::Fp8E5m2, Dtype::E5m2),
+                (QuantPolicy::None, Dtype::Bf16),
+            ] {
+                for large_range in [false, true] {
+                    let mut p = Problem::generate(&case, act).unwrap();
+                    let scales = if large_range {
+                        for x in p.k_new.iter_mut().chain(p.v_new.iter_mut()) {
+                            *x = act.round_trip(*x * 1000.0);
+                        }
+                        KvScales::default()
+                    } else if policy == QuantPolicy::Fp8E5m2 {
+                        KvScales::new(1e-4, 2e-4).unwrap()
+                    } else {
+                        KvScales::new(0.01, 0.005).unwrap()
+                    };
+                    // Specials in the first sequence's first new row (NaN padding elsewhere
+                    // must never be read).
+                    let s0 = p.meta.q_start_loc()[0] as usize;
+                    for (i, x) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+                        .iter()
+                        .enumerate()
+                    {
+                        p.k_new[s0 * p.k_row_stride + i] = *x;
+                        p.v_new[s0 * p.v_row_stride + 2 * i] = *x;
+                    }
+                    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).unwrap();
+                    let mut want = poisoned.clone();
+                    reference::fill(
+                        &mut want,
+                        &scales,
+                        p.k_rows(),
+                        p.v_rows(),
+                        p.num_tokens,
+                        &p.meta,
+                    )
+                    .unwrap();
+                    let heads = p.layout.num_kv_heads();
+                    let (kw, vw) = (heads * p.layout.head_dim_k(), heads * p.layout.head_dim_v());
+                    let mut cache = PagedKvCache::from_host(&client, &poisoned, scales).unwrap();
+                    let k = DeviceRows::from_f32(
+                        &client,
+                        &p.k_new,
+                        act,
+                        p.num_tokens,
+                        kw,
+                        p.k_row_stride,
+                    )
+                    .unwrap();
+                    let v = DeviceRows::from_f32(
+                        &client,
+                        &p.v_new,
+                        act,
+                        p.num_tokens,
+                        vw,
+                        p.v_row_stride,
+                    )
+                    .unwrap();
+                    let batch =
+                        DeviceBatch::new(&client, p.meta.clone(), &p.layout, p.num_tokens).unwrap();
+                    let mut acc = DeviceKvStats::<Cuda>::new(&client);
+                    fill_with_stats(&mut cache, &k, &v, &batch, &mut acc).unwrap();
+                    let what = format!("{} {act} {policy} large range {large_range}", case.name);
+                    let got = cache.to_host().unwrap();
+                    for side in [KvSide::K, KvSide::V] {
+                        assert!(
+                            got.bytes(side) == want.bytes(side),
+                            "{what} {side}: the cache differs from the reference fill"
+                        );
+                    }
+                    let want_stats = written_rows_stats(&p, &scales, policy);
+                    assert_eq!(acc.read().unwrap(), want_stats, "{what}");
+                    assert!(want_stats.k_amax.is_infinite(), "{what}: +inf was planted");
+                    if policy != QuantPolicy::None
+                        && (!large_range || policy == QuantPolicy::Fp8E4m3)
+                    {
+                        // ±inf always count; the finite data must clamp too (at scale 1.0
+                        // only E4M3's range is exceeded by ×1000 data).
+                        assert!(want_stats.k_saturated > 2, "{what}: nothing clamped");
+                    }
+                    if large_range && policy == QuantPolicy::Fp8E4m3 {
+                        detected_at_unit_scale += 1;
+                    }
+                    checked += 1;
+                }
+            }
+        }
+    }
+    println!(
+        "fill_with_stats: {checked} (case, dtype, policy, range) runs equal the CPU fill and \
+         statistics; E4M3 at scale 1.0 over ×1000 data flagged in {detected_at_unit_scale}"
+    );
 }

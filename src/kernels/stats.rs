@@ -143,8 +143,8 @@ impl KvStats {
 
 /// A device accumulator of [`KvStats`]: four `u32`s that [`kv_stats`] updates with atomics.
 pub struct DeviceKvStats<R: Runtime> {
-    client: ComputeClient<R>,
-    handle: Handle,
+    pub(crate) client: ComputeClient<R>,
+    pub(crate) handle: Handle,
 }
 
 impl<R: Runtime> DeviceKvStats<R> {
@@ -180,7 +180,7 @@ impl<R: Runtime> DeviceKvStats<R> {
 
 /// The saturation threshold of one side: `MAX · scale` in f32, or +inf (nothing counts) for
 /// the unquantized policy.
-fn limit(policy: QuantPolicy, scale: f32) -> f32 {
+pub(crate) fn limit(policy: QuantPolicy, scale: f32) -> f32 {
     match policy.fp8_max() {
         Some(max) => max * scale,
         None => f32::INFINITY,

@@ -59,6 +59,7 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
             k_row_stride,
             k_scale,
             k_inv_scale,
+            0.0,
             cfg.k,
             cfg.fp8,
             cfg.k_div,
@@ -66,6 +67,7 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
             cfg.unroll,
             cfg.threads,
             cfg.rounds,
+            false,
         );
     } else {
         fill_side::<F, Q, N>(
@@ -79,6 +81,7 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
             v_row_stride,
             v_scale,
             v_inv_scale,
+            0.0,
             cfg.v,
             cfg.fp8,
             cfg.v_div,
@@ -86,13 +89,119 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
             cfg.unroll,
             cfg.threads,
             cfg.rounds,
+            false,
         );
+    }
+}
+
+/// [`fill_kernel`] that also adds the statistics of the rows it writes to `stats`
+/// (`[k_amax_bits, v_amax_bits, k_saturated, v_saturated]`, the layout and definitions of
+/// [`crate::kernels::stats`]: amax `|x|` with NaN skipped, saturated `|x| > limit` where
+/// `*_limit = MAX · scale` in f32): per thread while it quantizes, then one warp reduction
+/// and at most two atomics per warp.
+///
+/// The grid, arguments and stores are [`fill_kernel`]'s.
+// The zeros that start `amax` / `count` are overwritten in both branches, but CubeCL needs
+// a mutable variable declared before a runtime branch to assign it there.
+#[allow(unused_assignments)]
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
+    k_new: &Array<Vector<F, N>>,
+    v_new: &Array<Vector<F, N>>,
+    k_cache: &mut Array<Vector<Q, N>>,
+    v_cache: &mut Array<Vector<Q, N>>,
+    meta: &Array<i32>,
+    batch: u32,
+    max_pages: u32,
+    k_row_stride: u32,
+    v_row_stride: u32,
+    k_scale: f32,
+    v_scale: f32,
+    k_inv_scale: f32,
+    v_inv_scale: f32,
+    stats: &mut Array<Atomic<u32>>,
+    k_limit: f32,
+    v_limit: f32,
+    #[comptime] cfg: FillConfig,
+    #[define(F, Q)] _dtypes: [StorageType; 2],
+) {
+    let b = CUBE_POS_Y;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let kv_len = batch_meta::kv_len(meta, batch, b);
+    let bt_base = batch_meta::block_table_row(batch, max_pages, b);
+    // The new tokens occupy positions [kv_len - q_len, kv_len) of the sequence.
+    let first_pos = kv_len - q_len;
+    let mut amax = 0.0f32;
+    let mut count = 0u32;
+    if CUBE_POS_Z == 0 {
+        let (a, c) = fill_side::<F, Q, N>(
+            k_new,
+            k_cache,
+            meta,
+            q_start,
+            q_len,
+            first_pos,
+            bt_base,
+            k_row_stride,
+            k_scale,
+            k_inv_scale,
+            k_limit,
+            cfg.k,
+            cfg.fp8,
+            cfg.k_div,
+            cfg.vec,
+            cfg.unroll,
+            cfg.threads,
+            cfg.rounds,
+            true,
+        );
+        amax = a;
+        count = c;
+    } else {
+        let (a, c) = fill_side::<F, Q, N>(
+            v_new,
+            v_cache,
+            meta,
+            q_start,
+            q_len,
+            first_pos,
+            bt_base,
+            v_row_stride,
+            v_scale,
+            v_inv_scale,
+            v_limit,
+            cfg.v,
+            cfg.fp8,
+            cfg.v_div,
+            cfg.vec,
+            cfg.unroll,
+            cfg.threads,
+            cfg.rounds,
+            true,
+        );
+        amax = a;
+        count = c;
+    }
+    let m = plane_max(amax);
+    let n = plane_sum(count);
+    if UNIT_POS_PLANE == 0 {
+        // Non-negative floats order as their bit patterns: an integer max is a float max.
+        if m > 0.0 {
+            stats[CUBE_POS_Z as usize].fetch_max(u32::reinterpret(m));
+        }
+        if n > 0 {
+            stats[(CUBE_POS_Z + 2) as usize].fetch_add(n);
+        }
     }
 }
 
 /// One side (K or V) of [`fill_kernel`]: item `i` of the cube is vector `i % vec_per_row` of
 /// new row `i / vec_per_row`; a unit handles `rounds` rounds of `unroll` vectors, loading the
-/// next round before quantizing and storing the current one.
+/// next round before quantizing and storing the current one. With `stats`, returns the
+/// unit's amax and count of `|x| > limit` over the values it wrote (NaN in neither), else
+/// `(0, 0)`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn fill_side<F: Float, Q: Float, N: Size>(
@@ -106,6 +215,7 @@ fn fill_side<F: Float, Q: Float, N: Size>(
     row_stride: u32,
     scale: f32,
     inv_scale: f32,
+    limit: f32,
     #[comptime] geom: CacheGeometry,
     #[comptime] fp8: Option<Fp8Format>,
     #[comptime] div: ScaleDiv,
@@ -113,7 +223,8 @@ fn fill_side<F: Float, Q: Float, N: Size>(
     #[comptime] unroll: u32,
     #[comptime] threads: u32,
     #[comptime] rounds: u32,
-) {
+    #[comptime] stats: bool,
+) -> (f32, u32) {
     let vec_per_head = comptime![geom.head_dim / vec];
     let vec_per_row = comptime![geom.num_kv_heads * geom.head_dim / vec];
     let page_size = comptime![geom.page_size];
@@ -127,6 +238,8 @@ fn fill_side<F: Float, Q: Float, N: Size>(
     // loads (issued before round r's stores) fill the other one, so loads stay in flight
     // while the unit computes. Every index is a constant once the loops are unrolled.
     let mut vals = Array::<Vector<F, N>>::new(comptime![2 * unroll as usize]);
+    let mut amax = 0.0f32;
+    let mut count = 0u32;
     #[unroll]
     for u in 0..unroll {
         let item = base + u * threads;
@@ -164,6 +277,20 @@ fn fill_side<F: Float, Q: Float, N: Size>(
                 let page = u32::cast_from(meta[(bt_base + pos / page_size) as usize]);
                 let slot = pos % page_size;
                 let idx = page * page_stride + slot * slot_stride + head * head_stride + dv;
+                if comptime![stats] {
+                    let xf = Vector::<f32, N>::cast_from(vals[(cur + u) as usize]);
+                    #[unroll]
+                    for i in 0..vec {
+                        let a = f32::abs(xf[i as usize]);
+                        // A NaN fails both comparisons: never the amax, never counted.
+                        if a > amax {
+                            amax = a;
+                        }
+                        if a > limit {
+                            count += 1;
+                        }
+                    }
+                }
                 cache[idx as usize] = quantize_vector::<F, Q, N>(
                     vals[(cur + u) as usize],
                     scale,
@@ -175,6 +302,7 @@ fn fill_side<F: Float, Q: Float, N: Size>(
             }
         }
     }
+    (amax, count)
 }
 
 /// Converts one vector to the cache element: FP8 codes through the integer encoder, or a

@@ -7,11 +7,12 @@
 
 use cubecl::prelude::*;
 
-use super::kernel::fill_kernel;
+use super::kernel::{fill_kernel, fill_stats_kernel};
 use super::FillConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
 use crate::kernels::codec::ScaleDiv;
+use crate::kernels::stats::{limit, DeviceKvStats};
 use crate::kernels::{access_elems, array_len, check_copy_vectors, copy_cube_shape, CacheGeometry};
 
 /// Vectors per thread on the big path (from `COPY_UNROLL_THRESHOLD_VECS` vectors on).
@@ -28,12 +29,15 @@ const THREADS: u32 = 256;
 /// stays for other shapes and devices (`FP8KV_FILL_ROUNDS`).
 const ROUNDS: u32 = 1;
 
-/// Launches fill for already validated inputs (see [`super::fill`]).
+/// Launches fill for already validated inputs (see [`super::fill`]); with `stats`, the
+/// kernel that also accumulates the written rows' statistics there
+/// ([`super::fill_with_stats`]).
 pub(crate) fn launch_fill<R: Runtime>(
     cache: &mut PagedKvCache<R>,
     k_new: &DeviceRows<R>,
     v_new: &DeviceRows<R>,
     batch: &DeviceBatch<R>,
+    stats: Option<&mut DeviceKvStats<R>>,
 ) -> Result<()> {
     let meta = batch.meta();
     let max_q = meta.max_q_len();
@@ -75,7 +79,7 @@ pub(crate) fn launch_fill<R: Runtime>(
     let es_act = act.size_bytes();
     let es_cache = cache_dtype.size_bytes();
     let offsets = batch.offsets();
-    // SAFETY: every array length is the buffer's real size (`array_len`: bytes in use / element
+    // SAFETY (both launches below): every array length is the buffer's real size (`array_len`: bytes in use / element
     // size, in scalars as `ArrayArg` wants; the metadata buffer's `offsets.len` i32s as
     // uploaded), and every index the kernel forms stays below it because `fill` (mod.rs) and
     // the types it takes checked, before this launch:
@@ -97,12 +101,10 @@ pub(crate) fn launch_fill<R: Runtime>(
     //   vectors, `check_batch_buffer_len` the metadata to `u32::MAX` entries, and
     //   `PagedKvLayout::new` a page to `MAX_PAGE_ELEMS` (the comptime strides); the grid's y
     //   (the batch) is at most 65535 (`check_grid_batch`).
-    unsafe {
-        fill_kernel::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(cubes_x, meta.batch() as u32, 2),
-            CubeDim::new_1d(threads),
-            vec,
+    let count = CubeCount::Static(cubes_x, meta.batch() as u32, 2);
+    // SAFETY: the lengths are the buffers' real sizes (see the launches' SAFETY above).
+    let (k_in, v_in, k_out, v_out, meta_arg) = unsafe {
+        (
             ArrayArg::from_raw_parts(k_new.handle().clone(), array_len(k_new.handle(), es_act)),
             ArrayArg::from_raw_parts(v_new.handle().clone(), array_len(v_new.handle(), es_act)),
             ArrayArg::from_raw_parts(
@@ -114,17 +116,67 @@ pub(crate) fn launch_fill<R: Runtime>(
                 array_len(cache.v_handle(), es_cache),
             ),
             ArrayArg::from_raw_parts(batch.handle().clone(), offsets.len),
-            meta.batch() as u32,
-            meta.max_pages_per_seq() as u32,
-            (k_new.row_stride() / vec) as u32,
-            (v_new.row_stride() / vec) as u32,
-            scales.k(),
-            scales.v(),
-            1.0 / scales.k(),
-            1.0 / scales.v(),
-            cfg,
-            [storage_type(act), storage_type(cache_dtype)],
-        );
+        )
+    };
+    let (k_rs, v_rs) = (
+        (k_new.row_stride() / vec) as u32,
+        (v_new.row_stride() / vec) as u32,
+    );
+    let dtypes = [storage_type(act), storage_type(cache_dtype)];
+    match stats {
+        // SAFETY: as above.
+        None => unsafe {
+            fill_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(threads),
+                vec,
+                k_in,
+                v_in,
+                k_out,
+                v_out,
+                meta_arg,
+                meta.batch() as u32,
+                meta.max_pages_per_seq() as u32,
+                k_rs,
+                v_rs,
+                scales.k(),
+                scales.v(),
+                1.0 / scales.k(),
+                1.0 / scales.v(),
+                cfg,
+                dtypes,
+            );
+        },
+        // SAFETY: as above, and `stats` holds the 4 `u32`s the kernel addresses (slots
+        // `CUBE_POS_Z` and `CUBE_POS_Z + 2`, with grid z = 2).
+        Some(stats) => unsafe {
+            let policy = cache.policy();
+            fill_stats_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(threads),
+                vec,
+                k_in,
+                v_in,
+                k_out,
+                v_out,
+                meta_arg,
+                meta.batch() as u32,
+                meta.max_pages_per_seq() as u32,
+                k_rs,
+                v_rs,
+                scales.k(),
+                scales.v(),
+                1.0 / scales.k(),
+                1.0 / scales.v(),
+                ArrayArg::from_raw_parts(stats.handle.clone(), 4),
+                limit(policy, scales.k()),
+                limit(policy, scales.v()),
+                cfg,
+                dtypes,
+            );
+        },
     }
     Ok(())
 }

@@ -42,6 +42,7 @@ use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
 use crate::fp8::Fp8Format;
 use crate::kernels::codec::ScaleDiv;
+use crate::kernels::stats::DeviceKvStats;
 use crate::kernels::CacheGeometry;
 
 /// Comptime configuration of the `fill_kernel` (the JIT key besides the dtypes).
@@ -112,6 +113,38 @@ pub fn fill<R: Runtime>(
     v_new: &DeviceRows<R>,
     batch: &DeviceBatch<R>,
 ) -> Result<()> {
+    validate(cache, k_new, v_new, batch)?;
+    launch::launch_fill(cache, k_new, v_new, batch, None)
+}
+
+/// [`fill`], and the statistics of the values it writes added to `stats` in the same launch:
+/// each side's amax and how many values it clamped, judged at the cache's current scales
+/// (`|x| > MAX · scale` in f32; NaN never counted, ±inf always; 0 for the unquantized
+/// policy) — the definitions of [`kv_stats`](crate::kernels::stats::kv_stats), over the rows
+/// this batch writes. Opt-in because it costs a warp reduction and two atomics per warp;
+/// one [`DeviceKvStats::read`] after any number of calls (layers, steps) feeds
+/// [`KvStats::calibrate`](crate::kernels::stats::KvStats::calibrate) or a saturation warning,
+/// with no host round trip per call. `stats` must belong to the cache's device.
+///
+/// Errors: those of [`fill`].
+pub fn fill_with_stats<R: Runtime>(
+    cache: &mut PagedKvCache<R>,
+    k_new: &DeviceRows<R>,
+    v_new: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+    stats: &mut DeviceKvStats<R>,
+) -> Result<()> {
+    validate(cache, k_new, v_new, batch)?;
+    launch::launch_fill(cache, k_new, v_new, batch, Some(stats))
+}
+
+/// The checks of [`fill`].
+fn validate<R: Runtime>(
+    cache: &PagedKvCache<R>,
+    k_new: &DeviceRows<R>,
+    v_new: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+) -> Result<()> {
     let num_tokens = batch.num_tokens().ok_or_else(|| {
         Fp8KvError::InvalidOption(
             "fill needs a batch validated for writing (DeviceBatch::new), not DeviceBatch::for_reads".into(),
@@ -140,17 +173,18 @@ pub fn fill<R: Runtime>(
         v_new,
         num_tokens,
         heads * layout.head_dim(KvSide::V),
-    )?;
-    launch::launch_fill(cache, k_new, v_new, batch)
+    )
 }
 
 /// Launches the fill instantiations worth compiling offline, once each on tiny valid inputs,
 /// through [`fill`]: every head-dim pair (e4m3, bf16 in), every (cache, activation) dtype pair
-/// at head dim 128, both cache layouts, and each exact scale-division mode. Used by
+/// at head dim 128, both cache layouts, and each exact scale-division mode; and
+/// [`fill_with_stats`] on the bf16-activation samples. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
 #[cfg(feature = "internals")]
 pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
+    use crate::policy::Dtype;
     use crate::scales::KvScales;
     let samples = super::codegen_samples()?;
     // The shared samples at a Markstein-division scale, then the other two division modes.
@@ -164,6 +198,11 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         let k = DeviceRows::empty(client, s.act, 4, row(KvSide::K), row(KvSide::K))?;
         let v = DeviceRows::empty(client, s.act, 4, row(KvSide::V), row(KvSide::V))?;
         fill(&mut cache, &k, &v, &batch)?;
+        // The statistics variant of the bf16-activation samples (every head dim and cache).
+        if s.act == Dtype::Bf16 && scale == 0.15 {
+            let mut stats = DeviceKvStats::new(client);
+            fill_with_stats(&mut cache, &k, &v, &batch, &mut stats)?;
+        }
     }
     Ok(())
 }
