@@ -185,9 +185,10 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #   bash gpu-pack/run.sh suite [BIN..]    every test binary (or those named) as its own process,
 #                                         all at once (kernel compilation, not the GPU, bounds
 #                                         the suite's time), logs in $OUT, one summary line
-#   bash gpu-pack/run.sh sanitize [BIN..] compute-sanitizer memcheck, racecheck and initcheck
-#                                         over the GPU test binaries (default: gpu_*), every
-#                                         (tool, binary) its own process at once, logs in $OUT
+#   bash gpu-pack/run.sh sanitize [BIN[:FILTER]..] compute-sanitizer memcheck, racecheck and
+#                                         initcheck over the GPU test binaries (default: a list
+#                                         that reaches every kernel and path), every (tool,
+#                                         binary) its own process at once, logs in $OUT
 # FP8KV_TEST_BINS="a b" limits `tests` to those binaries (to split the suite over calls).
 set -uo pipefail
 shopt -s nullglob
@@ -327,13 +328,19 @@ sanitize)
   export FP8KV_REQUIRE_GPU=1
   logs="${OUT:-$pack/logs}"
   mkdir -p "$logs"
-  bins=("$@")
-  [ "${#bins[@]}" -gt 0 ] || bins=(gpu_codec gpu_fill_flatten gpu_stats gpu_decode gpu_burn)
+  # BIN or BIN:FILTER (a libtest name filter): the default reaches every kernel and path (the
+  # decode test with forced many splits runs every split kernel, key-major and wide included,
+  # and the combine; the Burn decode test the extension's path) in bounded time.
+  specs=("$@")
+  [ "${#specs[@]}" -gt 0 ] || specs=(gpu_codec gpu_fill_flatten gpu_stats
+    gpu_decode:gpu_decode_many_splits_merge_exactly gpu_burn:gpu_burn_decode_equals_direct_path)
   for tool in ${FP8KV_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-    for b in "${bins[@]}"; do
+    for spec in "${specs[@]}"; do
+      b="${spec%%:*}" filt="${spec#*:}"
+      [ "$filt" != "$spec" ] || filt=""
       (
         timeout "${FP8KV_SUITE_LIMIT:-560}" "$san" --tool "$tool" --error-exitcode 9 \
-          "$pack/tests/$b" --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/san-$tool-$b.log" 2>&1
+          "$pack/tests/$b" $filt --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/san-$tool-$b.log" 2>&1
         echo "exit $?" >>"$logs/san-$tool-$b.log"
       ) &
     done
