@@ -12,7 +12,7 @@
 //!
 //! | input | E4M3 code | E5M2 code | f16/bf16 cache |
 //! |---|---|---|---|
-//! | NaN (sign `s`) | `s·0x80 \| 0x7F` (its only NaN) | `s·0x80 \| 0x7E` | NaN |
+//! | NaN (sign `s`) | `s·0x80 \| 0x7F` (its only NaN) | `s·0x80 \| 0x7E` | NaN (payload not kept: CUDA's f32 → bf16 gives `0x7FFF`) |
 //! | +inf / −inf | `0x7E` / `0xFE` (±448, saturated) | `0x7B` / `0xFB` (±57344, saturated) | ±inf |
 //! | finite beyond ±MAX·scale | ±MAX, as ±inf | ±MAX, as ±inf | rounded (f16: ±inf past 65504) |
 //!
