@@ -92,6 +92,36 @@ fn fill_rejects_bad_input_and_accepts_good() {
     let other_batch = DeviceBatch::new(&c, meta(), &other, 4).unwrap();
     let e = fill::fill(&mut cache, &good(), &good(), &other_batch).unwrap_err();
     assert_eq!(variant(&e), "ShapeMismatch", "{e}");
+
+    // `fill_with_stats` runs the same checks before its launch.
+    let mut acc = stats::DeviceKvStats::new(&c);
+    fill::fill_with_stats(&mut cache, &good(), &good(), &batch, &mut acc).unwrap();
+    let bad = [
+        (
+            rows(&c, Dtype::Bf16, 4, 64),
+            good(),
+            &batch,
+            "ShapeMismatch",
+        ),
+        (
+            good(),
+            rows(&c, Dtype::Bf16, 3, 128),
+            &batch,
+            "ShapeMismatch",
+        ),
+        (
+            good(),
+            rows(&c, Dtype::F16, 4, 128),
+            &batch,
+            "UnsupportedDtype",
+        ),
+        (good(), good(), &reads, "InvalidOption"),
+        (good(), good(), &other_batch, "ShapeMismatch"),
+    ];
+    for (k, v, b, want) in bad {
+        let e = fill::fill_with_stats(&mut cache, &k, &v, b, &mut acc).unwrap_err();
+        assert_eq!(variant(&e), want, "fill_with_stats: {e}");
+    }
 }
 
 #[test]
