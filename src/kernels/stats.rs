@@ -141,7 +141,9 @@ impl KvStats {
     }
 }
 
-/// A device accumulator of [`KvStats`]: four `u32`s that [`kv_stats`] updates with atomics.
+/// A device accumulator of [`KvStats`]: four `u32`s that [`kv_stats`] and
+/// [`crate::kernels::fill::fill_with_stats`] update with atomics. It must be used with buffers
+/// of the client it was made on (not checked: CubeCL 0.10 gives clients no identity).
 pub struct DeviceKvStats<R: Runtime> {
     pub(crate) client: ComputeClient<R>,
     pub(crate) handle: Handle,
