@@ -63,6 +63,14 @@ fn side_stats<F: Float, N: Size>(
             }
         }
     }
+    add_side_stats(stats, slot, amax, count);
+}
+
+/// Adds one side's statistics (`slot` 0 = K, 1 = V) of every unit of the warp to `stats`: a
+/// warp reduction, then lane 0's atomics (`stats[slot]` the amax bits, `stats[slot + 2]` the
+/// count), skipped when there is nothing to add. Every lane of the warp must call it.
+#[cube]
+pub(crate) fn add_side_stats(stats: &mut Array<Atomic<u32>>, slot: u32, amax: f32, count: u32) {
     let m = plane_max(amax);
     let c = plane_sum(count);
     if UNIT_POS_PLANE == 0 {

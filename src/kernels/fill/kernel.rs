@@ -7,6 +7,7 @@ use crate::kernels::meta as batch_meta;
 use super::FillConfig;
 use crate::fp8::Fp8Format;
 use crate::kernels::codec::{fp8_quantize, ScaleDiv};
+use crate::kernels::stats::add_side_stats;
 use crate::kernels::CacheGeometry;
 
 /// Writes each sequence's new K and V rows into its cache slots, quantizing on write.
@@ -40,58 +41,22 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
     #[comptime] cfg: FillConfig,
     #[define(F, Q)] _dtypes: [StorageType; 2],
 ) {
-    let b = CUBE_POS_Y;
-    let q_start = batch_meta::q_start(meta, batch, b);
-    let q_len = batch_meta::q_len(meta, batch, b);
-    let kv_len = batch_meta::kv_len(meta, batch, b);
-    let bt_base = batch_meta::block_table_row(batch, max_pages, b);
-    // The new tokens occupy positions [kv_len - q_len, kv_len) of the sequence.
-    let first_pos = kv_len - q_len;
-    if CUBE_POS_Z == 0 {
-        fill_side::<F, Q, N>(
-            k_new,
-            k_cache,
-            meta,
-            q_start,
-            q_len,
-            first_pos,
-            bt_base,
-            k_row_stride,
-            k_scale,
-            k_inv_scale,
-            0.0,
-            cfg.k,
-            cfg.fp8,
-            cfg.k_div,
-            cfg.vec,
-            cfg.unroll,
-            cfg.threads,
-            cfg.rounds,
-            false,
-        );
-    } else {
-        fill_side::<F, Q, N>(
-            v_new,
-            v_cache,
-            meta,
-            q_start,
-            q_len,
-            first_pos,
-            bt_base,
-            v_row_stride,
-            v_scale,
-            v_inv_scale,
-            0.0,
-            cfg.v,
-            cfg.fp8,
-            cfg.v_div,
-            cfg.vec,
-            cfg.unroll,
-            cfg.threads,
-            cfg.rounds,
-            false,
-        );
-    }
+    fill_cube::<F, Q, N>(
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        meta,
+        batch,
+        max_pages,
+        (k_row_stride, v_row_stride),
+        (k_scale, v_scale),
+        (k_inv_scale, v_inv_scale),
+        // Without statistics the limits are never read: the scales stand in.
+        (k_scale, v_scale),
+        cfg,
+        false,
+    );
 }
 
 /// [`fill_kernel`] that also adds the statistics of the rows it writes to `stats`
@@ -101,9 +66,6 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
 /// and at most two atomics per warp.
 ///
 /// The grid, arguments and stores are [`fill_kernel`]'s.
-// The zeros that start `amax` / `count` are overwritten in both branches, but CubeCL needs
-// a mutable variable declared before a runtime branch to assign it there.
-#[allow(unused_assignments)]
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
@@ -126,6 +88,47 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
     #[comptime] cfg: FillConfig,
     #[define(F, Q)] _dtypes: [StorageType; 2],
 ) {
+    let (amax, count) = fill_cube::<F, Q, N>(
+        k_new,
+        v_new,
+        k_cache,
+        v_cache,
+        meta,
+        batch,
+        max_pages,
+        (k_row_stride, v_row_stride),
+        (k_scale, v_scale),
+        (k_inv_scale, v_inv_scale),
+        (k_limit, v_limit),
+        cfg,
+        true,
+    );
+    add_side_stats(stats, CUBE_POS_Z, amax, count);
+}
+
+/// The body of both fill kernels: this cube's side (`CUBE_POS_Z`: 0 = K, 1 = V) of its
+/// sequence (`CUBE_POS_Y`). Each pair is (K, V). With `stats`, returns the unit's amax and
+/// count of `|x| > limit` over the values it wrote, else `(0, 0)`.
+// The zeros that start `amax` / `count` are overwritten in both branches, but CubeCL needs
+// a mutable variable declared before a runtime branch to assign it there.
+#[allow(unused_assignments)]
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn fill_cube<F: Float, Q: Float, N: Size>(
+    k_new: &Array<Vector<F, N>>,
+    v_new: &Array<Vector<F, N>>,
+    k_cache: &mut Array<Vector<Q, N>>,
+    v_cache: &mut Array<Vector<Q, N>>,
+    meta: &Array<i32>,
+    batch: u32,
+    max_pages: u32,
+    row_stride: (u32, u32),
+    scale: (f32, f32),
+    inv_scale: (f32, f32),
+    limit: (f32, f32),
+    #[comptime] cfg: FillConfig,
+    #[comptime] stats: bool,
+) -> (f32, u32) {
     let b = CUBE_POS_Y;
     let q_start = batch_meta::q_start(meta, batch, b);
     let q_len = batch_meta::q_len(meta, batch, b);
@@ -144,10 +147,10 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
             q_len,
             first_pos,
             bt_base,
-            k_row_stride,
-            k_scale,
-            k_inv_scale,
-            k_limit,
+            row_stride.0,
+            scale.0,
+            inv_scale.0,
+            limit.0,
             cfg.k,
             cfg.fp8,
             cfg.k_div,
@@ -155,7 +158,7 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
             cfg.unroll,
             cfg.threads,
             cfg.rounds,
-            true,
+            stats,
         );
         amax = a;
         count = c;
@@ -168,10 +171,10 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
             q_len,
             first_pos,
             bt_base,
-            v_row_stride,
-            v_scale,
-            v_inv_scale,
-            v_limit,
+            row_stride.1,
+            scale.1,
+            inv_scale.1,
+            limit.1,
             cfg.v,
             cfg.fp8,
             cfg.v_div,
@@ -179,22 +182,12 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
             cfg.unroll,
             cfg.threads,
             cfg.rounds,
-            true,
+            stats,
         );
         amax = a;
         count = c;
     }
-    let m = plane_max(amax);
-    let n = plane_sum(count);
-    if UNIT_POS_PLANE == 0 {
-        // Non-negative floats order as their bit patterns: an integer max is a float max.
-        if m > 0.0 {
-            stats[CUBE_POS_Z as usize].fetch_max(u32::reinterpret(m));
-        }
-        if n > 0 {
-            stats[(CUBE_POS_Z + 2) as usize].fetch_add(n);
-        }
-    }
+    (amax, count)
 }
 
 /// One side (K or V) of [`fill_kernel`]: item `i` of the cube is vector `i % vec_per_row` of
