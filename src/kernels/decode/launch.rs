@@ -177,26 +177,151 @@ pub(crate) fn wide_config(
     })
 }
 
+/// What decides one launch's plan: the validated inputs' shape and two facts of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LaunchShape {
+    /// Cache element dtype.
+    pub cache: Dtype,
+    /// Query (and output) dtype.
+    pub act: Dtype,
+    /// K cache geometry.
+    pub k: CacheGeometry,
+    /// V cache geometry.
+    pub v: CacheGeometry,
+    /// Query heads.
+    pub num_heads: usize,
+    /// Packed new tokens (query rows).
+    pub num_tokens: usize,
+    /// Sequences.
+    pub batch: usize,
+    /// Most new tokens of one sequence.
+    pub max_q_len: usize,
+    /// Longest cached sequence.
+    pub max_kv_len: usize,
+    /// SMs the split planner fills.
+    pub sm_count: usize,
+    /// Whether the device has the MMA the tensor-core kernels emit for this cache
+    /// ([`mma_supported`]).
+    pub mma: bool,
+}
+
+impl LaunchShape {
+    /// The shape of one launch on `cache`'s device.
+    pub(crate) fn new<R: Runtime>(
+        cache: &PagedKvCache<R>,
+        batch: &DeviceBatch<R>,
+        act: Dtype,
+        num_heads: usize,
+        num_tokens: usize,
+    ) -> Self {
+        let layout = cache.layout();
+        let meta = batch.meta();
+        let client = cache.client();
+        LaunchShape {
+            cache: cache.dtype(),
+            act,
+            k: CacheGeometry::new(layout, KvSide::K),
+            v: CacheGeometry::new(layout, KvSide::V),
+            num_heads,
+            num_tokens,
+            batch: meta.batch(),
+            max_q_len: meta.max_q_len(),
+            max_kv_len: meta.max_kv_len(),
+            sm_count: client
+                .properties()
+                .hardware
+                .num_streaming_multiprocessors
+                .map_or(DEFAULT_SM_COUNT, |n| n as usize),
+            mma: mma_supported(client, cache.dtype()),
+        }
+    }
+
+    /// Query heads per KV head.
+    fn group(&self) -> usize {
+        self.num_heads / self.k.num_kv_heads as usize
+    }
+}
+
+/// The split kernel of one launch, with its comptime configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SplitKernel {
+    /// `kernel::decode_split_kernel`.
+    CudaCores(DecodeConfig),
+    /// `mma::decode_split_mma_kernel`, default or key-major layout (`MmaConfig::key_major`).
+    TensorCores(MmaConfig),
+    /// `wide::decode_split_wide_kernel` (MLA's 576/512).
+    Wide(MmaConfig),
+}
+
+/// One decode launch, decided once from the validated inputs ([`plan_decode`]): the split
+/// kernel and its configuration, how the rows and the cache are cut, and the workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DecodePlan {
+    /// The split kernel.
+    pub kernel: SplitKernel,
+    /// Query rows per cube.
+    pub rows: usize,
+    /// Row blocks per (sequence, KV head).
+    pub row_blocks: usize,
+    /// Cache splits.
+    pub split: SplitPlan,
+    /// The workspace between the split kernel and the combine.
+    pub workspace: WorkspaceShape,
+}
+
+/// Plans one launch: the kernel `path` asks for (an error where a forced tensor-core kernel
+/// does not apply), rows per cube, the split plan (`SplitPlan::new` over the device's SMs and
+/// the kernel's resident cubes, or the forced split length), the workspace.
+pub(crate) fn plan_decode(
+    s: &LaunchShape,
+    opts: &AttentionOptions,
+    path: KernelPath,
+    split: SplitChoice,
+) -> Result<DecodePlan> {
+    let group = s.group();
+    let max_rows = group * s.max_q_len;
+    let mma = choose_mma(s, opts, path)?;
+    let (rows, row_blocks) = row_blocking_for(mma.as_ref(), max_rows);
+    let kernel = match mma {
+        Some(c) if wide_dims(c.k.head_dim, c.v.head_dim) => SplitKernel::Wide(c),
+        Some(c) => SplitKernel::TensorCores(c),
+        // The CUDA-core kernel's configuration is for its own row blocking (a tensor-core row
+        // block can exceed what it is laid out for).
+        None => SplitKernel::CudaCores(config(s.cache, s.k, s.v, group as u32, rows as u32, opts)),
+    };
+    let split = match split {
+        SplitChoice::Auto => {
+            let base = s.k.num_kv_heads as usize * s.batch * row_blocks;
+            let resident = mma
+                .as_ref()
+                .map_or(TARGET_CUBES_PER_SM, MmaConfig::resident_cubes);
+            SplitPlan::new(base, s.max_kv_len, s.sm_count, resident)
+        }
+        SplitChoice::Tokens(n) => SplitPlan::with_split_tokens(n, s.max_kv_len)?,
+    };
+    Ok(DecodePlan {
+        kernel,
+        rows,
+        row_blocks,
+        split,
+        workspace: WorkspaceShape {
+            num_tokens: s.num_tokens,
+            num_heads: s.num_heads,
+            num_splits: split.num_splits,
+            head_dim_v: s.v.head_dim as usize,
+        },
+    })
+}
+
 /// The tensor-core configuration a launch uses, or `None` for the CUDA-core kernel.
-pub(crate) fn choose_mma<R: Runtime>(
-    cache: &PagedKvCache<R>,
-    act: Dtype,
-    num_heads: usize,
-    max_q_len: usize,
+fn choose_mma(
+    s: &LaunchShape,
     opts: &AttentionOptions,
     path: KernelPath,
 ) -> Result<Option<MmaConfig>> {
-    let layout = cache.layout();
-    let group = num_heads / layout.num_kv_heads();
-    let candidate = mma_config(
-        cache.dtype(),
-        act,
-        CacheGeometry::new(layout, KvSide::K),
-        CacheGeometry::new(layout, KvSide::V),
-        group as u32,
-        group * max_q_len,
-        opts,
-    );
+    let group = s.group();
+    let max_rows = group * s.max_q_len;
+    let candidate = mma_config(s.cache, s.act, s.k, s.v, group as u32, max_rows, opts);
     match path {
         KernelPath::CudaCores => Ok(None),
         KernelPath::TensorCores | KernelPath::TensorCoresKeyMajor => candidate
@@ -207,17 +332,7 @@ pub(crate) fn choose_mma<R: Runtime>(
             .or_else(|| {
                 // Wide heads (MLA) have only a key-major kernel.
                 (path == KernelPath::TensorCoresKeyMajor)
-                    .then(|| {
-                        wide_config(
-                            cache.dtype(),
-                            act,
-                            CacheGeometry::new(layout, KvSide::K),
-                            CacheGeometry::new(layout, KvSide::V),
-                            group as u32,
-                            group * max_q_len,
-                            opts,
-                        )
-                    })
+                    .then(|| wide_config(s.cache, s.act, s.k, s.v, group as u32, max_rows, opts))
                     .flatten()
             })
             .map(Some)
@@ -230,25 +345,22 @@ pub(crate) fn choose_mma<R: Runtime>(
                     } else {
                         "key-major tensor-core"
                     },
-                    layout.head_dim_k(),
-                    layout.head_dim_v(),
-                    cache.dtype(),
-                    act
+                    s.k.head_dim,
+                    s.v.head_dim,
+                    s.cache,
+                    s.act
                 ))
             }),
-        KernelPath::Auto => {
-            let supported = MMA_BY_DEFAULT && mma_supported(cache.client(), cache.dtype());
-            Ok(auto_config(
-                cache.dtype(),
-                act,
-                CacheGeometry::new(layout, KvSide::K),
-                CacheGeometry::new(layout, KvSide::V),
-                group as u32,
-                group * max_q_len,
-                opts,
-                supported,
-            ))
-        }
+        KernelPath::Auto => Ok(auto_config(
+            s.cache,
+            s.act,
+            s.k,
+            s.v,
+            group as u32,
+            max_rows,
+            opts,
+            MMA_BY_DEFAULT && s.mma,
+        )),
     }
 }
 
@@ -307,33 +419,6 @@ pub(crate) fn mma_supported<R: Runtime>(client: &ComputeClient<R>, cache: Dtype)
             && c.b_type == storage_type(mma_type)
             && c.cd_type == storage_type(Dtype::F32)
     })
-}
-
-/// The split plan of one launch.
-pub(crate) fn plan_for<R: Runtime>(
-    cache: &PagedKvCache<R>,
-    batch: &DeviceBatch<R>,
-    num_heads: usize,
-    choice: SplitChoice,
-    mma: Option<&MmaConfig>,
-) -> Result<SplitPlan> {
-    let meta = batch.meta();
-    let group = num_heads / cache.layout().num_kv_heads();
-    let (_, row_blocks) = row_blocking_for(mma, meta.max_q_len() * group);
-    match choice {
-        SplitChoice::Auto => {
-            let sm = cache
-                .client()
-                .properties()
-                .hardware
-                .num_streaming_multiprocessors
-                .map_or(DEFAULT_SM_COUNT, |n| n as usize);
-            let base = cache.layout().num_kv_heads() * meta.batch() * row_blocks;
-            let resident = mma.map_or(TARGET_CUBES_PER_SM, MmaConfig::resident_cubes);
-            Ok(SplitPlan::new(base, meta.max_kv_len(), sm, resident))
-        }
-        SplitChoice::Tokens(n) => SplitPlan::with_split_tokens(n, meta.max_kv_len()),
-    }
 }
 
 /// The comptime configuration for a cache and a row count.
@@ -411,16 +496,13 @@ fn mma_type(cache: Dtype) -> Dtype {
     }
 }
 
-/// Launches the split and combine kernels for validated input.
-#[allow(clippy::too_many_arguments)]
+/// Launches the split and combine kernels of `plan` for validated input.
 pub(crate) fn launch_decode<R: Runtime>(
     q: &DeviceRows<R>,
-    num_heads: usize,
     cache: &PagedKvCache<R>,
     batch: &DeviceBatch<R>,
     opts: &AttentionOptions,
-    plan: SplitPlan,
-    mma: Option<MmaConfig>,
+    plan: &DecodePlan,
     out: &mut DeviceRows<R>,
 ) -> Result<()> {
     let meta = batch.meta();
@@ -442,21 +524,8 @@ pub(crate) fn launch_decode<R: Runtime>(
     );
     let layout = *cache.layout();
     let kv_heads = layout.num_kv_heads();
-    let group = num_heads / kv_heads;
-    let (rows, row_blocks) = row_blocking_for(mma.as_ref(), meta.max_q_len() * group);
+    let num_heads = plan.workspace.num_heads;
     let es = cache.dtype().size_bytes();
-    // The CUDA-core kernel's configuration, for its launch only (the rows of a tensor-core
-    // row block can exceed what it is laid out for).
-    let cuda_config = || {
-        config(
-            cache.dtype(),
-            CacheGeometry::new(&layout, KvSide::K),
-            CacheGeometry::new(&layout, KvSide::V),
-            group as u32,
-            rows as u32,
-            opts,
-        )
-    };
     let (dk, dv) = (layout.head_dim_k(), layout.head_dim_v());
     let fp8 = cache.policy() != QuantPolicy::None;
     let sm_scale = opts.sm_scale.unwrap_or(1.0 / (dk as f32).sqrt());
@@ -467,12 +536,7 @@ pub(crate) fn launch_decode<R: Runtime>(
         (1.0, 1.0)
     };
 
-    let ws = WorkspaceShape {
-        num_tokens,
-        num_heads,
-        num_splits: plan.num_splits,
-        head_dim_v: dv,
-    };
+    let ws = plan.workspace;
     let ws_o = client.empty(ws.o_elems() * 4);
     let ws_md = client.empty(ws.md_elems() * 4);
     let (alibi, alibi_len) = small_f32(&client, opts.alibi_slopes.as_deref(), &ws_md);
@@ -483,9 +547,9 @@ pub(crate) fn launch_decode<R: Runtime>(
         meta.max_pages_per_seq() as u32,
         num_heads as u32,
         q.row_stride() as u32,
-        row_blocks as u32,
-        plan.num_splits as u32,
-        plan.split_tokens as u32,
+        plan.row_blocks as u32,
+        plan.split.num_splits as u32,
+        plan.split.split_tokens as u32,
         k_scale * sm_scale,
         v_scale,
         opts.softcap.unwrap_or(1.0),
@@ -493,9 +557,9 @@ pub(crate) fn launch_decode<R: Runtime>(
     );
     let meta_len = batch.offsets().len;
     let grid = CubeCount::Static(
-        (kv_heads * row_blocks) as u32,
+        (kv_heads * plan.row_blocks) as u32,
         meta.batch() as u32,
-        plan.num_splits as u32,
+        plan.split.num_splits as u32,
     );
     // SAFETY: array lengths are the buffers' real sizes (q and out: `len_elems`, the
     // workspace: the sizes allocated just above, the caches: bytes in use / word or vector
@@ -520,8 +584,8 @@ pub(crate) fn launch_decode<R: Runtime>(
     // every lane piece they read is a whole multiple of its vector and starts at a multiple of
     // it (rows start at multiples of the head dim; see `mma_config`).
     unsafe {
-        if let Some(mcfg) = mma.filter(|m| wide_dims(m.k.head_dim, m.v.head_dim)) {
-            decode_split_wide_kernel::launch_unchecked::<R>(
+        match plan.kernel {
+            SplitKernel::Wide(mcfg) => decode_split_wide_kernel::launch_unchecked::<R>(
                 &client,
                 grid,
                 CubeDim::new_1d(MMA_WARPS * PLANE_LANES),
@@ -536,9 +600,8 @@ pub(crate) fn launch_decode<R: Runtime>(
                 params,
                 mcfg,
                 [act, storage_type(mma_type(cache.dtype()))],
-            );
-        } else if let Some(mcfg) = mma {
-            decode_split_mma_kernel::launch_unchecked::<R>(
+            ),
+            SplitKernel::TensorCores(mcfg) => decode_split_mma_kernel::launch_unchecked::<R>(
                 &client,
                 grid,
                 CubeDim::new_1d(MMA_WARPS * PLANE_LANES),
@@ -553,10 +616,8 @@ pub(crate) fn launch_decode<R: Runtime>(
                 params,
                 mcfg,
                 [act, storage_type(mma_type(cache.dtype()))],
-            );
-        } else {
-            let cfg = cuda_config();
-            decode_split_kernel::launch_unchecked::<R>(
+            ),
+            SplitKernel::CudaCores(cfg) => decode_split_kernel::launch_unchecked::<R>(
                 &client,
                 grid,
                 CubeDim::new_1d(cfg.threads),
@@ -578,7 +639,7 @@ pub(crate) fn launch_decode<R: Runtime>(
                 params,
                 cfg,
                 [act, storage_type(cache.dtype())],
-            );
+            ),
         }
         decode_combine_kernel::launch_unchecked::<R>(
             &client,
@@ -596,7 +657,7 @@ pub(crate) fn launch_decode<R: Runtime>(
             ArrayArg::from_raw_parts(out.handle().clone(), out.len_elems()),
             meta.batch() as u32,
             num_heads as u32,
-            plan.num_splits as u32,
+            plan.split.num_splits as u32,
             dv as u32,
             COMBINE_THREADS,
             MAX_SPLITS as u32,
@@ -825,6 +886,127 @@ mod tests {
         )
         .expect("MLA, group 8");
         assert_eq!((c8.row_tiles, c8.resident_cubes()), (1, 4));
+    }
+
+    /// One launch's shape on a 132-SM device with the MMA: `heads / kv_heads`, head dims,
+    /// page 64, `batch` sequences of `q_len` new and `kv_len` cached tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn shape(
+        cache: Dtype,
+        act: Dtype,
+        heads: usize,
+        kv_heads: usize,
+        (dk, dv): (usize, usize),
+        batch: usize,
+        q_len: usize,
+        kv_len: usize,
+    ) -> LaunchShape {
+        let geom = |d: usize| CacheGeometry {
+            page_size: 64,
+            num_kv_heads: kv_heads as u32,
+            head_dim: d as u32,
+            bhsd: false,
+        };
+        LaunchShape {
+            cache,
+            act,
+            k: geom(dk),
+            v: geom(dv),
+            num_heads: heads,
+            num_tokens: batch * q_len,
+            batch,
+            max_q_len: q_len,
+            max_kv_len: kv_len,
+            sm_count: 132,
+            mma: true,
+        }
+    }
+
+    /// Shapes → plans: the kernel, its rows per cube and the split plan, decided in one place
+    /// (hand-derived expectations: the measured winner per class, `SplitPlan`'s one-wave
+    /// choices worked out in `key_major_counts_the_cubes_its_registers_allow`).
+    #[test]
+    fn plans_for_a_table_of_shapes() {
+        let opts = AttentionOptions::default();
+        let auto = |s: &LaunchShape| plan_decode(s, &opts, KernelPath::Auto, SplitChoice::Auto);
+        let llama = shape(Dtype::E4m3, Dtype::Bf16, 32, 8, (128, 128), 1, 1, 32768);
+
+        // Llama-3-8B, batch 1 × 32k, e4m3: key-major, one 8-row tile, 4 resident cubes, so
+        // 64 splits of 512 tokens in one wave; the workspace holds every split.
+        let p = auto(&llama).unwrap();
+        let SplitKernel::TensorCores(c) = p.kernel else {
+            panic!("{:?}", p.kernel)
+        };
+        assert!(c.key_major);
+        assert_eq!((p.rows, p.row_blocks), (8, 1));
+        assert_eq!((p.split.num_splits, p.split.split_tokens), (64, 512));
+        assert_eq!(p.workspace.num_splits, 64);
+        assert_eq!((p.workspace.num_tokens, p.workspace.num_heads), (1, 32));
+        assert_eq!(p.workspace.head_dim_v, 128);
+
+        // Forcing the default layout: 3 resident cubes, 704-token splits.
+        let p = plan_decode(&llama, &opts, KernelPath::TensorCores, SplitChoice::Auto).unwrap();
+        assert!(matches!(p.kernel, SplitKernel::TensorCores(c) if !c.key_major));
+        assert_eq!(p.split.split_tokens, 704);
+
+        // The bf16 cache keeps the default tensor-core kernel.
+        let bf16 = LaunchShape {
+            cache: Dtype::Bf16,
+            ..llama
+        };
+        assert!(matches!(auto(&bf16).unwrap().kernel, SplitKernel::TensorCores(c) if !c.key_major));
+
+        // A 4-token speculative step: 16 rows per KV head, two row tiles, default layout.
+        let spec = shape(Dtype::E4m3, Dtype::Bf16, 32, 8, (128, 128), 32, 4, 4096);
+        let p = auto(&spec).unwrap();
+        assert!(
+            matches!(p.kernel, SplitKernel::TensorCores(c) if !c.key_major && c.row_tiles == 2)
+        );
+        assert_eq!((p.rows, p.row_blocks), (16, 1));
+        assert_eq!(p.workspace.num_tokens, 128);
+
+        // SmolLM2 (9/3, d64): key-major; Llama-3.2-1B (32/8, d64): default.
+        let smol = shape(Dtype::E4m3, Dtype::Bf16, 9, 3, (64, 64), 32, 1, 8192);
+        assert!(matches!(auto(&smol).unwrap().kernel, SplitKernel::TensorCores(c) if c.key_major));
+        let l1b = shape(Dtype::E4m3, Dtype::Bf16, 32, 8, (64, 64), 32, 1, 8192);
+        assert!(matches!(auto(&l1b).unwrap().kernel, SplitKernel::TensorCores(c) if !c.key_major));
+
+        // MLA: the wide kernel (16 rows, two row tiles); with f32 queries, CUDA cores.
+        let mla = shape(Dtype::E4m3, Dtype::Bf16, 16, 1, (576, 512), 4, 1, 2000);
+        let p = auto(&mla).unwrap();
+        assert!(matches!(p.kernel, SplitKernel::Wide(c) if c.key_major));
+        assert_eq!((p.rows, p.row_blocks), (16, 1));
+        assert_eq!(p.workspace.head_dim_v, 512);
+        let mla_f32 = LaunchShape {
+            act: Dtype::F32,
+            ..mla
+        };
+        let p = auto(&mla_f32).unwrap();
+        let SplitKernel::CudaCores(cfg) = p.kernel else {
+            panic!("{:?}", p.kernel)
+        };
+        assert_eq!(cfg.rows as usize, p.rows);
+        assert!(p.rows * p.row_blocks >= 16);
+
+        // No MMA on the device: CUDA cores; a forced tensor-core path on a head dim it does not
+        // take: an error, not a fallback.
+        let no_mma = LaunchShape {
+            mma: false,
+            ..llama
+        };
+        assert!(matches!(
+            auto(&no_mma).unwrap().kernel,
+            SplitKernel::CudaCores(_)
+        ));
+        let d80 = shape(Dtype::E4m3, Dtype::Bf16, 28, 4, (80, 80), 2, 1, 100);
+        let e = plan_decode(&d80, &opts, KernelPath::TensorCores, SplitChoice::Auto).unwrap_err();
+        assert!(matches!(e, Fp8KvError::InvalidOption(_)), "{e}");
+
+        // A forced split length: ceil(1000 / 64) = 16 splits of 64 tokens.
+        let short = shape(Dtype::E4m3, Dtype::Bf16, 32, 8, (128, 128), 3, 1, 1000);
+        let p = plan_decode(&short, &opts, KernelPath::Auto, SplitChoice::Tokens(64)).unwrap();
+        assert_eq!((p.split.num_splits, p.split.split_tokens), (16, 64));
+        assert_eq!(p.workspace.num_splits, 16);
     }
 
     #[test]

@@ -39,8 +39,6 @@ use cubecl::Runtime;
 
 pub use crate::reference::AttentionOptions;
 pub use plan::KernelPath;
-#[cfg(not(feature = "internals"))]
-use plan::WorkspaceShape;
 #[cfg(feature = "internals")]
 pub use plan::{SplitPlan, SplitState, WorkspaceShape};
 
@@ -240,33 +238,18 @@ pub fn paged_decode_path<R: Runtime>(
         layout.cache_elems(KvSide::V) * cache.dtype().size_bytes() / 16,
     )?;
     too_big("q", q.len_elems())?;
-    let mma = launch::choose_mma(
-        cache,
-        q.dtype(),
-        num_heads,
-        batch.meta().max_q_len(),
-        opts,
-        path,
-    )?;
-    if mma.is_some_and(|m| wide::wide_dims(m.k.head_dim, m.v.head_dim)) {
+    // Every decision about the launch, made once (kernel, configuration, splits, workspace).
+    let shape = launch::LaunchShape::new(cache, batch, q.dtype(), num_heads, num_tokens);
+    let plan = launch::plan_decode(&shape, opts, path, split)?;
+    if let launch::SplitKernel::Wide(_) = plan.kernel {
         // The wide kernel also reads K as 32-bit words.
         too_big(
             "K cache (in 4-byte words)",
             layout.cache_elems(KvSide::K) * cache.dtype().size_bytes() / 4,
         )?;
     }
-    let plan = launch::plan_for(cache, batch, num_heads, split, mma.as_ref())?;
-    too_big(
-        "workspace",
-        WorkspaceShape {
-            num_tokens,
-            num_heads,
-            num_splits: plan.num_splits,
-            head_dim_v: dv,
-        }
-        .o_elems(),
-    )?;
-    launch::launch_decode(q, num_heads, cache, batch, opts, plan, mma, out)
+    too_big("workspace", plan.workspace.o_elems())?;
+    launch::launch_decode(q, cache, batch, opts, &plan, out)
 }
 
 /// A cache geometry for the applicability predicates, which do not depend on the page size,
