@@ -184,7 +184,8 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #                                         .xfer*/part if needed, its tests, the demo with --speed
 #   bash gpu-pack/run.sh suite [BIN..]    every test binary (or those named) as its own process,
 #                                         all at once (kernel compilation, not the GPU, bounds
-#                                         the suite's time), logs in $OUT, one summary line
+#                                         the suite's time; gpu_decode as one process per kernel
+#                                         path), logs in $OUT, one summary line
 #   bash gpu-pack/run.sh sanitize [BIN[:FILTER]..] compute-sanitizer memcheck, racecheck and
 #                                         initcheck over the GPU test binaries (default: a list
 #                                         that reaches every kernel and path), every (tool,
@@ -297,16 +298,35 @@ suite)
   if [ "${#bins[@]}" -eq 0 ]; then
     for b in "$pack"/tests/*; do bins+=("$(basename "$b")"); done
   fi
+  # gpu_decode checks its cases once per split kernel and alone took 491 s: one process per
+  # kernel path (label|binary|FP8KV_DECODE_TEST_PATHS|filters); the CUDA-core process also
+  # runs the tests that take no path, the others only the four that run every path.
+  per_path="gpu_decode_matches_reference_on_every_case gpu_decode_many_splits_merge_exactly"
+  per_path="$per_path gpu_decode_queries_beyond_f16_range gpu_decode_options_with_fp8"
+  jobs=()
   for b in "${bins[@]}"; do
+    if [ "$b" = gpu_decode ] && [ -z "${FP8KV_DECODE_TEST_PATHS:-}" ]; then
+      jobs+=("gpu_decode.cuda|gpu_decode|cuda|" "gpu_decode.tensor|gpu_decode|tensor|$per_path"
+        "gpu_decode.key-major|gpu_decode|key-major|$per_path")
+    else
+      jobs+=("$b|$b|${FP8KV_DECODE_TEST_PATHS:-}|")
+    fi
+  done
+  for j in "${jobs[@]}"; do
+    IFS='|' read -r label b paths filt <<<"$j"
     (
       t0=$(date +%s)
-      timeout "${FP8KV_SUITE_LIMIT:-560}" "$pack/tests/$b" --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/$b.log" 2>&1
-      echo "exit $? after $(($(date +%s) - t0)) s" >>"$logs/$b.log"
+      # $filt is a list of libtest name filters: split on purpose.
+      # shellcheck disable=SC2086
+      FP8KV_DECODE_TEST_PATHS="$paths" timeout "${FP8KV_SUITE_LIMIT:-560}" "$pack/tests/$b" $filt \
+        --test-threads="${FP8KV_TEST_THREADS:-4}" >"$logs/$label.log" 2>&1
+      echo "exit $? after $(($(date +%s) - t0)) s" >>"$logs/$label.log"
     ) &
   done
   wait
   passed=0 failed=0
-  for b in "${bins[@]}"; do
+  for j in "${jobs[@]}"; do
+    b="${j%%|*}"
     read -r p f < <(awk '/^test result:/ {
         for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i }
       } END { print p + 0, f + 0 }' "$logs/$b.log")
