@@ -2,7 +2,8 @@
 //! whole fill table and on [`DECODE_CASES`] of the decode table, `Fusion<CubeBackend>`, i.e.
 //! `burn_cuda::Cuda` with Burn's default features, on [`FUSED_CASES`]) equals the direct
 //! entry-point path bit for bit; a fill into a
-//! 1 GiB cache allocates no second cache. Skips visibly without CUDA (`FP8KV_REQUIRE_GPU=1`
+//! 1 GiB cache allocates no second cache; Burn's pitched activations (d80 f16) are copied
+//! exactly before a kernel reads them. Skips visibly without CUDA (`FP8KV_REQUIRE_GPU=1`
 //! fails instead).
 
 #![cfg(feature = "burn")]
@@ -633,4 +634,45 @@ fn gpu_burn_policy_none_and_fp8_caches_report_their_dtype_and_size() {
         assert_eq!(cache.size_bytes(), bytes * 2 * 4 * 16 * 2 * 64);
         assert_eq!(cache.to_host().unwrap().k.len(), bytes * 4 * 16 * 2 * 64);
     }
+}
+
+/// Burn's CUDA allocator gives a new `[n, heads, dim]` tensor rows padded to a power-of-two
+/// pitch of at most 256 bytes: at d80 f16, 160 bytes of values in each 256-byte row. The
+/// adapter's kernels need each token's `[heads, dim]` block packed, so it copies such a tensor
+/// with Burn's `into_contiguous` first (`src/burn/cube.rs`). This pins both facts with no fp8kv
+/// code involved: the strides are pitched, and Burn's copy is exact. Run alone under
+/// compute-sanitizer's initcheck, it is the reproducer of the finding in `tests/README.md`:
+/// CubeCL's checked reads clamp an out-of-range index to the buffer's last element, which lies
+/// in the last row's padding, never written, and discard the value.
+#[test]
+fn gpu_burn_pitched_activations_are_copied_exactly() {
+    let Some(_client) =
+        common::gpu::client_or_skip("gpu_burn_pitched_activations_are_copied_exactly")
+    else {
+        return;
+    };
+    let device = CudaDevice::new(0);
+    let (n, heads, dim) = (3, 7, 80);
+    let mut rng = fp8kv::testing::Rng::new(0x9172);
+    let vals: Vec<f32> = (0..n * heads * dim).map(|_| rng.normal() as f32).collect();
+    let t = Tensor::<Cube, 3>::from_data(
+        TensorData::new(vals.clone(), [n, heads, dim]),
+        (&device, DType::F16),
+    );
+    let prim = t.into_primitive().tensor();
+    assert_eq!(
+        prim.meta.strides().to_vec(),
+        vec![heads * 128, 128, 1],
+        "Burn no longer pitches d80 f16 rows to 256 bytes: the adapter's copy may be unneeded"
+    );
+    let packed = burn_cubecl::kernel::into_contiguous(prim);
+    assert_eq!(packed.meta.strides().to_vec(), vec![heads * dim, dim, 1]);
+    let got = bits(Tensor::<Cube, 3>::from_primitive(
+        burn_tensor::TensorPrimitive::Float(packed),
+    ));
+    let want: Vec<u32> = vals
+        .iter()
+        .map(|&x| u32::from(half::f16::from_f32(x).to_bits()))
+        .collect();
+    assert_eq!(got, want, "Burn's into_contiguous changed values");
 }

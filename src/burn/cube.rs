@@ -48,7 +48,10 @@ fn library_cache<F: FloatElement, I: IntElement, BT: BoolElement>(
 
 /// `[rows, heads, dim]` activations as library rows: the tensor's own buffer when each row's
 /// `[heads, dim]` block is contiguous (any row stride, e.g. a slice of a fused QKV output),
-/// otherwise a contiguous copy.
+/// otherwise a contiguous copy. Burn's CUDA allocator pads each innermost row of a new tensor
+/// to a power-of-two pitch of at most 256 bytes, so head dims whose rows are not a multiple of
+/// that (d80 and d96 in f16/bf16, the MLA dims) arrive with a head stride of the pitch and take
+/// the copy (`gpu_burn_pitched_activations_are_copied_exactly` pins this).
 fn rows(t: CubeTensor<CudaRuntime>) -> Result<DeviceRows<CudaRuntime>> {
     let dtype = activation_dtype("activation", t.dtype)?;
     let [n, heads, dim] = t.meta.shape().dims::<3>();
