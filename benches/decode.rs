@@ -16,11 +16,13 @@
 //! 8192, SmolLM2 also 128 × 8192; e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
-//! with `--split-tokens N` at that split length instead of the planned one.
+//! with `--split-tokens N` at that split length instead of the planned one and `--model NAME`
+//! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`).
 //! `--key-major` runs every tensor-core shape of any mode on the experimental key-major kernel
 //! (`KernelPath::TensorCoresKeyMajor`, which includes the wide MLA kernel) instead of the
-//! default path; `-- --bench --ab` compares it with the default kernel shape by shape (the
-//! target shapes and the model catalogue).
+//! default path; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
+//! class of Auto's table (the tensor-core kernel, or CUDA cores at the MLA dims) and prints
+//! Auto's pick.
 //! `-- --bench --burn` compares decode through the Burn extension (`CubeBackend` and
 //! `Fusion<CubeBackend>`, what `burn_cuda::Cuda` is by default) with the direct entry point at
 //! batch 32 × 4096 (e4m3, bf16 queries): device time (the Burn path must add no device work)
@@ -32,7 +34,8 @@ use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::{
-    key_major_applies_to, paged_decode_path, AttentionOptions, KernelPath, SplitChoice,
+    auto_path, key_major_applies_to, paged_decode_path, tensor_cores_apply_to, AttentionOptions,
+    KernelPath, SplitChoice,
 };
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
@@ -641,8 +644,24 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
             },
             None => SplitChoice::Auto,
         };
+        // `--model NAME`: a catalogue model's heads and dims instead of Llama-3-8B's.
+        let model = match args.iter().position(|a| a == "--model") {
+            Some(at) => {
+                let name = args.get(at + 1).map_or("", String::as_str);
+                match CATALOGUE.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
+                    Some(m) => *m,
+                    None => {
+                        let names: Vec<_> = CATALOGUE.iter().map(|m| m.name).collect();
+                        println!("--model wants one of {names:?}");
+                        return;
+                    }
+                }
+            }
+            None => LLAMA3_8B,
+        };
         let shape = Shape {
             split,
+            model,
             ..Shape::e4m3(batch, context, 64)
         };
         if let Err(err) = bench_shape(&client, &shape, copy) {
@@ -681,31 +700,41 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         return;
     }
     if std::env::args().any(|a| a == "--ab") {
-        // The key-major kernel against the default one (the tensor-core kernel; CUDA cores for
-        // the MLA dims, where the key-major path runs the wide kernel), same shapes, same run.
-        let ab = |a: Shape| {
-            let b = Shape {
-                path: KernelPath::Auto,
-                ..a
+        // Per shape class of Auto's table: the key-major kernel (the wide one at the MLA dims)
+        // against the other kernel for that shape (the default tensor-core kernel where it
+        // applies, CUDA cores otherwise), same shapes, same run, and which one Auto picks.
+        let ab = |s: Shape| {
+            let m = s.model;
+            let (dk, dv, group) = (m.head_dim_k, m.head_dim_v, m.heads / m.kv_heads);
+            let Ok(cache) = s.policy.cache_dtype(Dtype::Bf16) else {
+                return;
             };
+            let other = if tensor_cores_apply_to(cache, Dtype::Bf16, dk, dv, group, 1) {
+                KernelPath::TensorCores
+            } else {
+                KernelPath::CudaCores
+            };
+            let auto = auto_path(&client, cache, Dtype::Bf16, dk, dv, group, 1);
             let a = Shape {
                 path: KernelPath::TensorCoresKeyMajor,
-                ..b
+                ..s
             };
-            // A B A B: read the second pair (the first measurement of a shape in a process
-            // ran slow before the caches held data; the first pair shows what order effect
-            // is left).
+            let b = Shape { path: other, ..a };
+            // A B A B: read the second pair (the first measurement in a process can run
+            // slow; the first pair shows what order effect is left).
+            bench_ratio(&client, copy, &a, &b, "key-major / other (first pass)", "");
             bench_ratio(
                 &client,
                 copy,
                 &a,
                 &b,
-                "key-major / default (first pass)",
-                "",
+                "key-major / other",
+                &format!("  (Auto picks {auto:?})"),
             );
-            bench_ratio(&client, copy, &a, &b, "key-major / default", "");
         };
-        for (batch, context) in [(1, 32768), (32, 4096), (32, 32768), (128, 32768)] {
+        // 128 × 32768 is the class of 32 × 32768 (its bf16 cache alone is 17 GB of host
+        // pattern to upload): left out.
+        for (batch, context) in [(1, 32768), (32, 4096), (32, 32768)] {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
                 ab(Shape {
                     policy,
@@ -713,12 +742,15 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
                 });
             }
         }
-        for model in CATALOGUE {
-            let group = model.heads / model.kv_heads;
-            let (dk, dv) = (model.head_dim_k, model.head_dim_v);
-            if key_major_applies_to(Dtype::E4m3, Dtype::Bf16, dk, dv, group, 1) {
+        for model in CATALOGUE.iter().skip(1) {
+            for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
+                // The bf16 cache at d64 only: the other dims' bf16 class is measured above.
+                if policy == QuantPolicy::None && model.head_dim_k != 64 {
+                    continue;
+                }
                 ab(Shape {
-                    model,
+                    model: *model,
+                    policy,
                     ..Shape::e4m3(32, 8192, 64)
                 });
             }
