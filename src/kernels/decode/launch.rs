@@ -372,8 +372,9 @@ fn choose_mma(
 /// |---|---|---|
 /// | FP8 cache, head dim 128 or 256, one row tile | key-major | d128 0.89–0.93, d256 0.87 |
 /// | FP8 cache, head dim 64, group ≤ 3, one row tile | key-major | SmolLM2 9/3: 47.6 / 65.2 µs = 0.73 |
-/// | FP8 cache, head dim 64, group ≥ 4 | default tensor-core | Llama-3.2-1B 32/8: 1.157 |
-/// | f16/bf16 cache | default tensor-core | bf16 d128, batch 1: 1.053 |
+/// | FP8 cache, head dim 64, group ≥ 4 | default tensor-core | Llama-3.2-1B 32/8: 1.094–1.157 |
+/// | f16/bf16 cache, head dim 64, group ≤ 3, one row tile | key-major | SmolLM2 9/3: 0.876 (twice) |
+/// | other f16/bf16 caches | default tensor-core | bf16 d128: 0.983–1.053; d64 32/8: 1.114 |
 /// | two row tiles (group × new tokens > 8) | default tensor-core | not measured on key-major |
 /// | MLA 576/512, one-part query | wide (key-major family) | 137 / 1739 µs = 0.079 |
 /// | everything else (f32 queries, other head dims), or no MMA | CUDA cores | |
@@ -393,9 +394,10 @@ pub(crate) fn auto_config(
     }
     match mma_config(cache, act, k, v, group, max_rows, opts) {
         Some(c) => {
-            let key_major = cache.fp8_format().is_some()
-                && c.row_tiles == 1
-                && (k.head_dim >= 128 || group <= 3);
+            // Small groups at d64 on any cache; d128/d256 only on FP8 caches.
+            let small_d64 = k.head_dim == 64 && group <= 3;
+            let fp8_wide = cache.fp8_format().is_some() && k.head_dim >= 128;
+            let key_major = c.row_tiles == 1 && (small_d64 || fp8_wide);
             Some(MmaConfig { key_major, ..c })
         }
         None => wide_config(cache, act, k, v, group, max_rows, opts),
@@ -970,6 +972,13 @@ mod tests {
         assert!(matches!(auto(&smol).unwrap().kernel, SplitKernel::TensorCores(c) if c.key_major));
         let l1b = shape(Dtype::E4m3, Dtype::Bf16, 32, 8, (64, 64), 32, 1, 8192);
         assert!(matches!(auto(&l1b).unwrap().kernel, SplitKernel::TensorCores(c) if !c.key_major));
+        let smol_bf16 = LaunchShape {
+            cache: Dtype::Bf16,
+            ..smol
+        };
+        assert!(
+            matches!(auto(&smol_bf16).unwrap().kernel, SplitKernel::TensorCores(c) if c.key_major)
+        );
 
         // MLA: the wide kernel (16 rows, two row tiles); with f32 queries, CUDA cores.
         let mla = shape(Dtype::E4m3, Dtype::Bf16, 16, 1, (576, 512), 4, 1, 2000);

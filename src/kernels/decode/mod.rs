@@ -568,7 +568,9 @@ mod tests {
             (E4m3, Bf16, 64, 64, 3, 1, true, KeyMajor),   // SmolLM2
             (E4m3, Bf16, 64, 64, 4, 1, true, TensorCores), // Llama-3.2-1B
             (Bf16, Bf16, 128, 128, 4, 1, true, TensorCores),
-            (F16, F16, 64, 64, 3, 1, true, TensorCores),
+            (F16, F16, 64, 64, 3, 1, true, KeyMajor), // SmolLM2, unquantized
+            (Bf16, Bf16, 64, 64, 4, 1, true, TensorCores),
+            (Bf16, Bf16, 64, 64, 3, 3, true, TensorCores), // 9 rows: two tiles
             (E4m3, Bf16, 576, 512, 16, 1, true, KeyMajor), // MLA: the wide kernel
             (Bf16, Bf16, 576, 512, 16, 1, true, KeyMajor),
             (E4m3, F32, 576, 512, 16, 1, true, CudaCores),

@@ -23,8 +23,9 @@ pub const SPLIT_OVERHEAD_TOKENS: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelPath {
     /// The launcher decides: the kernel measured fastest for the shape class (key-major for
-    /// FP8 caches at head dim 128/256 and at 64 with small groups, the wide kernel for MLA, the
-    /// default tensor-core kernel for f16/bf16 caches, CUDA cores where no MMA kernel applies;
+    /// FP8 caches at head dim 128/256 and for any cache at 64 with small groups, the wide kernel
+    /// for MLA, the default tensor-core kernel for other f16/bf16 caches, CUDA cores where no MMA
+    /// kernel applies;
     /// `super::auto_path` and ARCHITECTURE.md have the table).
     #[default]
     Auto,
