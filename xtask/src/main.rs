@@ -87,3 +87,35 @@ fn run_ci(root: &Path) -> Result<(), String> {
         .then_some(())
         .ok_or_else(|| format!(".ci/run failed ({status})"))
 }
+
+/// CI's codegen and emulation steps as ignored tests of this binary. `.ci/run` runs them with
+/// `cargo test --workspace --release --bins -- --ignored`, which reuses the test step's build:
+/// `cargo xtask` builds with `-p xtask`, where the features fp8kv's dev-dependencies enable on
+/// shared crates are off, so it recompiled about 30 crates (about 270 s of CI).
+#[cfg(test)]
+mod ci_steps {
+    fn check(step: &str, result: Result<(), String>) {
+        if let Err(e) = result {
+            panic!("{step}: {e}");
+        }
+    }
+
+    #[test]
+    #[ignore = "a CI step: `.ci/run` runs it (`cargo xtask codegen --ptx`)"]
+    fn ci_step_codegen_ptx() {
+        let args = ["--ptx".to_string()];
+        check(
+            "codegen --ptx",
+            super::codegen::run(&args, &super::workspace_root()),
+        );
+    }
+
+    #[test]
+    #[ignore = "a CI step: `.ci/run` runs it (`cargo xtask emulate`)"]
+    fn ci_step_emulate() {
+        check(
+            "emulate",
+            super::emulate::run(&[], &super::workspace_root()),
+        );
+    }
+}
