@@ -370,7 +370,7 @@ fn choose_mma(
 ///
 /// | shape class | kernel | measured |
 /// |---|---|---|
-/// | FP8 cache, head dim 128 or 256, one row tile | key-major | d128 0.89–0.93, d256 0.87 |
+/// | FP8 cache, head dim 128 or 256, one row tile | key-major | d128 0.85–0.97 (one run 1.03), d256 0.87 |
 /// | FP8 cache, head dim 64, group ≤ 3, one row tile | key-major | SmolLM2 9/3: 47.6 / 65.2 µs = 0.73 |
 /// | FP8 cache, head dim 64, group ≥ 4 | default tensor-core | Llama-3.2-1B 32/8: 1.094–1.157 |
 /// | f16/bf16 cache, head dim 64, group ≤ 3, one row tile | key-major | SmolLM2 9/3: 0.876 (twice) |
