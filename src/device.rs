@@ -23,6 +23,7 @@
 //! tensors on the device and wraps existing handles with the `from_handle` constructors.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Mutex};
 
 use cubecl::client::ComputeClient;
 use cubecl::cuda::{CudaDevice, CudaRuntime};
@@ -345,16 +346,23 @@ pub fn check_batch_buffer_len(batch: usize, max_pages_per_seq: usize) -> Result<
     }
 }
 
+/// A scratch buffer and its size in bytes.
+type ScratchBuffer = (usize, Handle);
+
 /// One engine step's [`BatchMetadata`], validated against a layout and uploaded once into one
 /// `i32` buffer (sections in [`BatchOffsets`]). Every layer's kernels of that step reuse it.
-/// Cloning shares the device buffer.
+/// Cloning shares the device buffer, the host copy and the decode scratch (no copy per op:
+/// the fused backend clones the batch into every operation it records).
 pub struct DeviceBatch<R: Runtime> {
-    meta: BatchMetadata,
+    meta: Arc<BatchMetadata>,
     layout: PagedKvLayout,
     num_tokens: Option<usize>,
-    kv_start_loc: Vec<usize>,
+    kv_start_loc: Arc<[usize]>,
     offsets: BatchOffsets,
     handle: Handle,
+    // Decode's split-K workspace, allocated by the step's first decode call and reused by the
+    // others (every layer of a step has the same shape): `(bytes, buffer)` per slot.
+    scratch: Arc<Mutex<[Option<ScratchBuffer>; 2]>>,
     _runtime: std::marker::PhantomData<R>,
 }
 
@@ -362,12 +370,13 @@ pub struct DeviceBatch<R: Runtime> {
 impl<R: Runtime> Clone for DeviceBatch<R> {
     fn clone(&self) -> Self {
         DeviceBatch {
-            meta: self.meta.clone(),
+            meta: Arc::clone(&self.meta),
             layout: self.layout,
             num_tokens: self.num_tokens,
-            kv_start_loc: self.kv_start_loc.clone(),
+            kv_start_loc: Arc::clone(&self.kv_start_loc),
             offsets: self.offsets,
             handle: self.handle.clone(),
+            scratch: Arc::clone(&self.scratch),
             _runtime: std::marker::PhantomData,
         }
     }
@@ -433,13 +442,32 @@ impl<R: Runtime> DeviceBatch<R> {
         debug_assert_eq!(buf.len(), offsets.len);
         let handle = client.create_from_slice(bytemuck::cast_slice(&buf));
         DeviceBatch {
-            meta,
+            meta: Arc::new(meta),
             layout: *layout,
             num_tokens,
-            kv_start_loc,
+            kv_start_loc: kv_start_loc.into(),
             offsets,
             handle,
+            scratch: Arc::default(),
             _runtime: std::marker::PhantomData,
+        }
+    }
+
+    /// Scratch buffer `slot` (0 or 1) of at least `bytes`, shared by every clone of this batch:
+    /// allocated on first use (or when a call needs more), then reused. Kernels that use it
+    /// run in stream order, so one call's use ends before the next call's launch starts.
+    pub(crate) fn scratch(&self, client: &ComputeClient<R>, slot: usize, bytes: usize) -> Handle {
+        let mut scratch = self
+            .scratch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &scratch[slot] {
+            Some((have, h)) if *have >= bytes => h.clone(),
+            _ => {
+                let h = client.empty(bytes.max(4));
+                scratch[slot] = Some((bytes, h.clone()));
+                h
+            }
         }
     }
 
@@ -660,6 +688,10 @@ impl<R: Runtime> DeviceRows<R> {
     /// The buffer.
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+    /// The client the buffer belongs to.
+    pub fn client(&self) -> &ComputeClient<R> {
+        &self.client
     }
     /// The buffer, giving up the struct (to hand it to another owner, e.g. a Burn tensor).
     pub fn into_handle(self) -> Handle {

@@ -539,8 +539,9 @@ pub(crate) fn launch_decode<R: Runtime>(
     };
 
     let ws = plan.workspace;
-    let ws_o = client.empty(ws.o_elems() * 4);
-    let ws_md = client.empty(ws.md_elems() * 4);
+    // Allocated by the step's first decode call, reused by every layer after it.
+    let ws_o = batch.scratch(&client, 0, ws.o_elems() * 4);
+    let ws_md = batch.scratch(&client, 1, ws.md_elems() * 4);
     let (alibi, alibi_len) = small_f32(&client, opts.alibi_slopes.as_deref(), &ws_md);
     let (sinks, sinks_len) = small_f32(&client, opts.sinks.as_deref(), &ws_md);
     let act = storage_type(q.dtype());
