@@ -14,10 +14,10 @@ mod common;
 
 use burn_ndarray::NdArray;
 use burn_tensor::DType;
-use fp8kv::burn::PagedKvBackend;
 use fp8kv::model::engine::{logits_rows, Engine};
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
+use fp8kv::model::layer::LayerBackend;
 use fp8kv::model::llama::Llama;
 use fp8kv::Dtype;
 use serde_json::Value;
@@ -64,7 +64,7 @@ fn engine(gguf: &Gguf, policy: &str) -> Engine<B> {
 }
 
 /// An engine on backend `Q`: activations `act`, the unquantized cache in `unquantized`.
-fn engine_on<Q: PagedKvBackend>(
+fn engine_on<Q: LayerBackend>(
     gguf: &Gguf,
     policy: &str,
     act: DType,
@@ -108,7 +108,7 @@ fn floats(v: &Value) -> Vec<f64> {
 }
 
 /// Every position's logits of `tokens` in one prefill step.
-fn prefill_logits<Q: PagedKvBackend>(e: &mut Engine<Q>, tokens: &[u32]) -> Vec<Vec<f32>> {
+fn prefill_logits<Q: LayerBackend>(e: &mut Engine<Q>, tokens: &[u32]) -> Vec<Vec<f32>> {
     e.prefill_chunk = tokens.len();
     let id = e.add(tokens.to_vec()).unwrap();
     let (hidden, _) = e.step(&[id]).unwrap();
@@ -161,7 +161,7 @@ fn gpu_bf16_logits_match_llama_cpp_within_its_tolerance() {
 
 /// Every fixture sequence's logits in one prefill: within the fixture's stated tolerance of
 /// llama.cpp and within `numpy_tol` of numpy f32, the same top-1 where llama.cpp is sure.
-fn check_logits<Q: PagedKvBackend>(e: &mut Engine<Q>, what: &str, numpy_tol: f64) {
+fn check_logits<Q: LayerBackend>(e: &mut Engine<Q>, what: &str, numpy_tol: f64) {
     let fx = fixture();
     let tol = fx["tolerance"]["stated"].as_f64().unwrap();
     let (mut worst_cpp, mut worst_np, mut checked_top1) = (0f64, 0f64, 0);
@@ -239,7 +239,7 @@ fn gpu_bf16_greedy_continuation_matches_llama_cpp_until_its_first_low_margin_ste
 
 /// Each fixture prompt's greedy continuation equals llama.cpp's up to its first step whose
 /// margin is within the stated tolerance; every page returns to the pool.
-fn check_greedy<Q: PagedKvBackend>(e: &mut Engine<Q>, policy: &str) {
+fn check_greedy<Q: LayerBackend>(e: &mut Engine<Q>, policy: &str) {
     let fx = fixture();
     let tol = fx["tolerance"]["stated"].as_f64().unwrap();
     for gr in fx["greedy"].as_array().unwrap() {

@@ -249,6 +249,7 @@ impl KvCacheConfig {
 pub struct KvBatch<B: PagedKvBackend> {
     layout: PagedKvLayout,
     num_tokens: Option<usize>,
+    max_kv_len: usize,
     kv_start_loc: Vec<usize>,
     device: B::Device,
     primitive: B::KvBatchPrimitive,
@@ -282,10 +283,12 @@ impl<B: PagedKvBackend> KvBatch<B> {
         device: &B::Device,
     ) -> Result<Self> {
         let kv_start_loc = crate::reference::flatten_start_loc(&meta);
+        let max_kv_len = meta.max_kv_len();
         let primitive = B::kv_batch(meta, layout, num_tokens, device)?;
         Ok(KvBatch {
             layout: *layout,
             num_tokens,
+            max_kv_len,
             kv_start_loc,
             device: device.clone(),
             primitive,
@@ -295,6 +298,10 @@ impl<B: PagedKvBackend> KvBatch<B> {
     /// The packed new-token count (`None` for [`Self::for_reads`]).
     pub fn num_tokens(&self) -> Option<usize> {
         self.num_tokens
+    }
+    /// The longest sequence's cached tokens after the step (its last position + 1).
+    pub fn max_kv_len(&self) -> usize {
+        self.max_kv_len
     }
     /// Sequences in the batch.
     pub fn batch(&self) -> usize {

@@ -7,6 +7,7 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{Tensor, TensorData};
 
 use super::error::{ModelError, Result};
+use super::layer::LayerBackend;
 use super::llama::{Attend, KvStats, Llama, SeqSpan, Step};
 use crate::burn::{KvBatch, KvCache, KvCacheConfig, PagedKvBackend};
 use crate::layout::BatchMetadata;
@@ -74,7 +75,7 @@ pub struct Sequence {
 }
 
 /// A model, one cache per layer, a page pool and the live sequences.
-pub struct Engine<B: PagedKvBackend> {
+pub struct Engine<B: LayerBackend> {
     /// The model.
     pub model: Llama<B>,
     caches: Vec<KvCache<B>>,
@@ -88,7 +89,7 @@ pub struct Engine<B: PagedKvBackend> {
     pub kv_stats: Option<Vec<KvStats>>,
 }
 
-impl<B: PagedKvBackend> Engine<B> {
+impl<B: LayerBackend> Engine<B> {
     /// An engine with a `policy` cache (`"none"`, `"fp8"`, ...) of `num_pages` pages of
     /// `page_size` tokens per layer.
     pub fn new(model: Llama<B>, policy: &str, num_pages: usize, page_size: usize) -> Result<Self> {
@@ -351,12 +352,18 @@ impl<B: PagedKvBackend> Engine<B> {
             if last.is_empty() {
                 continue; // a prefill chunk that did not reach any prompt's end
             }
-            let idx: Vec<i64> = last.iter().map(|&(r, _)| r as i64).collect();
-            let idx = Tensor::<B, 1, burn_tensor::Int>::from_data(
-                TensorData::new(idx, [last.len()]),
-                self.model.device(),
-            );
-            let next = argmax_rows(self.model.logits(hidden.select(0, idx)))?;
+            // Every row is a last row in decode steps: no gather then.
+            let hidden = if last.len() == rows.len() {
+                hidden
+            } else {
+                let idx: Vec<i64> = last.iter().map(|&(r, _)| r as i64).collect();
+                let idx = Tensor::<B, 1, burn_tensor::Int>::from_data(
+                    TensorData::new(idx, [last.len()]),
+                    self.model.device(),
+                );
+                hidden.select(0, idx)
+            };
+            let next = argmax_rows(self.model.logits_act(hidden))?;
             for (&(_, id), &tok) in last.iter().zip(&next) {
                 let i = ids.iter().position(|&x| x == id).expect("own sequence");
                 out[i].push(tok);

@@ -7,12 +7,15 @@
 //! [`causal_attention`] (prefill chunks), so prefill attends to the same dequantized values
 //! decode will read. Every number (heads, dims, RoPE base, eps) comes from the GGUF.
 
-use burn_tensor::activation::silu;
+use std::sync::Mutex;
+
 use burn_tensor::backend::Backend;
 use burn_tensor::{DType, Int, Tensor, TensorData};
 
 use super::error::{ModelError, Result};
 use super::gguf::{Gguf, LlamaConfig};
+use super::layer::ops::{add_rms_norm, rms_norm, rope_qkv, swiglu};
+use super::layer::{LayerBackend, QkvHeads, RopeTable, RopeTableTensor};
 use crate::burn::{
     causal_attention, AttentionOptions, FlattenLayout, KvBatch, KvCache, KvCacheConfig,
     PagedKvBackend,
@@ -20,16 +23,15 @@ use crate::burn::{
 use crate::layout::{KvLayoutKind, PagedKvLayout};
 
 /// One transformer block's weights; projections stored `[in, out]` so `x.matmul(w)` applies
-/// them.
+/// them, Q|K|V and gate|up concatenated along `out` once at load (one matmul each).
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    wq: Tensor<B, 2>,
-    wk: Tensor<B, 2>,
-    wv: Tensor<B, 2>,
+    /// `[hidden, (heads + 2 kv_heads) · head_dim]`.
+    wqkv: Tensor<B, 2>,
     wo: Tensor<B, 2>,
     ffn_norm: Tensor<B, 1>,
-    w_gate: Tensor<B, 2>,
-    w_up: Tensor<B, 2>,
+    /// `[hidden, 2 · feed_forward_length]`: gate then up.
+    w_gate_up: Tensor<B, 2>,
     w_down: Tensor<B, 2>,
 }
 
@@ -111,34 +113,52 @@ pub struct Llama<B: Backend> {
     blocks: Vec<Block<B>>,
     out_norm: Tensor<B, 1>,
     lm_head: Tensor<B, 2>,
+    /// RoPE angles for positions `0..positions()`, grown (doubled) when a step goes past them.
+    rope: Mutex<RopeTableTensor<B>>,
 }
 
-/// A GGUF matrix (`[ne0 = in, ne1 = out]`, `in` contiguous) as a `[in, out]` tensor.
-fn matrix<B: Backend>(
+/// GGUF matrices (`[ne0 = in, ne1 = out]`, `in` contiguous, all of one `in`) as one `[in,
+/// Σ out]` tensor, their columns side by side in order: one upload, one matmul.
+fn matrices<B: Backend>(
     gguf: &Gguf,
-    name: &str,
+    names: &[String],
     act: DType,
     device: &B::Device,
 ) -> Result<Tensor<B, 2>> {
-    let t = gguf.tensor_f32(name)?;
-    let [cols, rows] = match t.shape[..] {
-        [a, b] => [a, b],
-        _ => {
-            return Err(ModelError::BadTensor {
-                tensor: name.into(),
-                reason: format!("expected 2 dimensions, got {:?}", t.shape),
-            })
-        }
-    };
-    // Row-major [out, in] in the file; transpose on the host once so matmuls read [in, out].
-    let mut data = vec![0f32; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = t.data[r * cols + c];
+    let mut parts = Vec::with_capacity(names.len());
+    for name in names {
+        let t = gguf.tensor_f32(name)?;
+        match t.shape[..] {
+            [cols, rows] => parts.push((cols, rows, t.data)),
+            _ => {
+                return Err(ModelError::BadTensor {
+                    tensor: name.clone(),
+                    reason: format!("expected 2 dimensions, got {:?}", t.shape),
+                })
+            }
         }
     }
+    let cols = parts[0].0;
+    if let Some((i, p)) = parts.iter().enumerate().find(|(_, p)| p.0 != cols) {
+        return Err(ModelError::BadTensor {
+            tensor: names[i].clone(),
+            reason: format!("input size {} differs from {}'s {cols}", p.0, names[0]),
+        });
+    }
+    let width: usize = parts.iter().map(|p| p.1).sum();
+    // Row-major [out, in] in the file; transposed on the host once so matmuls read [in, out].
+    let mut data = vec![0f32; cols * width];
+    let mut at = 0;
+    for (_, rows, src) in &parts {
+        for r in 0..*rows {
+            for c in 0..cols {
+                data[c * width + at + r] = src[r * cols + c];
+            }
+        }
+        at += rows;
+    }
     Ok(Tensor::from_data(
-        TensorData::new(data, [cols, rows]),
+        TensorData::new(data, [cols, width]),
         (device, act),
     ))
 }
@@ -153,15 +173,7 @@ fn vector<B: Backend>(gguf: &Gguf, name: &str, device: &B::Device) -> Result<Ten
     ))
 }
 
-/// RMSNorm in f32: `x / sqrt(mean(x²) + eps) * w`, back in `x`'s dtype.
-fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 1>, eps: f32) -> Tensor<B, 2> {
-    let dtype = x.dtype();
-    let x = x.cast(DType::F32);
-    let inv = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
-    (x * inv * w.clone().unsqueeze_dim::<2>(0)).cast(dtype)
-}
-
-impl<B: PagedKvBackend> Llama<B> {
+impl<B: LayerBackend> Llama<B> {
     /// Loads every weight (dequantized to f32, then cast to `act`: f32, f16 or bf16) onto
     /// `device`.
     pub fn load(gguf: &Gguf, act: DType, device: &B::Device) -> Result<Self> {
@@ -180,26 +192,28 @@ impl<B: PagedKvBackend> Llama<B> {
             Tensor::<B, 2>::from_data(TensorData::new(emb.data, [vocab, hidden]), (device, act));
         // Tied output projection (no `output.weight` in this file): logits = x · Eᵀ.
         let lm_head = if gguf.tensor_info("output.weight").is_ok() {
-            matrix::<B>(gguf, "output.weight", act, device)?
+            matrices::<B>(gguf, &["output.weight".into()], act, device)?
         } else {
             embedding.clone().transpose()
         };
         let blocks = (0..config.block_count)
             .map(|i| {
-                let m = |w: &str| matrix::<B>(gguf, &format!("blk.{i}.{w}.weight"), act, device);
+                let m = |ws: &[&str]| {
+                    let names: Vec<String> =
+                        ws.iter().map(|w| format!("blk.{i}.{w}.weight")).collect();
+                    matrices::<B>(gguf, &names, act, device)
+                };
                 Ok(Block {
                     attn_norm: vector::<B>(gguf, &format!("blk.{i}.attn_norm.weight"), device)?,
-                    wq: m("attn_q")?,
-                    wk: m("attn_k")?,
-                    wv: m("attn_v")?,
-                    wo: m("attn_output")?,
+                    wqkv: m(&["attn_q", "attn_k", "attn_v"])?,
+                    wo: m(&["attn_output"])?,
                     ffn_norm: vector::<B>(gguf, &format!("blk.{i}.ffn_norm.weight"), device)?,
-                    w_gate: m("ffn_gate")?,
-                    w_up: m("ffn_up")?,
-                    w_down: m("ffn_down")?,
+                    w_gate_up: m(&["ffn_gate", "ffn_up"])?,
+                    w_down: m(&["ffn_down"])?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
+        let rope = Self::rope_table(&config, config.context_length.max(1), device)?;
         Ok(Llama {
             config,
             act,
@@ -208,7 +222,38 @@ impl<B: PagedKvBackend> Llama<B> {
             blocks,
             out_norm: vector::<B>(gguf, "output_norm.weight", device)?,
             lm_head,
+            rope: Mutex::new(rope),
         })
+    }
+
+    /// The RoPE table of `config` for `positions` positions, uploaded to `device`.
+    fn rope_table(
+        config: &LlamaConfig,
+        positions: usize,
+        device: &B::Device,
+    ) -> Result<RopeTableTensor<B>> {
+        let d = config.head_dim();
+        let table = RopeTable::new(
+            config.rope_freq_base as f64,
+            d,
+            config.rope_dimension_count.min(d),
+            positions,
+        )?;
+        Ok(RopeTableTensor::new(&table, device))
+    }
+
+    /// The RoPE table, covering at least `positions` positions (doubled when a step goes
+    /// past it: a new upload once per doubling, not per step).
+    fn rope_for(&self, positions: usize) -> Result<RopeTableTensor<B>> {
+        let mut table = self
+            .rope
+            .lock()
+            .map_err(|_| ModelError::Request("the RoPE table's lock was poisoned".into()))?;
+        if table.positions() < positions {
+            let grown = positions.max(2 * table.positions());
+            *table = Self::rope_table(&self.config, grown, &self.device)?;
+        }
+        Ok(table.clone())
     }
 
     /// The hyperparameters.
@@ -252,46 +297,6 @@ impl<B: PagedKvBackend> Llama<B> {
             .with_unquantized(unq)?)
     }
 
-    /// RoPE tables `(cos, sin)`, `[n, 1, d/2, 1]` f32, for these positions: angle
-    /// `pos · base^(−2i/d)` for the pair `(2i, 2i + 1)`. Built once per step, shared by the
-    /// layers (each upload is host work on the decode path).
-    fn rope_tables(&self, positions: &[usize]) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let (n, d) = (positions.len(), self.config.head_dim());
-        let half = d / 2;
-        let base = self.config.rope_freq_base as f64;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for &p in positions {
-            for i in 0..half {
-                let angle = p as f64 * base.powf(-2.0 * i as f64 / d as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let table = |v: Vec<f32>| {
-            Tensor::<B, 4>::from_data(
-                TensorData::new(v, [n, 1, half, 1]),
-                (&self.device, DType::F32),
-            )
-        };
-        (table(cos), table(sin))
-    }
-
-    /// RoPE as llama.cpp applies it to GGUF's permuted Q/K weights: dimensions `(2i, 2i + 1)`
-    /// of each head rotate together (in f32; `tables` from [`Self::rope_tables`]).
-    fn rope(x: Tensor<B, 3>, tables: &(Tensor<B, 4>, Tensor<B, 4>)) -> Tensor<B, 3> {
-        let [n, h, d] = x.dims();
-        let half = d / 2;
-        let (cos, sin) = tables;
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32).reshape([n, h, half, 2]);
-        let x0 = x.clone().slice([0..n, 0..h, 0..half, 0..1]);
-        let x1 = x.slice([0..n, 0..h, 0..half, 1..2]);
-        let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
-        let r1 = x0 * sin.clone() + x1 * cos.clone();
-        Tensor::cat(vec![r0, r1], 3).reshape([n, h, d]).cast(dtype)
-    }
-
     /// One engine step over `step.tokens` (packed, `step.positions[i]` the position of
     /// `step.tokens[i]` in its sequence): writes their K/V into `caches` (one per layer) and returns the final hidden
     /// states `[num_tokens, hidden]` (normalised; apply [`Self::logits`] to the rows you need).
@@ -326,22 +331,25 @@ impl<B: PagedKvBackend> Llama<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
         let mut x = self.embedding.clone().select(0, ids);
         let opts = AttentionOptions::default();
-        let tables = self.rope_tables(positions);
+        let table = self.rope_for(batch.max_kv_len())?;
+        let heads = QkvHeads {
+            q_heads: c.head_count,
+            kv_heads: c.head_count_kv,
+            head_dim: d,
+        };
+        let eps = c.rms_norm_eps;
+        // The MLP output of the block before, added to the residual stream by the next norm.
+        let mut pending: Option<Tensor<B, 2>> = None;
         for (l, (block, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
-            let h = rms_norm(x.clone(), &block.attn_norm, c.rms_norm_eps);
-            let q = Self::rope(
-                h.clone()
-                    .matmul(block.wq.clone())
-                    .reshape([n, c.head_count, d]),
-                &tables,
-            );
-            let k = Self::rope(
-                h.clone()
-                    .matmul(block.wk.clone())
-                    .reshape([n, c.head_count_kv, d]),
-                &tables,
-            );
-            let v = h.matmul(block.wv.clone()).reshape([n, c.head_count_kv, d]);
+            let h = match pending.take() {
+                None => rms_norm(x.clone(), &block.attn_norm, eps)?,
+                Some(mlp) => {
+                    let (sum, h) = add_rms_norm(x, mlp, &block.attn_norm, eps)?;
+                    x = sum;
+                    h
+                }
+            };
+            let (q, k, v) = rope_qkv(h.matmul(block.wqkv.clone()), batch, &table, heads)?;
             if let Some(s) = stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
                 s.add(&k, &v);
             }
@@ -363,16 +371,25 @@ impl<B: PagedKvBackend> Llama<B> {
                     Tensor::cat(outs, 0)
                 }
             };
-            x = x + attn.reshape([n, c.head_count * d]).matmul(block.wo.clone());
-            let h = rms_norm(x.clone(), &block.ffn_norm, c.rms_norm_eps);
-            let mlp = silu(h.clone().matmul(block.w_gate.clone())) * h.matmul(block.w_up.clone());
-            x = x + mlp.matmul(block.w_down.clone());
+            let o = attn.reshape([n, c.head_count * d]).matmul(block.wo.clone());
+            let (sum, h) = add_rms_norm(x, o, &block.ffn_norm, eps)?;
+            x = sum;
+            pending = Some(swiglu(h.matmul(block.w_gate_up.clone()))?.matmul(block.w_down.clone()));
         }
-        Ok(rms_norm(x, &self.out_norm, c.rms_norm_eps))
+        Ok(match pending {
+            Some(mlp) => add_rms_norm(x, mlp, &self.out_norm, eps)?.1,
+            None => rms_norm(x, &self.out_norm, eps)?,
+        })
     }
 
     /// Logits `[rows, vocab]` in f32 of final hidden states.
     pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.lm_head.clone()).cast(DType::F32)
+        self.logits_act(hidden).cast(DType::F32)
+    }
+
+    /// Logits `[rows, vocab]` in the activation dtype (what a greedy argmax needs: no cast
+    /// launch).
+    pub fn logits_act(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        hidden.matmul(self.lm_head.clone())
     }
 }

@@ -27,6 +27,7 @@ pub mod engine;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod layer;
 pub mod llama;
 pub mod tokenizer;
 

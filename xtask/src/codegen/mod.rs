@@ -54,6 +54,10 @@ fn families() -> Vec<Family> {
             name: "decode",
             launch: |c| hook(fp8kv::kernels::decode::launch_codegen_samples(c)),
         },
+        Family {
+            name: "layer",
+            launch: |c| hook(fp8kv::model::layer::launch_codegen_samples(c)),
+        },
     ]
 }
 

@@ -1,0 +1,238 @@
+//! `#[cube]` kernels of one transformer block outside attention: RMSNorm (with the residual
+//! add fused in), SwiGLU, and RoPE on a fused QKV output. Each replaces a chain of Burn ops
+//! (9 to 11 launches each) by one launch; the launchers are in `launch.rs`, the checks in
+//! `mod.rs`.
+
+use cubecl::prelude::*;
+
+use crate::kernels::meta as batch_meta;
+
+/// Rows one cube normalises: one warp (plane) per row.
+pub(crate) const NORM_ROWS_PER_CUBE: u32 = 8;
+/// Lanes of a plane (the norm's row reduction is one `plane_sum`).
+pub(crate) const LANES: u32 = 32;
+/// Threads per cube of the elementwise kernels (SwiGLU, RoPE).
+pub(crate) const THREADS: u32 = 256;
+
+/// `Σ x²` of one row, `x = a (+ b)` rounded to `F` first (what the residual stream stores),
+/// over this lane's elements `lane, lane + 32, ...`; reduced over the plane. The row starts at
+/// `a_base` in `a` and `b_base` in `b`.
+#[cube]
+fn row_sum_squares<F: Float>(
+    a: &Array<F>,
+    b: &Array<F>,
+    a_base: u32,
+    b_base: u32,
+    #[comptime] hidden: u32,
+    #[comptime] add: bool,
+) -> f32 {
+    let lane = UNIT_POS_X;
+    let mut acc = 0.0f32;
+    #[unroll]
+    for j in 0..comptime![hidden.div_ceil(LANES)] {
+        let i = lane + j * LANES;
+        if i < hidden {
+            let x = residual::<F>(a, b, a_base + i, b_base + i, add);
+            acc += x * x;
+        }
+    }
+    plane_sum(acc)
+}
+
+/// One element of the residual stream as f32: `a[i]`, or `RN_F(a[i] + b[j])` with `add`.
+#[cube]
+fn residual<F: Float>(a: &Array<F>, b: &Array<F>, i: u32, j: u32, #[comptime] add: bool) -> f32 {
+    if comptime![add] {
+        f32::cast_from(F::cast_from(
+            f32::cast_from(a[i as usize]) + f32::cast_from(b[j as usize]),
+        ))
+    } else {
+        f32::cast_from(a[i as usize])
+    }
+}
+
+/// RMSNorm of `rows` rows of `hidden` values: `out = x / sqrt(mean(x²) + eps) · w`, in f32,
+/// rounded to `F`.
+///
+/// Grid `(ceil(rows / 8), 1, 1)`, cube `(32, 8, 1)`: plane `UNIT_POS_Y` of cube `c` owns row
+/// `8c + UNIT_POS_Y`. `x`: `[rows, hidden]` at row stride `x_stride`; `out`: `[rows, hidden]`
+/// contiguous; `w`: `[hidden]` f32.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rms_norm_kernel<F: Float>(
+    x: &Array<F>,
+    w: &Array<f32>,
+    out: &mut Array<F>,
+    rows: u32,
+    x_stride: u32,
+    eps: f32,
+    #[comptime] hidden: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * NORM_ROWS_PER_CUBE + UNIT_POS_Y;
+    // The whole plane leaves together, so the plane_sum below sees all 32 lanes.
+    if row < rows {
+        let base = row * x_stride;
+        let ss = row_sum_squares::<F>(x, x, base, base, hidden, false);
+        let inv = (ss / comptime![hidden as f32] + eps).sqrt().recip();
+        #[unroll]
+        for j in 0..comptime![hidden.div_ceil(LANES)] {
+            let i = UNIT_POS_X + j * LANES;
+            if i < hidden {
+                let v = f32::cast_from(x[(base + i) as usize]);
+                out[(row * hidden + i) as usize] = F::cast_from(v * inv * w[i as usize]);
+            }
+        }
+    }
+}
+
+/// [`rms_norm_kernel`] of the residual stream after an add: `sum = RN_F(x + r)` is written
+/// (the new residual stream) and `out = RMSNorm(sum) · w`. Grid and cube as there; `x`, `r`:
+/// `[rows, hidden]` at row strides `x_stride`, `r_stride`; `sum`, `out`: `[rows, hidden]`
+/// contiguous.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm_kernel<F: Float>(
+    x: &Array<F>,
+    r: &Array<F>,
+    w: &Array<f32>,
+    sum: &mut Array<F>,
+    out: &mut Array<F>,
+    rows: u32,
+    x_stride: u32,
+    r_stride: u32,
+    eps: f32,
+    #[comptime] hidden: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X * NORM_ROWS_PER_CUBE + UNIT_POS_Y;
+    if row < rows {
+        let xb = row * x_stride;
+        let rb = row * r_stride;
+        let ss = row_sum_squares::<F>(x, r, xb, rb, hidden, true);
+        let inv = (ss / comptime![hidden as f32] + eps).sqrt().recip();
+        #[unroll]
+        for j in 0..comptime![hidden.div_ceil(LANES)] {
+            let i = UNIT_POS_X + j * LANES;
+            if i < hidden {
+                let v = residual::<F>(x, r, xb + i, rb + i, true);
+                let o = row * hidden + i;
+                sum[o as usize] = F::cast_from(v);
+                out[o as usize] = F::cast_from(v * inv * w[i as usize]);
+            }
+        }
+    }
+}
+
+/// SwiGLU of a fused gate|up projection: `out[t, j] = silu(gu[t, j]) · gu[t, ff + j]`,
+/// `silu(g) = g / (1 + exp(−g))`, in f32, rounded to `F`.
+///
+/// Grid `(ceil(rows · ff / 256), 1, 1)`, cube `(256, 1, 1)`, one output element per thread.
+/// `gu`: `[rows, 2 ff]` at row stride `gu_stride`; `out`: `[rows, ff]` contiguous.
+#[cube(launch_unchecked)]
+pub(crate) fn swiglu_kernel<F: Float>(
+    gu: &Array<F>,
+    out: &mut Array<F>,
+    total: u32,
+    gu_stride: u32,
+    #[comptime] ff: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = CUBE_POS_X * THREADS + UNIT_POS_X;
+    if idx < total {
+        let row = idx / ff;
+        let j = idx % ff;
+        let g = f32::cast_from(gu[(row * gu_stride + j) as usize]);
+        let u = f32::cast_from(gu[(row * gu_stride + ff + j) as usize]);
+        out[idx as usize] = F::cast_from(g / (1.0 + (-g).exp()) * u);
+    }
+}
+
+/// Heads and dims of a fused QKV row `[q_heads + 2 kv_heads, head_dim]`: comptime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct RopeDims {
+    /// Query heads.
+    pub q_heads: u32,
+    /// KV heads.
+    pub kv_heads: u32,
+    /// Elements per head.
+    pub head_dim: u32,
+    /// Rotated pairs per head (`rope_dims / 2`); the pairs after them pass through.
+    pub pairs: u32,
+}
+
+/// RoPE on a fused QKV output, split into contiguous Q, K and V (the pairing of GGUF's
+/// permuted Llama weights: dimensions `2i` and `2i + 1` of a head rotate together):
+/// `(x₀, x₁) → (x₀ c − x₁ s, x₀ s + x₁ c)` in f32 with `(c, s) = table[pos, i]`, rounded to
+/// `F`; V is copied. Sequence `b`'s new token `i` (row `q_start_loc[b] + i`) has position
+/// `kv_seqlens[b] − q_seq_length[b] + i`, from the step's metadata.
+///
+/// Grid `(ceil(max_q_len · units / 256), batch, 1)`, cube `(256, 1, 1)`; a unit is one pair
+/// of a Q or K head or two elements of V (`units = (q_heads + kv_heads) · head_dim / 2 +
+/// kv_heads · head_dim / 2` per row). Rows of no sequence are not written.
+///
+/// - `qkv`: `[rows, row_stride]`, row `t` holds `[q_heads + 2 kv_heads, head_dim]`;
+/// - `meta`: the [`crate::device::DeviceBatch`] buffer (`batch` sequences);
+/// - `table`: `[positions, head_dim]` f32, `(cos, sin)` of pair `i` at `2i, 2i + 1`;
+/// - `q`, `k`, `v`: `[rows, q_heads · head_dim]`, `[rows, kv_heads · head_dim]` (twice).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_qkv_kernel<F: Float>(
+    qkv: &Array<F>,
+    meta: &Array<i32>,
+    table: &Array<f32>,
+    q: &mut Array<F>,
+    k: &mut Array<F>,
+    v: &mut Array<F>,
+    batch: u32,
+    row_stride: u32,
+    #[comptime] dims: RopeDims,
+    #[define(F)] _dtype: StorageType,
+) {
+    let b = CUBE_POS_Y;
+    let q_start = batch_meta::q_start(meta, batch, b);
+    let q_len = batch_meta::q_len(meta, batch, b);
+    let first_pos = batch_meta::kv_len(meta, batch, b) - q_len;
+    let d = dims.head_dim;
+    let half = comptime![dims.head_dim / 2];
+    let rot_units = comptime![(dims.q_heads + dims.kv_heads) * dims.head_dim / 2];
+    let units = comptime![(dims.q_heads + 2 * dims.kv_heads) * dims.head_dim / 2];
+    let item = CUBE_POS_X * THREADS + UNIT_POS_X;
+    let i = item / units;
+    if i < q_len {
+        let u = item % units;
+        let row = q_start + i;
+        let src = row * row_stride + 2 * u;
+        let x0 = qkv[src as usize];
+        let x1 = qkv[(src + 1) as usize];
+        let head = u / half;
+        let pair = u % half;
+        if u < rot_units {
+            let mut y0 = x0;
+            let mut y1 = x1;
+            if pair < dims.pairs {
+                let at = ((first_pos + i) * d + 2 * pair) as usize;
+                let c = table[at];
+                let s = table[at + 1];
+                let a0 = f32::cast_from(x0);
+                let a1 = f32::cast_from(x1);
+                y0 = F::cast_from(a0 * c - a1 * s);
+                y1 = F::cast_from(a0 * s + a1 * c);
+            }
+            if head < dims.q_heads {
+                let dst = row * comptime![dims.q_heads * dims.head_dim] + 2 * u;
+                q[dst as usize] = y0;
+                q[(dst + 1) as usize] = y1;
+            } else {
+                let dst = row * comptime![dims.kv_heads * dims.head_dim]
+                    + 2 * (u - comptime![dims.q_heads * dims.head_dim / 2]);
+                k[dst as usize] = y0;
+                k[(dst + 1) as usize] = y1;
+            }
+        } else {
+            let dst = row * comptime![dims.kv_heads * dims.head_dim] + 2 * (u - rot_units);
+            v[dst as usize] = x0;
+            v[(dst + 1) as usize] = x1;
+        }
+    }
+}

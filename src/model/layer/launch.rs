@@ -1,0 +1,157 @@
+//! Launchers of the block kernels (`kernel.rs`): assume input checked by `mod.rs`, pick the
+//! grid and the comptime settings.
+//!
+//! Comptime (JIT key): the activation dtype, the hidden size (norms), the MLP width (SwiGLU),
+//! the heads and dims of a QKV row (RoPE). Runtime: rows, eps, the batch, row strides.
+
+use cubecl::prelude::*;
+
+use super::kernel::{
+    add_rms_norm_kernel, rms_norm_kernel, rope_qkv_kernel, swiglu_kernel, RopeDims, LANES,
+    NORM_ROWS_PER_CUBE, THREADS,
+};
+use crate::device::{storage_type, DeviceBatch, DeviceRows};
+use crate::kernels::array_len;
+
+fn arg<R: Runtime>(rows: &DeviceRows<R>) -> ArrayArg<R> {
+    let es = rows.dtype().size_bytes();
+    // SAFETY: the length is the buffer's real size in elements.
+    unsafe { ArrayArg::from_raw_parts(rows.handle().clone(), array_len(rows.handle(), es)) }
+}
+
+fn norm_grid(rows: usize) -> (CubeCount, CubeDim) {
+    (
+        CubeCount::Static(rows.div_ceil(NORM_ROWS_PER_CUBE as usize) as u32, 1, 1),
+        CubeDim::new_2d(LANES, NORM_ROWS_PER_CUBE),
+    )
+}
+
+/// [`super::rms_norm`] (`r` = `None`) or [`super::add_rms_norm`].
+pub(crate) fn launch_norm<R: Runtime>(
+    x: &DeviceRows<R>,
+    r: Option<(&DeviceRows<R>, &mut DeviceRows<R>)>,
+    w: &DeviceRows<R>,
+    eps: f32,
+    out: &mut DeviceRows<R>,
+) {
+    let rows = x.rows();
+    if rows == 0 {
+        return;
+    }
+    let client = out.client().clone();
+    let (count, dim) = norm_grid(rows);
+    let hidden = x.row_elems() as u32;
+    let dtype = storage_type(x.dtype());
+    // SAFETY: `mod.rs` checked that x and r are `rows` rows of `hidden` elements at their
+    // row strides (the `DeviceRows` constructors: the buffers cover them), sum and out
+    // `rows` contiguous rows, all of one dtype, `w` `hidden` f32s, and every buffer below
+    // `u32::MAX` elements; the kernel's indices are `row * stride + i` with `row < rows`,
+    // `i < hidden` (and `i` into `w`).
+    match r {
+        None => unsafe {
+            rms_norm_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                dim,
+                arg(x),
+                arg(w),
+                arg(out),
+                rows as u32,
+                x.row_stride() as u32,
+                eps,
+                hidden,
+                dtype,
+            )
+        },
+        Some((r, sum)) => unsafe {
+            add_rms_norm_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                dim,
+                arg(x),
+                arg(r),
+                arg(w),
+                arg(sum),
+                arg(out),
+                rows as u32,
+                x.row_stride() as u32,
+                r.row_stride() as u32,
+                eps,
+                hidden,
+                dtype,
+            )
+        },
+    }
+}
+
+/// [`super::swiglu`].
+pub(crate) fn launch_swiglu<R: Runtime>(gu: &DeviceRows<R>, out: &mut DeviceRows<R>) {
+    let total = out.rows() * out.row_elems();
+    if total == 0 {
+        return;
+    }
+    let client = out.client().clone();
+    // SAFETY: `mod.rs` checked gu as `rows` rows of `2 ff` at its stride, out as `rows`
+    // contiguous rows of `ff`, one dtype, both below `u32::MAX` elements; the kernel reads
+    // `row · gu_stride + j (+ ff)` and writes `idx < total = rows · ff`.
+    unsafe {
+        swiglu_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(total.div_ceil(THREADS as usize) as u32, 1, 1),
+            CubeDim::new_1d(THREADS),
+            arg(gu),
+            arg(out),
+            total as u32,
+            gu.row_stride() as u32,
+            out.row_elems() as u32,
+            storage_type(out.dtype()),
+        )
+    }
+}
+
+/// [`super::rope_qkv`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn launch_rope<R: Runtime>(
+    qkv: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+    table: &DeviceRows<R>,
+    dims: RopeDims,
+    q: &mut DeviceRows<R>,
+    k: &mut DeviceRows<R>,
+    v: &mut DeviceRows<R>,
+) {
+    let meta = batch.meta();
+    let max_q = meta.max_q_len();
+    if meta.batch() == 0 || max_q == 0 {
+        return;
+    }
+    let units = ((dims.q_heads + 2 * dims.kv_heads) * dims.head_dim / 2) as usize;
+    let client = q.client().clone();
+    // SAFETY: `mod.rs` checked, before this launch: the batch was validated for writing
+    // `qkv.rows()` tokens (`DeviceBatch::new`: every sequence's rows `q_start + i < rows`,
+    // `q_len <= kv_len`), the table has a row for every position `kv_len - q_len + i <
+    // kv_len <= table rows`, qkv rows hold `(q_heads + 2 kv_heads) head_dim` elements at
+    // `row_stride`, the outputs are contiguous `rows` rows of their heads, and every buffer
+    // is below `u32::MAX` elements.
+    unsafe {
+        rope_qkv_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(
+                (max_q * units).div_ceil(THREADS as usize) as u32,
+                meta.batch() as u32,
+                1,
+            ),
+            CubeDim::new_1d(THREADS),
+            arg(qkv),
+            ArrayArg::from_raw_parts(batch.handle().clone(), batch.offsets().len),
+            arg(table),
+            arg(q),
+            arg(k),
+            arg(v),
+            meta.batch() as u32,
+            qkv.row_stride() as u32,
+            dims,
+            storage_type(qkv.dtype()),
+        )
+    }
+}

@@ -1,0 +1,369 @@
+//! One launch for each piece of a Llama block outside attention and the matmuls:
+//!
+//! - [`rms_norm`] / [`add_rms_norm`]: RMSNorm, with the residual add before it fused in (the
+//!   new residual stream is written too);
+//! - [`swiglu`]: `silu(gate) · up` of a fused gate|up projection;
+//! - [`rope_qkv`]: RoPE on a fused QKV projection, positions from the step's [`DeviceBatch`],
+//!   split into contiguous Q, K and V.
+//!
+//! Each replaces a chain of 9–11 Burn ops (and as many launches). The functions here check
+//! their inputs and return [`crate::Result`]; `launch.rs` picks the grid, `kernel.rs` computes.
+//! [`reference`] holds the f64 CPU definitions the GPU tests compare with (and that the
+//! NdArray backend runs); [`LayerBackend`] puts all of it on Burn tensors.
+
+pub(crate) mod kernel;
+mod launch;
+pub mod ops;
+pub mod reference;
+
+use cubecl::prelude::Runtime;
+
+pub use ops::{LayerBackend, RopeTableTensor};
+
+use crate::device::{DeviceBatch, DeviceRows};
+use crate::error::{check_limit, Fp8KvError, Result};
+use crate::policy::Dtype;
+use kernel::RopeDims;
+
+/// RoPE angles as a table: row `pos` holds `(cos θ, sin θ)` of pair `i` at `2i, 2i + 1`,
+/// `θ = pos · base^(−2i / rope_dims)`, computed in f64 and rounded to f32 once (the kernels,
+/// the reference and every backend read the same numbers).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeTable {
+    positions: usize,
+    head_dim: usize,
+    rope_dims: usize,
+    values: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The table for positions `0..positions` of heads of `head_dim`, the first `rope_dims`
+    /// dimensions rotated (even, at most `head_dim`), frequency base `base` (> 0).
+    pub fn new(base: f64, head_dim: usize, rope_dims: usize, positions: usize) -> Result<Self> {
+        if !(base.is_finite() && base > 0.0) {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "RoPE base must be finite and > 0, got {base}"
+            )));
+        }
+        if head_dim == 0 || !head_dim.is_multiple_of(2) || rope_dims > head_dim {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "RoPE needs an even head dim and rope dims <= head dim, got head dim {head_dim}, rope dims {rope_dims}"
+            )));
+        }
+        if !rope_dims.is_multiple_of(2) {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "RoPE rotates pairs: rope dims must be even, got {rope_dims}"
+            )));
+        }
+        let len = crate::error::checked_product("RoPE table", &[positions, head_dim])?;
+        check_limit(
+            "RoPE table",
+            len,
+            u32::MAX as usize - 1,
+            "the kernels' 32-bit indices",
+        )?;
+        let mut values = crate::error::try_vec("RoPE table", len, 0f32)?;
+        for pos in 0..positions {
+            for i in 0..rope_dims / 2 {
+                let theta = pos as f64 * base.powf(-2.0 * i as f64 / rope_dims as f64);
+                values[pos * head_dim + 2 * i] = theta.cos() as f32;
+                values[pos * head_dim + 2 * i + 1] = theta.sin() as f32;
+            }
+        }
+        Ok(RopeTable {
+            positions,
+            head_dim,
+            rope_dims,
+            values,
+        })
+    }
+    /// Positions the table covers.
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+    /// Elements per head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Rotated dimensions per head.
+    pub fn rope_dims(&self) -> usize {
+        self.rope_dims
+    }
+    /// `[positions, head_dim]` f32 values (the pairs past `rope_dims` are 0).
+    pub fn values(&self) -> &[f32] {
+        &self.values
+    }
+    /// `(cos, sin)` of pair `i` at position `pos`.
+    pub fn cos_sin(&self, pos: usize, i: usize) -> (f32, f32) {
+        let at = pos * self.head_dim + 2 * i;
+        (self.values[at], self.values[at + 1])
+    }
+}
+
+/// Heads of a fused QKV row: `[q_heads + 2 kv_heads, head_dim]`, Q then K then V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvHeads {
+    /// Query heads.
+    pub q_heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
+impl QkvHeads {
+    /// Elements of one QKV row.
+    pub fn row_elems(&self) -> usize {
+        (self.q_heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
+fn shape_err(what: &'static str, expected: String, rows: &DeviceRows<impl Runtime>) -> Fp8KvError {
+    Fp8KvError::ShapeMismatch {
+        what,
+        expected,
+        actual: format!(
+            "[{}, {}] {} with row stride {}",
+            rows.rows(),
+            rows.row_elems(),
+            rows.dtype(),
+            rows.row_stride()
+        ),
+    }
+}
+
+/// `rows` rows of `row_elems` elements of `dtype` (contiguous unless `strided`), or an error
+/// naming `what`; the buffer below the kernels' 32-bit indices.
+fn check_rows<R: Runtime>(
+    what: &'static str,
+    t: &DeviceRows<R>,
+    rows: usize,
+    row_elems: usize,
+    dtype: Dtype,
+    strided: bool,
+) -> Result<()> {
+    if t.rows() != rows
+        || t.row_elems() != row_elems
+        || (!strided && t.row_stride() != row_elems && rows > 1)
+        || t.dtype() != dtype
+    {
+        let kind = if strided { "" } else { "contiguous " };
+        return Err(shape_err(
+            what,
+            format!("{kind}[{rows}, {row_elems}] {dtype}"),
+            t,
+        ));
+    }
+    check_limit(
+        what,
+        t.len_elems(),
+        u32::MAX as usize - 1,
+        "the kernels' 32-bit indices",
+    )
+}
+
+fn check_weight<R: Runtime>(w: &DeviceRows<R>, hidden: usize) -> Result<()> {
+    check_rows("norm weight", w, 1, hidden, Dtype::F32, false)
+}
+
+fn check_eps(eps: f32) -> Result<()> {
+    if eps.is_finite() && eps >= 0.0 {
+        Ok(())
+    } else {
+        Err(Fp8KvError::InvalidOption(format!(
+            "RMSNorm eps must be finite and >= 0, got {eps}"
+        )))
+    }
+}
+
+fn check_activation<R: Runtime>(what: &'static str, x: &DeviceRows<R>) -> Result<()> {
+    if x.dtype().is_activation() {
+        Ok(())
+    } else {
+        Err(Fp8KvError::UnsupportedDtype(format!(
+            "{what} must be f32, f16 or bf16, got {}",
+            x.dtype()
+        )))
+    }
+}
+
+/// RMSNorm: `out = x / sqrt(mean(x²) + eps) · w` per row, in f32, rounded to `x`'s dtype.
+///
+/// `x`: `[rows, hidden]` (any row stride), `out`: `[rows, hidden]` contiguous, one activation
+/// dtype; `w`: `[1, hidden]` f32.
+/// Errors: [`Fp8KvError::ShapeMismatch`], [`Fp8KvError::UnsupportedDtype`],
+/// [`Fp8KvError::InvalidOption`] (eps), [`Fp8KvError::TooLarge`] (past 32-bit indices).
+pub fn rms_norm<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    eps: f32,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    check_activation("x", x)?;
+    let (rows, hidden) = (x.rows(), x.row_elems());
+    check_rows("x", x, rows, hidden, x.dtype(), true)?;
+    check_rows("out", out, rows, hidden, x.dtype(), false)?;
+    check_weight(w, hidden)?;
+    check_eps(eps)?;
+    launch::launch_norm(x, None, w, eps, out);
+    Ok(())
+}
+
+/// The residual add and the RMSNorm after it, one launch: `sum = x + r` (rounded to the
+/// activation dtype: the new residual stream) and `out = RMSNorm(sum) · w` ([`rms_norm`]).
+///
+/// `x`, `r`: `[rows, hidden]` (any row stride); `sum`, `out`: `[rows, hidden]` contiguous; one
+/// activation dtype. Errors as [`rms_norm`].
+pub fn add_rms_norm<R: Runtime>(
+    x: &DeviceRows<R>,
+    r: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    eps: f32,
+    sum: &mut DeviceRows<R>,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    check_activation("x", x)?;
+    let (rows, hidden) = (x.rows(), x.row_elems());
+    check_rows("x", x, rows, hidden, x.dtype(), true)?;
+    check_rows("r", r, rows, hidden, x.dtype(), true)?;
+    check_rows("sum", sum, rows, hidden, x.dtype(), false)?;
+    check_rows("out", out, rows, hidden, x.dtype(), false)?;
+    check_weight(w, hidden)?;
+    check_eps(eps)?;
+    launch::launch_norm(x, Some((r, sum)), w, eps, out);
+    Ok(())
+}
+
+/// SwiGLU of a fused gate|up projection: `out[t, j] = silu(gu[t, j]) · gu[t, ff + j]` with
+/// `silu(g) = g / (1 + e^−g)`, in f32, rounded to the activation dtype.
+///
+/// `gu`: `[rows, 2 ff]` (any row stride); `out`: `[rows, ff]` contiguous, the same dtype.
+/// Errors as [`rms_norm`].
+pub fn swiglu<R: Runtime>(gu: &DeviceRows<R>, out: &mut DeviceRows<R>) -> Result<()> {
+    check_activation("gate_up", gu)?;
+    let (rows, ff) = (out.rows(), out.row_elems());
+    check_rows("gate_up", gu, rows, 2 * ff, out.dtype(), true)?;
+    check_rows("out", out, rows, ff, gu.dtype(), false)?;
+    launch::launch_swiglu(gu, out);
+    Ok(())
+}
+
+/// RoPE on a fused QKV projection, split into contiguous Q, K and V: sequence `b`'s new token
+/// `i` (row `q_start_loc[b] + i` of `qkv`) is at position `kv_seqlens[b] − q_seq_length[b] +
+/// i`; dimensions `2j`, `2j + 1` of each Q and K head rotate by `table`'s angle for pair `j`
+/// (`j < rope_dims / 2`; the rest and V are copied), in f32, rounded to the activation dtype.
+///
+/// - `qkv`: `[num_tokens, heads.row_elems()]`, any row stride, `num_tokens` the batch's;
+/// - `batch`: built with [`DeviceBatch::new`]; `table`: [`RopeTable::values`] uploaded as
+///   `[positions, head_dim]` f32 rows, covering every sequence's `kv_seqlens`;
+/// - `q`: `[num_tokens, q_heads · head_dim]`, `k`, `v`: `[num_tokens, kv_heads · head_dim]`,
+///   contiguous, `qkv`'s dtype. Rows of no sequence are not written.
+///
+/// Errors as [`rms_norm`], and [`Fp8KvError::InvalidOption`] for a batch built for reads, a
+/// position past the table or an odd head dim.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_qkv<R: Runtime>(
+    qkv: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+    table: &DeviceRows<R>,
+    heads: QkvHeads,
+    rope_dims: usize,
+    q: &mut DeviceRows<R>,
+    k: &mut DeviceRows<R>,
+    v: &mut DeviceRows<R>,
+) -> Result<()> {
+    check_activation("qkv", qkv)?;
+    let d = heads.head_dim;
+    if d == 0 || !d.is_multiple_of(2) || rope_dims > d || !rope_dims.is_multiple_of(2) {
+        return Err(Fp8KvError::InvalidOption(format!(
+            "RoPE needs an even head dim and even rope dims <= head dim, got {d} and {rope_dims}"
+        )));
+    }
+    if heads.q_heads == 0 || heads.kv_heads == 0 {
+        return Err(Fp8KvError::ZeroSize { what: "RoPE heads" });
+    }
+    let n = batch.num_tokens().ok_or_else(|| {
+        Fp8KvError::InvalidOption(
+            "RoPE needs a DeviceBatch built with DeviceBatch::new, not for_reads".into(),
+        )
+    })?;
+    if qkv.rows() != n || qkv.row_elems() != heads.row_elems() {
+        return Err(shape_err(
+            "qkv",
+            format!("[{n}, {}] (the batch's tokens)", heads.row_elems()),
+            qkv,
+        ));
+    }
+    check_limit(
+        "qkv",
+        qkv.len_elems(),
+        u32::MAX as usize - 1,
+        "the kernels' 32-bit indices",
+    )?;
+    let dtype = qkv.dtype();
+    check_rows("q", q, n, heads.q_heads * d, dtype, false)?;
+    check_rows("k", k, n, heads.kv_heads * d, dtype, false)?;
+    check_rows("v", v, n, heads.kv_heads * d, dtype, false)?;
+    let max_kv = batch.meta().max_kv_len();
+    if table.dtype() != Dtype::F32 || table.row_elems() != d || table.row_stride() != d {
+        return Err(shape_err(
+            "RoPE table",
+            format!("contiguous [positions, {d}] f32"),
+            table,
+        ));
+    }
+    check_limit(
+        "RoPE table",
+        table.len_elems(),
+        u32::MAX as usize - 1,
+        "the kernels' 32-bit indices",
+    )?;
+    if table.rows() < max_kv {
+        return Err(Fp8KvError::InvalidOption(format!(
+            "the RoPE table covers {} positions, the batch reaches position {}",
+            table.rows(),
+            max_kv.saturating_sub(1)
+        )));
+    }
+    let dims = RopeDims {
+        q_heads: heads.q_heads as u32,
+        kv_heads: heads.kv_heads as u32,
+        head_dim: d as u32,
+        pairs: (rope_dims / 2) as u32,
+    };
+    launch::launch_rope(qkv, batch, table, dims, q, k, v);
+    Ok(())
+}
+
+/// Launches every block-kernel instantiation the SmolLM2 model uses (hidden 576, MLP 1536,
+/// 9 / 3 heads of 64), for each activation dtype, once on tiny valid inputs. Used by
+/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
+#[doc(hidden)]
+#[cfg(feature = "internals")]
+pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
+    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
+    let heads = QkvHeads {
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let layout = PagedKvLayout::new(4, 16, 3, 64, 64, KvLayoutKind::Bshd)?;
+    let meta = BatchMetadata::decode(vec![3, 5], vec![0, 1, 2, 3], 2)?;
+    let batch = DeviceBatch::new(client, meta, &layout, 2)?;
+    let table = RopeTable::new(1e4, 64, 64, 8)?;
+    let table = DeviceRows::from_f32(client, table.values(), Dtype::F32, 8, 64, 64)?;
+    let w = DeviceRows::from_f32(client, &[1.0; 576], Dtype::F32, 1, 576, 576)?;
+    for act in [Dtype::F32, Dtype::F16, Dtype::Bf16] {
+        let rows = |width: usize| DeviceRows::empty(client, act, 2, width, width);
+        let (x, r) = (rows(576)?, rows(576)?);
+        let (mut sum, mut out) = (rows(576)?, rows(576)?);
+        rms_norm(&x, &w, 1e-5, &mut out)?;
+        add_rms_norm(&x, &r, &w, 1e-5, &mut sum, &mut out)?;
+        let (gu, mut h) = (rows(3072)?, rows(1536)?);
+        swiglu(&gu, &mut h)?;
+        let qkv = rows(heads.row_elems())?;
+        let (mut q, mut k, mut v) = (rows(576)?, rows(192)?, rows(192)?);
+        rope_qkv(&qkv, &batch, &table, heads, 64, &mut q, &mut k, &mut v)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The model's block operations on the CPU (runs in CI): their f64 definitions
+//! (`fp8kv::model::layer::reference`) against independent formulations (Burn's own ops on
+//! NdArray in f64, RoPE as a complex rotation from the base), the NdArray backend's
+//! [`LayerBackend`] against those definitions, and bad input getting its own error.
+
+#![cfg(feature = "model")]
+
+use burn_ndarray::NdArray;
+use burn_tensor::{activation::silu, DType, Tensor, TensorData};
+use fp8kv::burn::KvBatch;
+use fp8kv::model::layer::ops::{add_rms_norm, rms_norm, rope_qkv, swiglu};
+use fp8kv::model::layer::{reference, QkvHeads, RopeTable, RopeTableTensor};
+use fp8kv::testing::Rng;
+use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, PagedKvLayout};
+
+// One backend type: NdArray keeps a default float dtype per device, so a second element type
+// in the same process would change the first's. Tensors name their dtype instead.
+type B = NdArray<f32>;
+
+fn normals(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| (rng.normal() * 2.0) as f32).collect()
+}
+
+fn t2(v: &[f32], rows: usize, cols: usize) -> Tensor<B, 2> {
+    Tensor::from_data(
+        TensorData::new(v.to_vec(), [rows, cols]),
+        (&Default::default(), DType::F32),
+    )
+}
+
+fn t2_f64(v: &[f32], rows: usize, cols: usize) -> Tensor<B, 2> {
+    let v: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+    Tensor::from_data(
+        TensorData::new(v, [rows, cols]),
+        (&Default::default(), DType::F64),
+    )
+}
+
+fn host<const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().into_vec::<f64>().unwrap()
+}
+
+fn close(what: &str, got: &[f64], want: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * w.abs().max(1e-3),
+            "{what}[{i}]: {g} against {w}"
+        );
+    }
+}
+
+#[test]
+fn reference_norm_and_swiglu_match_burn_ops_in_f64() {
+    let mut rng = Rng::from_name("layer_cpu/norm");
+    let (rows, hidden, ff) = (5, 96, 40);
+    let x = normals(&mut rng, rows * hidden);
+    let w = normals(&mut rng, hidden);
+    let eps = 1e-5;
+    // RMSNorm with Burn's reductions in f64 (the model's formulation before the fused kernel).
+    let xt = t2_f64(&x, rows, hidden);
+    let wt = t2_f64(&w, 1, hidden).reshape([hidden]);
+    let inv = (xt.clone().powi_scalar(2).mean_dim(1) + eps as f64)
+        .sqrt()
+        .recip();
+    let want = host(xt * inv * wt.unsqueeze_dim::<2>(0));
+    close("rms_norm", &reference::rms_norm(&x, &w, eps), &want, 1e-12);
+
+    // SwiGLU with Burn's silu.
+    let gu = normals(&mut rng, rows * 2 * ff);
+    let g = t2_f64(&gu, rows, 2 * ff);
+    let want = host(silu(g.clone().slice([0..rows, 0..ff])) * g.slice([0..rows, ff..2 * ff]));
+    // Burn's default sigmoid computes in f32 whatever the tensor's dtype (it casts for
+    // stability): agreement to f32's precision.
+    close("swiglu", &reference::swiglu(&gu, ff), &want, 1e-6);
+}
+
+#[test]
+fn reference_rope_is_a_complex_rotation_by_the_position_angle() {
+    let (q_heads, kv_heads, d) = (3, 1, 16);
+    let heads = QkvHeads {
+        q_heads,
+        kv_heads,
+        head_dim: d,
+    };
+    let mut rng = Rng::from_name("layer_cpu/rope");
+    // Two sequences: 2 new tokens at positions 5, 6 and one at position 40; padded rows.
+    let meta = BatchMetadata::new(
+        vec![0, 2],
+        vec![2, 1],
+        vec![7, 41],
+        vec![0, 1, 2, 3, 4, 5],
+        3,
+    )
+    .unwrap();
+    let stride = heads.row_elems() + 3;
+    let qkv = normals(&mut rng, 3 * stride);
+    let table = RopeTable::new(500.0, d, d, 64).unwrap();
+    let (q, k, v) = reference::rope_qkv(&qkv, 3, stride, &meta, table.values(), d, heads);
+    for (row, pos) in [(0usize, 5usize), (1, 6), (2, 40)] {
+        for h in 0..q_heads + kv_heads {
+            for j in 0..d / 2 {
+                let x = &qkv[row * stride + h * d + 2 * j..];
+                // (x0 + i x1) · e^{iθ}, θ = pos · 500^(−2j/d), straight from the definition.
+                let theta = pos as f64 * 500f64.powf(-((2 * j) as f64) / d as f64);
+                let (re, im) = (
+                    x[0] as f64 * theta.cos() - x[1] as f64 * theta.sin(),
+                    x[0] as f64 * theta.sin() + x[1] as f64 * theta.cos(),
+                );
+                let (got, w) = if h < q_heads {
+                    (&q, q_heads * d)
+                } else {
+                    (&k, kv_heads * d)
+                };
+                let hh = if h < q_heads { h } else { h - q_heads };
+                let at = row * w + hh * d + 2 * j;
+                // The table holds cos/sin rounded to f32: a relative error of 2⁻²⁴ each.
+                let tol = 1e-6 * (x[0].abs() + x[1].abs()) as f64;
+                assert!(
+                    (got[at] - re).abs() <= tol,
+                    "row {row} head {h} pair {j}: {} vs {re}",
+                    got[at]
+                );
+                assert!(
+                    (got[at + 1] - im).abs() <= tol,
+                    "row {row} head {h} pair {j}: {} vs {im}",
+                    got[at + 1]
+                );
+            }
+        }
+        let vs = &qkv[row * stride + (q_heads + kv_heads) * d..][..kv_heads * d];
+        let vs: Vec<f64> = vs.iter().map(|&x| x as f64).collect();
+        assert_eq!(
+            &v[row * kv_heads * d..(row + 1) * kv_heads * d],
+            &vs[..],
+            "V is copied"
+        );
+    }
+    // Partial rotary: the dims past rope_dims pass through.
+    let partial = RopeTable::new(500.0, d, 8, 64).unwrap();
+    let (q, _, _) = reference::rope_qkv(&qkv, 3, stride, &meta, partial.values(), 8, heads);
+    assert_eq!(q[8], qkv[8] as f64);
+    assert_eq!(q[15], qkv[15] as f64);
+    assert_ne!(q[2], qkv[2] as f64, "pair 1 rotates");
+}
+
+#[test]
+fn ndarray_layer_ops_equal_the_reference_and_refuse_bad_input() {
+    let mut rng = Rng::from_name("layer_cpu/ndarray");
+    let (rows, hidden) = (4, 32);
+    let x = normals(&mut rng, rows * hidden);
+    let r = normals(&mut rng, rows * hidden);
+    let w = normals(&mut rng, hidden);
+    let wt = t2(&w, 1, hidden).reshape([hidden]);
+    let f32s = |v: Vec<f64>| v.iter().map(|&x| x as f32 as f64).collect::<Vec<_>>();
+
+    let got = host(rms_norm(t2(&x, rows, hidden), &wt, 1e-6).unwrap());
+    assert_eq!(got, f32s(reference::rms_norm(&x, &w, 1e-6)));
+    let (sum, out) = add_rms_norm(
+        t2(&x, rows, hidden),
+        t2(&r, rows, hidden),
+        &wt,
+        1e-6,
+    )
+    .unwrap();
+    let (want_sum, want) = reference::add_rms_norm(&x, &r, &w, 1e-6, Dtype::F32);
+    assert_eq!(
+        host(sum),
+        want_sum.iter().map(|&v| v as f64).collect::<Vec<_>>()
+    );
+    assert_eq!(host(out), f32s(want));
+    let got = host(swiglu(t2(&x, rows, hidden)).unwrap());
+    assert_eq!(got, f32s(reference::swiglu(&x, hidden / 2)));
+
+    // Bad input: an odd gate|up width, a residual of another shape, a weight of another size.
+    assert!(matches!(
+        swiglu(t2(&x[..rows * 31], rows, 31)),
+        Err(Fp8KvError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        add_rms_norm(
+            t2(&x, rows, hidden),
+            t2(&r, hidden, rows),
+            &wt,
+            1e-6
+        ),
+        Err(Fp8KvError::ShapeMismatch { .. })
+    ));
+    let w_short = t2(&[1.0; 8], 1, 8).reshape([8]);
+    assert!(rms_norm(t2(&x, rows, hidden), &w_short, 1e-6).is_err());
+    assert!(matches!(
+        rms_norm(t2(&x, rows, hidden), &wt, f32::NAN),
+        Err(Fp8KvError::InvalidOption(_))
+    ));
+
+    // RoPE through a KvBatch: the reference's Q, K, V; a table too short is refused.
+    let heads = QkvHeads {
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let layout = PagedKvLayout::new(8, 16, 1, 64, 64, KvLayoutKind::Bshd).unwrap();
+    let meta =
+        BatchMetadata::new(vec![0, 1], vec![1, 2], vec![30, 2], vec![0, 1, 2, 3], 2).unwrap();
+    let batch = KvBatch::<B>::new(meta.clone(), &layout, 3, &Default::default()).unwrap();
+    let qkv = normals(&mut rng, 3 * heads.row_elems());
+    let table = RopeTable::new(10000.0, 64, 64, 32).unwrap();
+    let dev_table = RopeTableTensor::<B>::new(&table, &Default::default());
+    let (q, k, v) = rope_qkv(
+        t2(&qkv, 3, heads.row_elems()),
+        &batch,
+        &dev_table,
+        heads,
+    )
+    .unwrap();
+    let (wq, wk, wv) =
+        reference::rope_qkv(&qkv, 3, heads.row_elems(), &meta, table.values(), 64, heads);
+    assert_eq!(q.dims(), [3, 2, 64]);
+    assert_eq!(host(q), f32s(wq));
+    assert_eq!(host(k), f32s(wk));
+    assert_eq!(host(v), f32s(wv));
+    let short = RopeTableTensor::<B>::new(
+        &RopeTable::new(10000.0, 64, 64, 29).unwrap(),
+        &Default::default(),
+    );
+    let err = rope_qkv(t2(&qkv, 3, heads.row_elems()), &batch, &short, heads).unwrap_err();
+    assert!(err.to_string().contains("covers 29 positions"), "{err}");
+}
+
+#[test]
+fn rope_table_refuses_bad_parameters() {
+    assert!(RopeTable::new(0.0, 64, 64, 8).is_err());
+    assert!(RopeTable::new(f64::NAN, 64, 64, 8).is_err());
+    assert!(RopeTable::new(1e4, 63, 62, 8).is_err(), "odd head dim");
+    assert!(
+        RopeTable::new(1e4, 64, 66, 8).is_err(),
+        "rope dims past the head"
+    );
+    assert!(RopeTable::new(1e4, 64, 7, 8).is_err(), "odd rope dims");
+    let t = RopeTable::new(1e4, 64, 32, 8).unwrap();
+    assert_eq!(t.cos_sin(0, 3), (1.0, 0.0));
+    assert_eq!(
+        t.cos_sin(5, 20),
+        (0.0, 0.0),
+        "pairs past rope_dims are not rotated"
+    );
+}
