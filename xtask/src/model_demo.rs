@@ -7,16 +7,19 @@
 //! Flags: `--prompt TEXT`, `--max-tokens N`, `--policy P[,P..]`, `--batch N` (N prompts of
 //! different lengths decoded together), `--cpu` (NdArray even with a GPU), `--no-quality`,
 //! `--quality-only`, `--speed` (GPU: prefill and decode tokens/s at batch 1/32/128, contexts
-//! 1k/8k, FP8 against the bf16 cache). The model is fetched on first use
+//! 1k/8k, FP8 against the bf16 cache, on the fused backend and on `CubeBackend`; with
+//! `--launches`, also the kernel launches and device time per decode step by kernel, from
+//! CubeCL's profiling log, which waits for every launch: run it apart from the timing run). The model is fetched on first use
 //! (`FP8KV_MODEL_DIR` or `.models/`).
 
 use std::time::Instant;
 
 use burn_tensor::{DType, Distribution, Tensor};
-use fp8kv::burn::{AttentionOptions, PagedKvBackend};
+use fp8kv::burn::AttentionOptions;
 use fp8kv::model::engine::{argmax_rows, Engine};
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
+use fp8kv::model::layer::LayerBackend;
 use fp8kv::model::llama::{KvStats, Llama};
 use fp8kv::model::tokenizer::Tokenizer;
 use fp8kv::{KvScales, QuantPolicy};
@@ -45,6 +48,7 @@ struct Opts {
     quality: bool,
     generate: bool,
     speed: bool,
+    launches: bool,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -57,6 +61,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         quality: true,
         generate: true,
         speed: false,
+        launches: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -85,6 +90,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--no-quality" => o.quality = false,
             "--quality-only" => o.generate = false,
             "--speed" => o.speed = true,
+            "--launches" => o.launches = true,
             other => return Err(format!("unknown demo flag `{other}`")),
         }
     }
@@ -99,6 +105,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let path = fetch::ensure_model(&fetch::default_model_dir()).map_err(|e| e.to_string())?;
     let gguf = Gguf::open(&path).map_err(|e| e.to_string())?;
     let tok = Tokenizer::from_gguf(&gguf).map_err(|e| e.to_string())?;
+    // CubeCL reads its configuration once, when the first client starts: the execution log
+    // must be set before that.
+    let counter = o.launches.then(LaunchCounter::install);
     let gpu = if o.cpu {
         Err("--cpu".to_string())
     } else {
@@ -111,7 +120,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 run_on::<Cuda>(&gguf, &tok, &o, DType::BF16, &Default::default(), true)?;
             }
             if o.speed {
-                speed::<CubeOnly>(&gguf, &tok, &Default::default())?;
+                speed::<Cuda>(
+                    &gguf,
+                    &tok,
+                    &Default::default(),
+                    "fused burn_cuda::Cuda",
+                    counter.as_ref(),
+                )?;
+                speed::<CubeOnly>(
+                    &gguf,
+                    &tok,
+                    &Default::default(),
+                    "CubeBackend",
+                    counter.as_ref(),
+                )?;
             }
             Ok(())
         }
@@ -125,18 +147,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
 }
 
-fn load<B: PagedKvBackend>(
-    gguf: &Gguf,
-    act: DType,
-    device: &B::Device,
-) -> Result<Llama<B>, String> {
+fn load<B: LayerBackend>(gguf: &Gguf, act: DType, device: &B::Device) -> Result<Llama<B>, String> {
     let t = Instant::now();
     let m = Llama::<B>::load(gguf, act, device).map_err(|e| e.to_string())?;
     eprintln!("  model loaded in {:.1} s", t.elapsed().as_secs_f64());
     Ok(m)
 }
 
-fn run_on<B: PagedKvBackend>(
+fn run_on<B: LayerBackend>(
     gguf: &Gguf,
     tok: &Tokenizer,
     o: &Opts,
@@ -177,6 +195,16 @@ fn run_on<B: PagedKvBackend>(
         for policy in &o.policies {
             let mut engine =
                 Engine::new(model.take().expect("model"), policy, pages, PAGE).map_err(e)?;
+            // Warm-up on the GPU: kernel compilation stays out of the tokens/s.
+            let warm = if gpu {
+                let t = Instant::now();
+                engine
+                    .generate(&prompt_ids, 3, &|_| false, |_, _| {})
+                    .map_err(e)?;
+                format!(" (warm-up {:.2} s)", t.elapsed().as_secs_f64())
+            } else {
+                String::new()
+            };
             let mut first: Vec<Option<Instant>> = vec![None; prompt_ids.len()];
             let t0 = Instant::now();
             let out = engine
@@ -202,7 +230,7 @@ fn run_on<B: PagedKvBackend>(
             let tps = decoded as f64 / since.elapsed().as_secs_f64().max(1e-9);
             let text = tok.decode(&out[0]).map_err(e)?;
             println!(
-                "{policy:<9} {tps:>10.1} {:>12} {:>10}  {:?}",
+                "{policy:<9} {tps:>10.1} {:>12} {:>10}  {:?}{warm}",
                 engine.kv_bytes_per_token(),
                 format!("{}/{pages}", engine.pool().free_pages()),
                 text.trim_end_matches("<|im_end|>")
@@ -220,7 +248,7 @@ fn run_on<B: PagedKvBackend>(
             }
             model = Some(engine.into_model());
         }
-        println!("tokens/s: decode tokens of all sequences over the decode time; KV B/token: K+V bytes of one token over all 30 layers; pages: free pages after the run (all returned)");
+        println!("tokens/s: decode tokens of all sequences over the decode time, after a warm-up generation (compilation) timed apart; KV B/token: K+V bytes of one token over all 30 layers; pages: free pages after the run (all returned)");
     }
     if o.quality {
         quality::<B>(model.take().expect("model"), tok, gpu)?;
@@ -264,7 +292,7 @@ fn argmax(row: &[f32]) -> usize {
 /// unquantized cache, top-1 agreement and perplexity over teacher-forced positions (the
 /// unquantized cache's greedy continuation of several prompts, one past 2k tokens on the GPU),
 /// and per layer the K/V amax and what saturates at scale 1.0.
-fn quality<B: PagedKvBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Result<(), String> {
+fn quality<B: LayerBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Result<(), String> {
     let e = |x: fp8kv::model::ModelError| x.to_string();
     let mut texts: Vec<String> = std::iter::once(DEFAULT_PROMPT.to_string())
         .chain(MORE_PROMPTS.iter().map(|s| s.to_string()))
@@ -416,21 +444,105 @@ fn quality<B: PagedKvBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Re
     Ok(())
 }
 
+/// Counts kernel launches and their device time: CubeCL's profiling log at its `basic` level
+/// times every launch (it waits for each, so the host times of such a run mean nothing) and
+/// writes `| <duration> | <kernel>` per launch to a file.
+struct LaunchCounter {
+    path: std::path::PathBuf,
+}
+
+impl LaunchCounter {
+    fn install() -> Self {
+        use cubecl::config::profiling::ProfilingLogLevel;
+        use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+        let path = std::env::temp_dir().join(format!("fp8kv-launches-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut config = CubeClRuntimeConfig::default();
+        config.profiling.logger.level = ProfilingLogLevel::Basic;
+        config.profiling.logger.file = Some(path.clone());
+        CubeClRuntimeConfig::set(config);
+        LaunchCounter { path }
+    }
+
+    /// The launches logged so far, `(kernel, seconds)` each (the log is written by a
+    /// background task: callers sync the device and give it a moment first).
+    fn launches(&self) -> Vec<(String, f64)> {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut parts = l.strip_prefix("| ")?.splitn(2, " | ");
+                let (dur, name) = (parts.next()?.trim(), parts.next()?.trim());
+                Some((short_kernel_name(name), parse_duration(dur)?))
+            })
+            .collect()
+    }
+}
+
+/// A kernel's name without its module path and generic arguments.
+fn short_kernel_name(name: &str) -> String {
+    let base = name.split('<').next().unwrap_or(name);
+    base.rsplit("::").next().unwrap_or(base).to_string()
+}
+
+/// A `Duration`'s `Debug` text (`12.5µs`, `1.2ms`, `830ns`, `1.1s`) in seconds.
+fn parse_duration(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(v) = s.strip_suffix("ns") {
+        (v, 1e-9)
+    } else if let Some(v) = s.strip_suffix("µs") {
+        (v, 1e-6)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e-3)
+    } else {
+        (s.strip_suffix('s')?, 1.0)
+    };
+    num.parse::<f64>().ok().map(|v| v * scale)
+}
+
+/// Launches and device µs per step by kernel, most time first.
+fn breakdown(launches: &[(String, f64)], steps: usize) -> String {
+    let mut by: std::collections::BTreeMap<&str, (usize, f64)> = Default::default();
+    for (name, t) in launches {
+        let e = by.entry(name).or_default();
+        e.0 += 1;
+        e.1 += t;
+    }
+    let mut rows: Vec<_> = by.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    let total: f64 = launches.iter().map(|l| l.1).sum();
+    let mut out = format!(
+        "    device time per step {:.0} µs in {} launches:",
+        total * 1e6 / steps as f64,
+        launches.len() / steps
+    );
+    for (name, (n, t)) in rows.iter().take(10) {
+        out += &format!(
+            "\n      {:>5} x {:<40} {:>8.1} µs",
+            n / steps,
+            name,
+            t * 1e6 / steps as f64
+        );
+    }
+    out
+}
+
 /// `--speed` (GPU): prefill tokens/s, and decode tokens/s at batch 1, 32 and 128 with contexts
 /// 1k and 8k, e4m3 against the bf16 cache, with KV memory and a breakdown of one decode step.
-fn speed<B: PagedKvBackend>(
+/// Every shape is warmed up first (kernel compilation is reported apart, not timed).
+fn speed<B: LayerBackend>(
     gguf: &Gguf,
     tok: &Tokenizer,
     device: &B::Device,
+    backend: &str,
+    counter: Option<&LaunchCounter>,
 ) -> Result<(), String> {
     let e = |x: fp8kv::model::ModelError| x.to_string();
     let mut model = Some(load::<B>(gguf, DType::BF16, device)?);
     let doc = include_str!("../../benches/PERFORMANCE.md").repeat(2);
     let long = tok.encode(&doc, false).map_err(e)?;
     let prompt: Vec<u32> = long.iter().copied().cycle().take(2048).collect();
-    println!("\nspeed (CubeBackend, bf16 activations, page {PAGE}): medians of timed steps, each ending in a host read of the next tokens");
+    println!("\nspeed ({backend}, bf16 activations, page {PAGE}): medians of timed steps after a warm-up, each ending in a host read of the next tokens");
     println!(
-        "{:<9} {:>6} {:>7} {:>12} {:>10} {:>12} {:>12} {:>12} {:>10}",
+        "{:<9} {:>7} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8}",
         "policy",
         "batch",
         "context",
@@ -438,6 +550,7 @@ fn speed<B: PagedKvBackend>(
         "step ms",
         "attn ms",
         "host ms",
+        "warm-up s",
         "KV MiB",
         "vs bf16"
     );
@@ -459,25 +572,28 @@ fn speed<B: PagedKvBackend>(
             };
             let mut engine =
                 Engine::new(model.take().expect("model"), policy, pages, PAGE).map_err(e)?;
-            let (tps, step_ms, attn_ms, host_ms, kv) = if batch == 0 {
-                // Prefill: 2048 tokens in chunks of 512.
+            let mut launches = None;
+            let (tps, step_ms, attn_ms, host_ms, warm, kv) = if batch == 0 {
+                // Prefill: 2048 tokens in chunks of 512; the first prompt is the warm-up.
                 let mut times = Vec::new();
-                for _ in 0..3 {
+                for _ in 0..4 {
                     let id = engine.add(prompt.clone()).map_err(e)?;
                     let t = Instant::now();
                     while engine.sequence(id).map(|s| s.cached) != Some(prompt.len()) {
                         let (h, _) = engine.step(&[id]).map_err(e)?;
-                        argmax_rows(engine.model.logits(h.slice(0..1))).map_err(e)?;
+                        argmax_rows(engine.model.logits_act(h.slice(0..1))).map_err(e)?;
                     }
                     times.push(t.elapsed().as_secs_f64());
                     engine.release(id);
                 }
+                let warm = times.remove(0);
                 times.sort_by(f64::total_cmp);
                 (
                     2048.0 / times[1],
                     times[1] * 1e3,
                     f64::NAN,
                     f64::NAN,
+                    warm,
                     engine.kv_bytes_per_token() * 2048,
                 )
             } else {
@@ -485,19 +601,37 @@ fn speed<B: PagedKvBackend>(
                     .map(|_| engine.add_synthetic(context, 13))
                     .collect::<Result<_, _>>()
                     .map_err(e)?;
+                let step = |engine: &mut Engine<B>| -> fp8kv::model::error::Result<f64> {
+                    let t = Instant::now();
+                    let (h, rows) = engine.step(&ids)?;
+                    let host = t.elapsed().as_secs_f64();
+                    let next = argmax_rows(engine.model.logits_act(h))?;
+                    for ((id, _), t) in rows.iter().zip(next) {
+                        engine.push(*id, t.min(49151))?;
+                    }
+                    Ok(host)
+                };
+                let t = Instant::now();
+                step(&mut engine).map_err(e)?;
+                let warm = t.elapsed().as_secs_f64();
                 let mut steps = Vec::new();
                 let mut hosts = Vec::new();
-                for i in 0..8 {
+                for _ in 0..8 {
                     let t = Instant::now();
-                    let (h, rows) = engine.step(&ids).map_err(e)?;
-                    hosts.push(t.elapsed().as_secs_f64());
-                    let next = argmax_rows(engine.model.logits(h)).map_err(e)?;
-                    for ((id, _), t) in rows.iter().zip(next) {
-                        engine.push(*id, t.min(49151)).map_err(e)?;
+                    hosts.push(step(&mut engine).map_err(e)?);
+                    steps.push(t.elapsed().as_secs_f64());
+                }
+                if let Some(c) = counter {
+                    B::sync(device).ok();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let before = c.launches().len();
+                    for _ in 0..2 {
+                        step(&mut engine).map_err(e)?;
                     }
-                    if i >= 2 {
-                        steps.push(t.elapsed().as_secs_f64());
-                    }
+                    B::sync(device).ok();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let all = c.launches();
+                    launches = Some(breakdown(&all[before.min(all.len())..], 2));
                 }
                 steps.sort_by(f64::total_cmp);
                 hosts.sort_by(f64::total_cmp);
@@ -509,6 +643,7 @@ fn speed<B: PagedKvBackend>(
                     step * 1e3,
                     attn * 1e3,
                     hosts[hosts.len() / 2] * 1e3,
+                    warm,
                     engine.kv_bytes_per_token() * batch * context,
                 )
             };
@@ -521,21 +656,24 @@ fn speed<B: PagedKvBackend>(
                 _ => "-".into(),
             };
             println!(
-                "{policy:<9} {:>6} {:>7} {tps:>12.0} {step_ms:>10.2} {attn_ms:>12.2} {host_ms:>12.2} {:>12.1} {ratio:>10}",
+                "{policy:<9} {:>7} {:>7} {tps:>10.0} {step_ms:>9.2} {attn_ms:>9.2} {host_ms:>9.2} {warm:>9.2} {:>9.1} {ratio:>8}",
                 if batch == 0 { "prefill".to_string() } else { batch.to_string() },
                 context,
                 kv as f64 / (1 << 20) as f64
             );
+            if let Some(l) = launches {
+                println!("{l}");
+            }
             model = Some(engine.into_model());
         }
     }
-    println!("prefill row: one 2048-token prompt in chunks of 512; step ms: one decode step, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (work queued); KV MiB: the batch's contexts");
+    println!("prefill row: one 2048-token prompt in chunks of 512; step ms: one decode step with the next tokens' argmax read back, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (on the fused backend, recording: its launches run at the read); with --launches, each decode row is followed by its launches and device time per step by kernel (every launch waited for: that run's times are not the speed); warm-up s: the first step (prefill: the first prompt), compilation included, not in the medians; KV MiB: the batch's contexts");
     Ok(())
 }
 
 /// Wall time of one decode step's attention calls alone (30 × fill + decode, random inputs),
 /// median of 5, device included.
-fn attention_only<B: PagedKvBackend>(
+fn attention_only<B: LayerBackend>(
     engine: &mut Engine<B>,
     ids: &[usize],
     device: &B::Device,
