@@ -48,23 +48,29 @@ fn library_cache<F: FloatElement, I: IntElement, BT: BoolElement>(
 
 /// `[rows, heads, dim]` activations as library rows: the tensor's own buffer when each row's
 /// `[heads, dim]` block is contiguous (any row stride, e.g. a slice of a fused QKV output),
-/// otherwise a contiguous copy. Burn's CUDA allocator pads each innermost row of a new tensor
-/// to a power-of-two pitch of at most 256 bytes, so head dims whose rows are not a multiple of
-/// that (d80 and d96 in f16/bf16, the MLA dims) arrive with a head stride of the pitch and take
-/// the copy (`gpu_burn_pitched_activations_are_copied_exactly` pins this).
+/// otherwise a contiguous copy by the library's gather (`kernels::gather`), which reads only
+/// the elements the shape addresses. Burn's CUDA allocator pads each innermost row of a new
+/// tensor to a power-of-two pitch of at most 256 bytes, so head dims whose rows are not a
+/// multiple of that (d80 and d96 in f16/bf16, the MLA dims) arrive with a head stride of the
+/// pitch and take the copy (`gpu_burn_pitched_activations_are_copied_exactly` pins Burn's
+/// layout). Burn's own `into_contiguous` would read the unwritten padding at the buffer's end.
 fn rows(t: CubeTensor<CudaRuntime>) -> Result<DeviceRows<CudaRuntime>> {
     let dtype = activation_dtype("activation", t.dtype)?;
     let [n, heads, dim] = t.meta.shape().dims::<3>();
     let strides = t.meta.strides().to_vec();
     let row_elems = heads * dim;
     let packed = (dim == 1 || strides[2] == 1) && (heads == 1 || strides[1] == dim);
-    let (t, row_stride) = if packed && (n <= 1 || strides[0] >= row_elems) {
+    if packed && (n <= 1 || strides[0] >= row_elems) {
         let stride = if n <= 1 { row_elems } else { strides[0] };
-        (t, stride)
-    } else {
-        (burn_cubecl::kernel::into_contiguous(t), row_elems)
-    };
-    DeviceRows::from_handle(&t.client, t.handle, dtype, n, row_elems, row_stride)
+        return DeviceRows::from_handle(&t.client, t.handle, dtype, n, row_elems, stride);
+    }
+    crate::kernels::gather::gather_rows(
+        &t.client,
+        t.handle,
+        dtype,
+        [n, heads, dim],
+        [strides[0], strides[1], strides[2]],
+    )
 }
 
 /// Contiguous rows of a new tensor of `shape` wrapped as a Burn tensor.

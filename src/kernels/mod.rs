@@ -13,6 +13,7 @@ pub(crate) mod codec;
 pub mod decode;
 pub mod fill;
 pub mod flatten;
+pub(crate) mod gather;
 pub(crate) mod meta;
 pub mod stats;
 

@@ -350,9 +350,10 @@ sanitize)
   mkdir -p "$logs"
   # BIN or BIN:FILTER (a libtest name filter): the default reaches every kernel and path (the
   # decode test with forced many splits runs every split kernel, key-major and wide included,
-  # and the combine; the Burn decode test the extension's path) in bounded time.
+  # and the combine; the Burn decode test the extension's path, pitched d80/d96 rows included;
+  # gpu_layer the model's block kernels) in bounded time.
   specs=("$@")
-  [ "${#specs[@]}" -gt 0 ] || specs=(gpu_codec gpu_fill_flatten gpu_stats
+  [ "${#specs[@]}" -gt 0 ] || specs=(gpu_codec gpu_fill_flatten gpu_stats gpu_layer
     gpu_decode:gpu_decode_many_splits_merge_exactly gpu_burn:gpu_burn_decode_equals_direct_path)
   for tool in ${FP8KV_SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     for spec in "${specs[@]}"; do
