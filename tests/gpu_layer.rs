@@ -271,3 +271,114 @@ fn gpu_rope_refuses_a_table_shorter_than_the_batch() {
     let err = layer::rope_qkv(&xd, &batch, &td, heads, 64, &mut q, &mut k, &mut v).unwrap_err();
     assert!(err.to_string().contains("covers 32 positions"), "{err}");
 }
+
+#[test]
+fn gpu_gemv_matches_the_f64_definition() {
+    let Some(client) = common::gpu::client_or_skip("gpu_gemv_matches_the_f64_definition") else {
+        return;
+    };
+    // (rows, outputs, k, x row stride): SmolLM2's QKV, MLP down and LM head at batch 1, every
+    // row count up to 16, a k that takes 4-element loads, a strided x.
+    for (rows, outputs, k, stride) in [
+        (1, 960, 576, 576),
+        (16, 576, 1536, 1536),
+        (3, 49152, 576, 576),
+        (7, 100, 100, 100),
+        (9, 33, 64, 72),
+    ] {
+        for act in ACTS {
+            let name = format!("gemv/{rows}x{outputs}x{k}/{act}");
+            let mut rng = Rng::from_name(&name);
+            let x = random_rows(&mut rng, rows, k, stride, act);
+            let w: Vec<f32> = (0..outputs * k)
+                .map(|_| act.round_trip((rng.normal() * 0.05) as f32))
+                .collect();
+            let xd = DeviceRows::from_f32(&client, &x, act, rows, k, stride).unwrap();
+            let wd = DeviceRows::from_f32(&client, &w, act, outputs, k, k).unwrap();
+            let mut out = poisoned(&client, act, rows, outputs);
+            layer::gemv(&xd, &wd, &mut out).unwrap();
+            let want = reference::gemv(&dense(&x, rows, k, stride), &w, k);
+            // f32 accumulation of k products in any order: |Δ| ≤ k · 2⁻²³ · Σ|x·w| (bounded
+            // here by the row's Σ|x|·|w|), then one rounding to the activation dtype.
+            let mag: Vec<f64> = reference::gemv(
+                &dense(&x, rows, k, stride)
+                    .iter()
+                    .map(|v| v.abs())
+                    .collect::<Vec<_>>(),
+                &w.iter().map(|v| v.abs()).collect::<Vec<_>>(),
+                k,
+            );
+            let got = out.to_f32().unwrap();
+            let mut bad = 0;
+            for (i, (&g, &r)) in got.iter().zip(&want).enumerate() {
+                let tol = r.abs() * ulp(act) + k as f64 * 2f64.powi(-23) * mag[i] + 1e-30;
+                if g.is_nan() || (g as f64 - r).abs() > tol {
+                    bad += 1;
+                }
+            }
+            assert_eq!(bad, 0, "{name}: {bad} of {} outside the bound", got.len());
+        }
+    }
+    // 17 rows is past the kernel's register accumulators: an error, not a launch.
+    let act = Dtype::F32;
+    let xd = DeviceRows::from_f32(&client, &vec![1.0; 17 * 64], act, 17, 64, 64).unwrap();
+    let wd = DeviceRows::from_f32(&client, &vec![1.0; 64], act, 1, 64, 64).unwrap();
+    let mut out = poisoned(&client, act, 17, 1);
+    assert!(layer::gemv(&xd, &wd, &mut out).is_err());
+}
+
+#[test]
+fn gpu_argmax_matches_the_definition_with_ties_and_nan() {
+    let Some(client) =
+        common::gpu::client_or_skip("gpu_argmax_matches_the_definition_with_ties_and_nan")
+    else {
+        return;
+    };
+    for act in ACTS {
+        for (rows, cols, stride) in [
+            (1, 49152, 49152),
+            (33, 49152, 49160),
+            (4, 7, 7),
+            (3, 1000, 1000),
+        ] {
+            let name = format!("argmax/{rows}x{cols}/{act}");
+            let mut rng = Rng::from_name(&name);
+            let mut x = random_rows(&mut rng, rows, cols, stride, act);
+            // Row 0: a tie between two far-apart positions (the first must win) and a NaN.
+            let top = act.round_trip(1.0e4);
+            x[cols / 3] = top;
+            x[cols - 1] = top;
+            x[cols / 5] = f32::NAN;
+            if rows > 1 {
+                // Row 1: all NaN but one negative value.
+                for v in &mut x[stride..stride + cols] {
+                    *v = f32::NAN;
+                }
+                x[stride + cols / 2] = -3.0;
+            }
+            if rows > 2 {
+                // Row 2: all NaN: index 0.
+                for v in &mut x[2 * stride..2 * stride + cols] {
+                    *v = f32::NAN;
+                }
+            }
+            let xd = DeviceRows::from_f32(&client, &x, act, rows, cols, stride).unwrap();
+            for (index, bytes) in [(layer::IndexDtype::I32, 4), (layer::IndexDtype::I64, 8)] {
+                let out = client.create_from_slice(&vec![0xFFu8; rows * bytes]);
+                layer::argmax_rows(&xd, &out, index).unwrap();
+                let raw = client.read_one(out).unwrap();
+                let got: Vec<usize> = raw
+                    .chunks(bytes)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b[..bytes].copy_from_slice(c);
+                        u64::from_le_bytes(b) as usize
+                    })
+                    .collect();
+                let want = reference::argmax(&dense(&x, rows, cols, stride), cols);
+                assert_eq!(got, want, "{name} {index:?}");
+                assert_eq!(want[0], cols / 3, "{name}: the first of tied maxima");
+            }
+        }
+    }
+}

@@ -8,7 +8,7 @@
 use burn_ndarray::NdArray;
 use burn_tensor::{activation::silu, DType, Tensor, TensorData};
 use fp8kv::burn::KvBatch;
-use fp8kv::model::layer::ops::{add_rms_norm, rms_norm, rope_qkv, swiglu};
+use fp8kv::model::layer::ops::{add_rms_norm, argmax, linear, rms_norm, rope_qkv, swiglu};
 use fp8kv::model::layer::{reference, QkvHeads, RopeTable, RopeTableTensor};
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, PagedKvLayout};
@@ -156,13 +156,7 @@ fn ndarray_layer_ops_equal_the_reference_and_refuse_bad_input() {
 
     let got = host(rms_norm(t2(&x, rows, hidden), &wt, 1e-6).unwrap());
     assert_eq!(got, f32s(reference::rms_norm(&x, &w, 1e-6)));
-    let (sum, out) = add_rms_norm(
-        t2(&x, rows, hidden),
-        t2(&r, rows, hidden),
-        &wt,
-        1e-6,
-    )
-    .unwrap();
+    let (sum, out) = add_rms_norm(t2(&x, rows, hidden), t2(&r, rows, hidden), &wt, 1e-6).unwrap();
     let (want_sum, want) = reference::add_rms_norm(&x, &r, &w, 1e-6, Dtype::F32);
     assert_eq!(
         host(sum),
@@ -172,18 +166,47 @@ fn ndarray_layer_ops_equal_the_reference_and_refuse_bad_input() {
     let got = host(swiglu(t2(&x, rows, hidden)).unwrap());
     assert_eq!(got, f32s(reference::swiglu(&x, hidden / 2)));
 
+    // The decode matmul (x · wᵀ, w stored [outputs, k]) at 4 rows and past GEMV_MAX_ROWS (Burn's
+    // matmul there), and the argmax.
+    let wm = normals(&mut rng, 24 * hidden);
+    for n in [rows, 20] {
+        let xs = normals(&mut rng, n * hidden);
+        let got = host(linear(t2(&xs, n, hidden), &t2(&wm, 24, hidden)).unwrap());
+        let want = reference::gemv(&xs, &wm, hidden);
+        // f32 sums of `hidden` products: within hidden · 2⁻²³ of Σ|x·w|.
+        let abs = |v: &[f32]| v.iter().map(|x| x.abs()).collect::<Vec<_>>();
+        let mag = reference::gemv(&abs(&xs), &abs(&wm), hidden);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let tol = hidden as f64 * 2f64.powi(-23) * mag[i];
+            assert!(
+                (g - w).abs() <= tol,
+                "linear {n} rows [{i}]: {g} against {w}"
+            );
+        }
+    }
+    let mut ax = x.clone();
+    ax[5] = 100.0;
+    ax[9] = 100.0;
+    let idx: Vec<i64> = argmax(t2(&ax, rows, hidden))
+        .unwrap()
+        .into_data()
+        .convert::<i64>()
+        .into_vec()
+        .unwrap();
+    let want: Vec<i64> = reference::argmax(&ax, hidden)
+        .iter()
+        .map(|&i| i as i64)
+        .collect();
+    assert_eq!(idx, want);
+    assert_eq!(idx[0], 5, "the first of tied maxima");
+
     // Bad input: an odd gate|up width, a residual of another shape, a weight of another size.
     assert!(matches!(
         swiglu(t2(&x[..rows * 31], rows, 31)),
         Err(Fp8KvError::ShapeMismatch { .. })
     ));
     assert!(matches!(
-        add_rms_norm(
-            t2(&x, rows, hidden),
-            t2(&r, hidden, rows),
-            &wt,
-            1e-6
-        ),
+        add_rms_norm(t2(&x, rows, hidden), t2(&r, hidden, rows), &wt, 1e-6),
         Err(Fp8KvError::ShapeMismatch { .. })
     ));
     let w_short = t2(&[1.0; 8], 1, 8).reshape([8]);
@@ -206,13 +229,7 @@ fn ndarray_layer_ops_equal_the_reference_and_refuse_bad_input() {
     let qkv = normals(&mut rng, 3 * heads.row_elems());
     let table = RopeTable::new(10000.0, 64, 64, 32).unwrap();
     let dev_table = RopeTableTensor::<B>::new(&table, &Default::default());
-    let (q, k, v) = rope_qkv(
-        t2(&qkv, 3, heads.row_elems()),
-        &batch,
-        &dev_table,
-        heads,
-    )
-    .unwrap();
+    let (q, k, v) = rope_qkv(t2(&qkv, 3, heads.row_elems()), &batch, &dev_table, heads).unwrap();
     let (wq, wk, wv) =
         reference::rope_qkv(&qkv, 3, heads.row_elems(), &meta, table.values(), 64, heads);
     assert_eq!(q.dims(), [3, 2, 64]);

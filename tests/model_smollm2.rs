@@ -113,7 +113,7 @@ fn prefill_logits<Q: LayerBackend>(e: &mut Engine<Q>, tokens: &[u32]) -> Vec<Vec
     let id = e.add(tokens.to_vec()).unwrap();
     let (hidden, _) = e.step(&[id]).unwrap();
     e.release(id);
-    logits_rows(e.model.logits(hidden)).unwrap()
+    logits_rows(e.model.logits(hidden).unwrap()).unwrap()
 }
 
 fn lse(row: &[f32]) -> f64 {
@@ -318,7 +318,7 @@ fn fork_shares_full_pages_and_continues_like_its_parent() {
     e.push(parent, 13).unwrap();
     e.push(child, 13).unwrap();
     let (h, _) = e.step(&[parent, child]).unwrap();
-    let rows = logits_rows(e.model.logits(h)).unwrap();
+    let rows = logits_rows(e.model.logits(h).unwrap()).unwrap();
     assert_eq!(rows[0], rows[1], "a fork continues exactly like its parent");
     e.release(parent);
     assert_eq!(

@@ -363,7 +363,7 @@ impl<B: LayerBackend> Engine<B> {
                 );
                 hidden.select(0, idx)
             };
-            let next = argmax_rows(self.model.logits_act(hidden))?;
+            let next = self.model.greedy(hidden)?;
             for (&(_, id), &tok) in last.iter().zip(&next) {
                 let i = ids.iter().position(|&x| x == id).expect("own sequence");
                 out[i].push(tok);
@@ -399,7 +399,7 @@ impl<B: LayerBackend> Engine<B> {
         }
         for &tok in &tokens[prefill_len..] {
             let h = last.take().expect("a step ran");
-            rows.extend(logits_rows(self.model.logits(h))?);
+            rows.extend(logits_rows(self.model.logits(h)?)?);
             self.push(id, tok)?;
             let (hidden, _) = self.step(&[id])?;
             last = Some(hidden);

@@ -14,7 +14,7 @@ use burn_tensor::{DType, Int, Tensor, TensorData};
 
 use super::error::{ModelError, Result};
 use super::gguf::{Gguf, LlamaConfig};
-use super::layer::ops::{add_rms_norm, rms_norm, rope_qkv, swiglu};
+use super::layer::ops::{add_rms_norm, argmax, linear, rms_norm, rope_qkv, swiglu};
 use super::layer::{LayerBackend, QkvHeads, RopeTable, RopeTableTensor};
 use crate::burn::{
     causal_attention, AttentionOptions, FlattenLayout, KvBatch, KvCache, KvCacheConfig,
@@ -22,15 +22,16 @@ use crate::burn::{
 };
 use crate::layout::{KvLayoutKind, PagedKvLayout};
 
-/// One transformer block's weights; projections stored `[in, out]` so `x.matmul(w)` applies
-/// them, Q|K|V and gate|up concatenated along `out` once at load (one matmul each).
+/// One transformer block's weights; projections stored `[out, in]` as in the file
+/// ([`linear`] applies them), Q|K|V and gate|up stacked along `out` once at load (one matmul
+/// each).
 struct Block<B: Backend> {
     attn_norm: Tensor<B, 1>,
-    /// `[hidden, (heads + 2 kv_heads) · head_dim]`.
+    /// `[(heads + 2 kv_heads) · head_dim, hidden]`.
     wqkv: Tensor<B, 2>,
     wo: Tensor<B, 2>,
     ffn_norm: Tensor<B, 1>,
-    /// `[hidden, 2 · feed_forward_length]`: gate then up.
+    /// `[2 · feed_forward_length, hidden]`: gate then up.
     w_gate_up: Tensor<B, 2>,
     w_down: Tensor<B, 2>,
 }
@@ -117,8 +118,9 @@ pub struct Llama<B: Backend> {
     rope: Mutex<RopeTableTensor<B>>,
 }
 
-/// GGUF matrices (`[ne0 = in, ne1 = out]`, `in` contiguous, all of one `in`) as one `[in,
-/// Σ out]` tensor, their columns side by side in order: one upload, one matmul.
+/// GGUF matrices (`[ne0 = in, ne1 = out]`, `in` contiguous, all of one `in`) as one `[Σ out,
+/// in]` tensor (the file's own row-major `[out, in]`, stacked in order): one upload, one
+/// matmul. [`linear`] applies it.
 fn matrices<B: Backend>(
     gguf: &Gguf,
     names: &[String],
@@ -146,19 +148,12 @@ fn matrices<B: Backend>(
         });
     }
     let width: usize = parts.iter().map(|p| p.1).sum();
-    // Row-major [out, in] in the file; transposed on the host once so matmuls read [in, out].
-    let mut data = vec![0f32; cols * width];
-    let mut at = 0;
-    for (_, rows, src) in &parts {
-        for r in 0..*rows {
-            for c in 0..cols {
-                data[c * width + at + r] = src[r * cols + c];
-            }
-        }
-        at += rows;
+    let mut data = Vec::with_capacity(cols * width);
+    for (_, _, src) in &parts {
+        data.extend_from_slice(src);
     }
     Ok(Tensor::from_data(
-        TensorData::new(data, [cols, width]),
+        TensorData::new(data, [width, cols]),
         (device, act),
     ))
 }
@@ -190,11 +185,12 @@ impl<B: LayerBackend> Llama<B> {
         };
         let embedding =
             Tensor::<B, 2>::from_data(TensorData::new(emb.data, [vocab, hidden]), (device, act));
-        // Tied output projection (no `output.weight` in this file): logits = x · Eᵀ.
+        // Tied output projection (no `output.weight` in this file): logits = x · Eᵀ, E being
+        // `[vocab, hidden]`, the `[out, in]` that `linear` takes.
         let lm_head = if gguf.tensor_info("output.weight").is_ok() {
             matrices::<B>(gguf, &["output.weight".into()], act, device)?
         } else {
-            embedding.clone().transpose()
+            embedding.clone()
         };
         let blocks = (0..config.block_count)
             .map(|i| {
@@ -349,7 +345,7 @@ impl<B: LayerBackend> Llama<B> {
                     h
                 }
             };
-            let (q, k, v) = rope_qkv(h.matmul(block.wqkv.clone()), batch, &table, heads)?;
+            let (q, k, v) = rope_qkv(linear(h, &block.wqkv)?, batch, &table, heads)?;
             if let Some(s) = stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
                 s.add(&k, &v);
             }
@@ -371,10 +367,13 @@ impl<B: LayerBackend> Llama<B> {
                     Tensor::cat(outs, 0)
                 }
             };
-            let o = attn.reshape([n, c.head_count * d]).matmul(block.wo.clone());
+            let o = linear(attn.reshape([n, c.head_count * d]), &block.wo)?;
             let (sum, h) = add_rms_norm(x, o, &block.ffn_norm, eps)?;
             x = sum;
-            pending = Some(swiglu(h.matmul(block.w_gate_up.clone()))?.matmul(block.w_down.clone()));
+            pending = Some(linear(
+                swiglu(linear(h, &block.w_gate_up)?)?,
+                &block.w_down,
+            )?);
         }
         Ok(match pending {
             Some(mlp) => add_rms_norm(x, mlp, &self.out_norm, eps)?.1,
@@ -383,13 +382,25 @@ impl<B: LayerBackend> Llama<B> {
     }
 
     /// Logits `[rows, vocab]` in f32 of final hidden states.
-    pub fn logits(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        self.logits_act(hidden).cast(DType::F32)
+    pub fn logits(&self, hidden: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        Ok(self.logits_act(hidden)?.cast(DType::F32))
     }
 
     /// Logits `[rows, vocab]` in the activation dtype (what a greedy argmax needs: no cast
     /// launch).
-    pub fn logits_act(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
-        hidden.matmul(self.lm_head.clone())
+    pub fn logits_act(&self, hidden: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+        Ok(linear(hidden, &self.lm_head)?)
+    }
+
+    /// The greedy next token of each row of final hidden states: logits and their argmax on
+    /// the device, `rows` indices read back.
+    pub fn greedy(&self, hidden: Tensor<B, 2>) -> Result<Vec<u32>> {
+        let idx = argmax(self.logits_act(hidden)?)?;
+        let data = idx
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .map_err(|e| ModelError::Request(format!("reading argmax: {e:?}")))?;
+        Ok(data.into_iter().map(|i| i as u32).collect())
     }
 }

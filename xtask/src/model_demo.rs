@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use burn_tensor::{DType, Distribution, Tensor};
 use fp8kv::burn::AttentionOptions;
-use fp8kv::model::engine::{argmax_rows, Engine};
+use fp8kv::model::engine::Engine;
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
 use fp8kv::model::layer::LayerBackend;
@@ -554,6 +554,17 @@ fn speed<B: LayerBackend>(
         "KV MiB",
         "vs bf16"
     );
+    {
+        let mut engine = Engine::new(
+            model.take().expect("model"),
+            "fp8_e4m3",
+            1024 / PAGE + 8,
+            PAGE,
+        )
+        .map_err(e)?;
+        host_per_call(&mut engine, device)?;
+        model = Some(engine.into_model());
+    }
     for (batch, context) in [
         (0, 2048),
         (1, 1024),
@@ -581,7 +592,7 @@ fn speed<B: LayerBackend>(
                     let t = Instant::now();
                     while engine.sequence(id).map(|s| s.cached) != Some(prompt.len()) {
                         let (h, _) = engine.step(&[id]).map_err(e)?;
-                        argmax_rows(engine.model.logits_act(h.slice(0..1))).map_err(e)?;
+                        engine.model.greedy(h.slice(0..1)).map_err(e)?;
                     }
                     times.push(t.elapsed().as_secs_f64());
                     engine.release(id);
@@ -605,7 +616,7 @@ fn speed<B: LayerBackend>(
                     let t = Instant::now();
                     let (h, rows) = engine.step(&ids)?;
                     let host = t.elapsed().as_secs_f64();
-                    let next = argmax_rows(engine.model.logits_act(h))?;
+                    let next = engine.model.greedy(h)?;
                     for ((id, _), t) in rows.iter().zip(next) {
                         engine.push(*id, t.min(49151))?;
                     }
@@ -712,4 +723,88 @@ fn attention_only<B: LayerBackend>(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[3])
+}
+
+/// Host µs per call of each launch kind of a batch-1 decode step: 200 calls back to back
+/// (inputs made beforehand, no read between), then one sync; the time over 200. Device time
+/// per call is a few µs at this shape, so this is what issuing one launch costs the host (on
+/// the fused backend: recording it and running it at the sync).
+fn host_per_call<B: LayerBackend>(
+    engine: &mut Engine<B>,
+    device: &B::Device,
+) -> Result<(), String> {
+    use fp8kv::model::layer::ops;
+    let e = |x: fp8kv::model::ModelError| x.to_string();
+    let k = |x: fp8kv::Fp8KvError| x.to_string();
+    let c = engine.model.config().clone();
+    let (hidden, d) = (c.embedding_length, c.head_dim());
+    let id = engine.add_synthetic(1024, 13).map_err(e)?;
+    engine.push(id, 13).map_err(e)?;
+    let plan = engine.plan_step(&[id]).map_err(e)?;
+    let batch = plan.step.batch;
+    let rnd = |shape: [usize; 2]| {
+        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
+    };
+    let x = rnd([1, hidden]);
+    let w = rnd([(c.head_count + 2 * c.head_count_kv) * d, hidden]);
+    let norm_w = Tensor::<B, 1>::ones([hidden], (device, DType::F32));
+    let gu = rnd([1, 2 * c.feed_forward_length]);
+    let logits = rnd([1, c.vocab_size]);
+    let q = rnd([1, c.head_count * d]).reshape([1, c.head_count, d]);
+    let kv = rnd([1, c.head_count_kv * d]).reshape([1, c.head_count_kv, d]);
+    let opts = AttentionOptions::default();
+    const N: usize = 200;
+    let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+        f()?;
+        B::sync(device).ok();
+        let t = Instant::now();
+        for _ in 0..N {
+            f()?;
+        }
+        B::sync(device).ok();
+        Ok(t.elapsed().as_secs_f64() * 1e6 / N as f64)
+    };
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    rows.push((
+        "linear 1x576 · 960x576ᵀ (GEMV)",
+        time(&mut || ops::linear(x.clone(), &w).map(drop).map_err(k))?,
+    ));
+    rows.push((
+        "add_rms_norm",
+        time(&mut || {
+            ops::add_rms_norm(x.clone(), x.clone(), &norm_w, 1e-5)
+                .map(drop)
+                .map_err(k)
+        })?,
+    ));
+    rows.push((
+        "swiglu",
+        time(&mut || ops::swiglu(gu.clone()).map(drop).map_err(k))?,
+    ));
+    rows.push((
+        "argmax over the vocabulary",
+        time(&mut || ops::argmax(logits.clone()).map(drop).map_err(k))?,
+    ));
+    rows.push((
+        "Burn add (for scale)",
+        time(&mut || {
+            drop(x.clone() + x.clone());
+            Ok(())
+        })?,
+    ));
+    let cache = &mut engine.caches_mut()[0];
+    rows.push((
+        "fill (library)",
+        time(&mut || cache.fill(kv.clone(), kv.clone(), &batch).map_err(k))?,
+    ));
+    rows.push((
+        "decode (library, 2 launches)",
+        time(&mut || cache.decode(q.clone(), &batch, &opts).map(drop).map_err(k))?,
+    ));
+    println!("    host µs per call, {N} calls back to back then one sync (batch 1, context 1024):");
+    for (name, us) in rows {
+        println!("      {name:<34} {us:>8.1}");
+    }
+    engine.release(id);
+    Ok(())
 }

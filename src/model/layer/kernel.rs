@@ -236,3 +236,131 @@ pub(crate) fn rope_qkv_kernel<F: Float>(
         }
     }
 }
+
+/// Output rows (warps) of one GEMV cube.
+pub(crate) const GEMV_WARPS: u32 = 8;
+/// Largest row count the GEMV kernel takes (its accumulators live in registers).
+pub(crate) const GEMV_MAX_ROWS: u32 = 16;
+
+/// Matrix-vector product for few rows, the decode step's matmul: `out[m, n] = Σ_k x[m, k] ·
+/// w[n, k]` in f32, rounded to `F`. `w` is `[outputs, k]` row-major (GGUF's `[out, in]`): warp
+/// `n` reads row `n` once with coalesced 16-byte loads, every lane keeps `rows` partial sums,
+/// and one plane reduction per row ends it.
+///
+/// Grid `(ceil(outputs / 8), 1, 1)`, cube `(32, 8, 1)`: warp `UNIT_POS_Y` of cube `c` owns
+/// output `8c + UNIT_POS_Y`. `x`: `[rows, k]` at row stride `x_stride` (in vectors of `N`);
+/// `w`: `[outputs, k]` contiguous; `out`: `[rows, outputs]` contiguous. `k_vecs = k / N`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemv_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    out: &mut Array<F>,
+    outputs: u32,
+    x_stride: u32,
+    #[comptime] rows: u32,
+    #[comptime] k_vecs: u32,
+    #[comptime] vec: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let n = CUBE_POS_X * GEMV_WARPS + UNIT_POS_Y;
+    // The whole warp shares `n`: it leaves together, and the plane sums see all 32 lanes.
+    if n < outputs {
+        let mut acc = Array::<f32>::new(comptime![rows as usize]);
+        #[unroll]
+        for m in 0..rows {
+            acc[m as usize] = 0.0;
+        }
+        let w_row = n * k_vecs;
+        // Fully unrolled: each lane's loads of `w` are independent and all in flight at once.
+        #[unroll]
+        for it in 0..comptime![k_vecs.div_ceil(LANES)] {
+            let kv = UNIT_POS_X + it * LANES;
+            if kv < k_vecs {
+                let wv = Vector::<f32, N>::cast_from(w[(w_row + kv) as usize]);
+                #[unroll]
+                for m in 0..rows {
+                    let xv = Vector::<f32, N>::cast_from(x[(m * x_stride + kv) as usize]);
+                    let mut s = 0.0f32;
+                    #[unroll]
+                    for j in 0..vec {
+                        s += wv[j as usize] * xv[j as usize];
+                    }
+                    acc[m as usize] += s;
+                }
+            }
+        }
+        #[unroll]
+        for m in 0..rows {
+            let s = plane_sum(acc[m as usize]);
+            if UNIT_POS_X == 0 {
+                out[(m * outputs + n) as usize] = F::cast_from(s);
+            }
+        }
+    }
+}
+
+/// Threads of one argmax cube (one row).
+pub(crate) const ARGMAX_THREADS: u32 = 256;
+
+/// Row-wise argmax: `out[r]` = the first index of the largest value of row `r` (NaN and −inf
+/// never win; a row of only those gives 0).
+///
+/// Grid `(rows, 1, 1)`, cube `(256, 1, 1)`. `x`: `[rows, cols]` at row stride `stride`; `out`:
+/// `[rows]` of `I`.
+#[cube(launch_unchecked)]
+pub(crate) fn argmax_kernel<F: Float, I: Int>(
+    x: &Array<F>,
+    out: &mut Array<I>,
+    cols: u32,
+    stride: u32,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X;
+    let base = row * stride;
+    // CubeCL 0.10 prints an infinite literal as `inf`, which NVRTC rejects: start at f32::MIN.
+    let mut best = f32::new(f32::MIN);
+    let mut at = u32::new(u32::MAX as i64);
+    let mut i = UNIT_POS_X;
+    while i < cols {
+        let v = f32::cast_from(x[(base + i) as usize]);
+        // Strictly greater: the first index wins ties within a thread; NaN fails it.
+        if v > best || (at == u32::MAX && v == best) {
+            best = v;
+            at = i;
+        }
+        i += ARGMAX_THREADS;
+    }
+    // Across the warp: the largest value, then the smallest index holding it.
+    let wbest = plane_max(best);
+    let mut cand = u32::new(u32::MAX as i64);
+    if best == wbest {
+        cand = at;
+    }
+    let wat = plane_min(cand);
+    let mut vals = SharedMemory::<f32>::new(comptime![(ARGMAX_THREADS / LANES) as usize]);
+    let mut idxs = SharedMemory::<u32>::new(comptime![(ARGMAX_THREADS / LANES) as usize]);
+    let warp = UNIT_POS_X / LANES;
+    if UNIT_POS_PLANE == 0 {
+        vals[warp as usize] = wbest;
+        idxs[warp as usize] = wat;
+    }
+    sync_cube();
+    if UNIT_POS_X == 0 {
+        let mut b = vals[0];
+        let mut a = idxs[0];
+        #[unroll]
+        for w in 1..comptime![ARGMAX_THREADS / LANES] {
+            let v = vals[w as usize];
+            let j = idxs[w as usize];
+            if v > b || (v == b && j < a) {
+                b = v;
+                a = j;
+            }
+        }
+        if a == u32::MAX {
+            a = 0;
+        }
+        out[row as usize] = I::cast_from(a);
+    }
+}

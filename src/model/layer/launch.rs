@@ -7,8 +7,8 @@
 use cubecl::prelude::*;
 
 use super::kernel::{
-    add_rms_norm_kernel, rms_norm_kernel, rope_qkv_kernel, swiglu_kernel, RopeDims, LANES,
-    NORM_ROWS_PER_CUBE, THREADS,
+    add_rms_norm_kernel, argmax_kernel, gemv_kernel, rms_norm_kernel, rope_qkv_kernel,
+    swiglu_kernel, RopeDims, ARGMAX_THREADS, GEMV_WARPS, LANES, NORM_ROWS_PER_CUBE, THREADS,
 };
 use crate::device::{storage_type, DeviceBatch, DeviceRows};
 use crate::kernels::array_len;
@@ -152,6 +152,71 @@ pub(crate) fn launch_rope<R: Runtime>(
             qkv.row_stride() as u32,
             dims,
             storage_type(qkv.dtype()),
+        )
+    }
+}
+
+/// [`super::gemv`]: `vec` elements per load (dividing k, x's row stride and both buffers'
+/// offsets).
+pub(crate) fn launch_gemv<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    vec: usize,
+    out: &mut DeviceRows<R>,
+) {
+    let (rows, outputs, k) = (x.rows(), w.rows(), x.row_elems());
+    if rows == 0 || outputs == 0 {
+        return;
+    }
+    let client = out.client().clone();
+    // SAFETY: `mod.rs` checked x as `rows <= GEMV_MAX_ROWS` rows of `k` at its stride, w as
+    // `outputs` contiguous rows of `k`, out as `rows` contiguous rows of `outputs`, one dtype,
+    // all below `u32::MAX` elements, and `vec` divides k, the stride and the offsets; the
+    // kernel reads `x[m · stride/vec + kv]`, `w[n · k/vec + kv]` with `kv < k/vec`, `n <
+    // outputs`, and writes `out[m · outputs + n]`.
+    unsafe {
+        gemv_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(outputs.div_ceil(GEMV_WARPS as usize) as u32, 1, 1),
+            CubeDim::new_2d(LANES, GEMV_WARPS),
+            vec,
+            arg(x),
+            arg(w),
+            arg(out),
+            outputs as u32,
+            (x.row_stride() / vec) as u32,
+            rows as u32,
+            (k / vec) as u32,
+            vec as u32,
+            storage_type(x.dtype()),
+        )
+    }
+}
+
+/// [`super::argmax_rows`]: one cube per row, `out` holds `rows` integers of `out_type`.
+pub(crate) fn launch_argmax<R: Runtime>(
+    x: &DeviceRows<R>,
+    out: &cubecl::server::Handle,
+    out_type: cubecl::ir::StorageType,
+) {
+    let rows = x.rows();
+    if rows == 0 {
+        return;
+    }
+    let client = x.client().clone();
+    let es = out_type.size();
+    // SAFETY: `mod.rs` checked x (rows at its stride, below `u32::MAX` elements) and that
+    // `out` holds `rows` integers of `out_type`; cube `r` reads row `r` and writes `out[r]`.
+    unsafe {
+        argmax_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows as u32, 1, 1),
+            CubeDim::new_1d(ARGMAX_THREADS),
+            arg(x),
+            ArrayArg::from_raw_parts(out.clone(), array_len(out, es)),
+            x.row_elems() as u32,
+            x.row_stride() as u32,
+            [storage_type(x.dtype()), out_type],
         )
     }
 }

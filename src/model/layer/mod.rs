@@ -335,8 +335,87 @@ pub fn rope_qkv<R: Runtime>(
     Ok(())
 }
 
+/// The integer type [`argmax_rows`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexDtype {
+    /// 32-bit indices.
+    I32,
+    /// 64-bit indices.
+    I64,
+}
+
+/// The most rows [`gemv`] takes (a decode step's batch; more rows go to a matmul).
+pub const GEMV_MAX_ROWS: usize = kernel::GEMV_MAX_ROWS as usize;
+
+/// The product of few rows with a weight stored `[outputs, k]` (GGUF's `[out, in]`): `out[m,
+/// n] = Σ_k x[m, k] · w[n, k]`, accumulated in f32, rounded to the activation dtype. Each
+/// weight row is read once by one warp (a decode step's matmuls are matrix-vector products).
+///
+/// `x`: `[rows, k]`, `1 <= rows <= GEMV_MAX_ROWS`, any row stride; `w`: `[outputs, k]`
+/// contiguous; `out`: `[rows, outputs]` contiguous; one activation dtype. Errors as
+/// [`rms_norm`], and [`Fp8KvError::TooLarge`] for more rows.
+pub fn gemv<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    check_activation("x", x)?;
+    let (rows, k, outputs) = (x.rows(), x.row_elems(), w.rows());
+    check_limit(
+        "GEMV rows",
+        rows,
+        GEMV_MAX_ROWS,
+        "the GEMV kernel's register accumulators",
+    )?;
+    check_rows("x", x, rows, k, x.dtype(), true)?;
+    check_rows("w", w, outputs, k, x.dtype(), false)?;
+    check_rows("out", out, rows, outputs, x.dtype(), false)?;
+    if k == 0 {
+        return Err(Fp8KvError::ZeroSize { what: "GEMV k" });
+    }
+    let vec = crate::kernels::access_elems(
+        x.dtype().size_bytes(),
+        &[k, x.row_stride()],
+        &[x.handle(), w.handle()],
+    );
+    launch::launch_gemv(x, w, vec, out);
+    Ok(())
+}
+
+/// Row-wise argmax of `x` (`[rows, cols]`, any row stride): the first index of each row's
+/// largest value (NaN and −inf never win; a row of only those gives 0), written as `rows` integers of
+/// `out_type` (what the caller's integer tensors hold) into `out`.
+///
+/// Errors as [`rms_norm`], and [`Fp8KvError::ShapeMismatch`] when `out` is too small.
+pub fn argmax_rows<R: Runtime>(
+    x: &DeviceRows<R>,
+    out: &cubecl::server::Handle,
+    out_type: IndexDtype,
+) -> Result<()> {
+    check_activation("x", x)?;
+    check_rows("x", x, x.rows(), x.row_elems(), x.dtype(), true)?;
+    if x.row_elems() == 0 {
+        return Err(Fp8KvError::ZeroSize { what: "argmax row" });
+    }
+    use cubecl::ir::{ElemType, IntKind, StorageType};
+    let storage = StorageType::Scalar(ElemType::Int(match out_type {
+        IndexDtype::I32 => IntKind::I32,
+        IndexDtype::I64 => IntKind::I64,
+    }));
+    if (out.size_in_used() as usize) < x.rows() * storage.size() {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "argmax output",
+            expected: format!("{} integers", x.rows()),
+            actual: format!("{} bytes", out.size_in_used()),
+        });
+    }
+    launch::launch_argmax(x, out, storage);
+    Ok(())
+}
+
 /// Launches every block-kernel instantiation the SmolLM2 model uses (hidden 576, MLP 1536,
-/// 9 / 3 heads of 64), for each activation dtype, once on tiny valid inputs. Used by
+/// 9 / 3 heads of 64, GEMV at 1–16 rows, argmax), for each activation dtype, once on tiny valid
+/// inputs. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
 #[cfg(feature = "internals")]
@@ -364,6 +443,15 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         let qkv = rows(heads.row_elems())?;
         let (mut q, mut k, mut v) = (rows(576)?, rows(192)?, rows(192)?);
         rope_qkv(&qkv, &batch, &table, heads, 64, &mut q, &mut k, &mut v)?;
+        // The decode step's matmuls: every row count a batch up to GEMV_MAX_ROWS compiles.
+        let weight = DeviceRows::empty(client, act, 960, 576, 576)?;
+        for m in [1, 2, 4, 8, 16] {
+            let xm = DeviceRows::empty(client, act, m, 576, 576)?;
+            let mut om = DeviceRows::empty(client, act, m, 960, 960)?;
+            gemv(&xm, &weight, &mut om)?;
+        }
+        let idx = client.empty(2 * 8);
+        argmax_rows(&x, &idx, IndexDtype::I32)?;
     }
     Ok(())
 }

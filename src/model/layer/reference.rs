@@ -114,3 +114,31 @@ pub fn rope_qkv(
     }
     (q, k, v)
 }
+
+/// `x · wᵀ` in f64: `x` `rows × k`, `w` `outputs × k` (row-major), the result `rows ×
+/// outputs`.
+pub fn gemv(x: &[f32], w: &[f32], k: usize) -> Vec<f64> {
+    let mut out = Vec::new();
+    for xr in x.chunks(k) {
+        for wr in w.chunks(k) {
+            out.push(xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum());
+        }
+    }
+    out
+}
+
+/// Row-wise argmax: the first index of each row's largest value, NaN and −inf never chosen
+/// (0 for a row of only those).
+pub fn argmax(x: &[f32], cols: usize) -> Vec<usize> {
+    x.chunks(cols)
+        .map(|row| {
+            let mut best: Option<(usize, f32)> = None;
+            for (i, &v) in row.iter().enumerate() {
+                if !v.is_nan() && v != f32::NEG_INFINITY && best.is_none_or(|(_, b)| v > b) {
+                    best = Some((i, v));
+                }
+            }
+            best.map_or(0, |(i, _)| i)
+        })
+        .collect()
+}

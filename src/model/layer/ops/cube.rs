@@ -4,7 +4,7 @@
 
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, FloatElement, IntElement};
-use burn_tensor::Shape;
+use burn_tensor::{DType, Shape};
 use cubecl::cuda::CudaRuntime;
 
 use super::LayerBackend;
@@ -17,7 +17,7 @@ use crate::policy::Dtype;
 type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 
 /// A `[rows, cols]` tensor as library rows: its own buffer when rows are unit-stride inside
-/// (any row stride, e.g. Burn's pitched rows or a column slice), else a contiguous copy.
+/// (any row stride, e.g. Burn's pitched rows or a column slice), else a contiguous gather.
 fn rows2(t: CubeTensor<CudaRuntime>, dtype: Dtype) -> Result<DeviceRows<CudaRuntime>> {
     let dims = t.meta.shape().to_vec();
     let strides = t.meta.strides().to_vec();
@@ -31,13 +31,24 @@ fn rows2(t: CubeTensor<CudaRuntime>, dtype: Dtype) -> Result<DeviceRows<CudaRunt
     };
     let last = strides.len() - 1;
     let packed_tail = dims.len() <= 2 && (cols == 1 || strides[last] == 1);
-    let (t, stride) = if packed_tail && (rows <= 1 || strides[0] >= cols) {
+    if packed_tail && (rows <= 1 || strides[0] >= cols) {
         let stride = if rows <= 1 { cols } else { strides[0] };
-        (t, stride)
+        return DeviceRows::from_handle(&t.client, t.handle, dtype, rows, cols, stride);
+    }
+    // Not unit-stride inside, or more than two dims: the library's gather, which reads only
+    // the addressed elements (Burn's into_contiguous reads a pitched buffer's unwritten tail).
+    let t = if dims.len() <= 2 {
+        t
     } else {
-        (burn_cubecl::kernel::into_contiguous(t), cols)
+        burn_cubecl::kernel::into_contiguous(t)
     };
-    DeviceRows::from_handle(&t.client, t.handle, dtype, rows, cols, stride)
+    let s = t.meta.strides().to_vec();
+    let (s0, s1) = if dims.len() == 2 {
+        (s[0], s[1])
+    } else {
+        (cols, 1)
+    };
+    crate::kernels::gather::gather_rows(&t.client, t.handle, dtype, [rows, 1, cols], [s0, 0, s1])
 }
 
 fn new_rows(
@@ -131,5 +142,37 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> LayerBackend for Cube<F, I
             wrap(&like, k, vec![n, heads.kv_heads, d])?,
             wrap(&like, v, vec![n, heads.kv_heads, d])?,
         ])
+    }
+
+    fn layer_gemv(
+        x: CubeTensor<CudaRuntime>,
+        w: CubeTensor<CudaRuntime>,
+    ) -> Result<CubeTensor<CudaRuntime>> {
+        let dtype = activation_dtype("x", x.dtype)?;
+        let like = x.clone();
+        let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
+        let (rows, outputs) = (x.rows(), w.rows());
+        let mut out = new_rows(&like, dtype, rows, outputs)?;
+        // `gemv` refuses a weight with a row stride (the model's weights are contiguous).
+        layer::gemv(&x, &w, &mut out)?;
+        wrap(&like, out, vec![rows, outputs])
+    }
+
+    fn layer_argmax(x: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
+        let dtype = activation_dtype("x", x.dtype)?;
+        let like = x.clone();
+        let x = rows2(x, dtype)?;
+        let (index, int) = match I::dtype() {
+            DType::I64 => (layer::IndexDtype::I64, DType::I64),
+            _ => (layer::IndexDtype::I32, DType::I32),
+        };
+        let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            Shape::new([x.rows()]),
+            int,
+        );
+        layer::argmax_rows(&x, &out.handle, index)?;
+        Ok(out)
     }
 }

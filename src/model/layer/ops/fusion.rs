@@ -25,6 +25,8 @@ enum Kind<P> {
         eps: f32,
     },
     Swiglu,
+    Gemv,
+    Argmax,
     Rope {
         batch: P,
         heads: QkvHeads,
@@ -65,6 +67,17 @@ impl<B: FusionBackend + LayerBackend> Operation<B::FusionRuntime> for LayerOp<B>
                 let ([gu], [out]) = desc.as_fixed();
                 let o = or_panic("swiglu", B::layer_swiglu(get(handles, gu)));
                 handles.register_float_tensor::<B>(&out.id, o);
+            }
+            Kind::Gemv => {
+                let ([x, w], [out]) = desc.as_fixed();
+                let (x, w) = (get(handles, x), get(handles, w));
+                let o = or_panic("gemv", B::layer_gemv(x, w));
+                handles.register_float_tensor::<B>(&out.id, o);
+            }
+            Kind::Argmax => {
+                let ([x], [out]) = desc.as_fixed();
+                let o = or_panic("argmax", B::layer_argmax(get(handles, x)));
+                handles.register_int_tensor::<B>(&out.id, o);
             }
             Kind::Rope {
                 batch,
@@ -183,5 +196,28 @@ impl<B: FusionBackend + LayerBackend> LayerBackend for Fusion<B> {
             .try_into()
             .unwrap_or_else(|_| unreachable!("rope_qkv registers three outputs"));
         Ok([q, k, v])
+    }
+
+    fn layer_gemv(x: FTensor<B>, w: FTensor<B>) -> Result<FTensor<B>> {
+        let (rows, outputs, dtype) = (x.shape.to_vec()[0], w.shape.to_vec()[0], x.dtype);
+        Ok(one(register::<B>(
+            "fp8kv_gemv",
+            vec![x, w],
+            &[vec![rows, outputs]],
+            dtype,
+            Kind::Gemv,
+        )))
+    }
+
+    fn layer_argmax(x: FTensor<B>) -> Result<FTensor<B>> {
+        use burn_tensor::Element;
+        let rows = x.shape.to_vec()[0];
+        Ok(one(register::<B>(
+            "fp8kv_argmax",
+            vec![x],
+            &[vec![rows]],
+            <B::IntElem as Element>::dtype(),
+            Kind::Argmax,
+        )))
     }
 }

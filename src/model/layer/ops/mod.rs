@@ -12,8 +12,8 @@ mod cube;
 mod fusion;
 mod ndarray;
 
-use burn_tensor::ops::FloatTensor;
-use burn_tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_tensor::ops::{FloatTensor, IntTensor};
+use burn_tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 
 use super::{QkvHeads, RopeTable};
 use crate::burn::{KvBatch, PagedKvBackend};
@@ -50,6 +50,13 @@ pub trait LayerBackend: PagedKvBackend {
         heads: QkvHeads,
         rope_dims: usize,
     ) -> Result<[FloatTensor<Self>; 3]>;
+
+    /// `x · wᵀ` for `x` `[rows, k]` with `rows <= GEMV_MAX_ROWS` and `w` `[outputs, k]`: a new
+    /// contiguous `[rows, outputs]` tensor.
+    fn layer_gemv(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
+
+    /// Row-wise argmax of `[rows, cols]`: `[rows]` indices (the first of equal maxima).
+    fn layer_argmax(x: FloatTensor<Self>) -> Result<IntTensor<Self>>;
 }
 
 /// A [`RopeTable`] on a device: `[positions, head_dim]` f32.
@@ -185,6 +192,30 @@ pub fn swiglu<B: LayerBackend>(gate_up: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
         });
     }
     Ok(tensor(B::layer_swiglu(float(gate_up))?))
+}
+
+/// `x · wᵀ` for `x` `[rows, k]` and a weight stored `[outputs, k]` (GGUF's `[out, in]`): the
+/// matrix-vector kernel ([`super::gemv`], one launch) for `rows <= GEMV_MAX_ROWS` (decode
+/// steps), Burn's matmul on the transposed view otherwise (prefill).
+pub fn linear<B: LayerBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>> {
+    check_act("x", x.dtype())?;
+    let [rows, k] = x.dims();
+    let device = x.device();
+    check_same("weight", w, [w.dims()[0], k], x.dtype(), &device)?;
+    if rows == 0 || rows > super::GEMV_MAX_ROWS {
+        return Ok(x.matmul(w.clone().transpose()));
+    }
+    Ok(tensor(B::layer_gemv(float(x), float(w.clone()))?))
+}
+
+/// Row-wise argmax of `[rows, cols]` values (f32/f16/bf16, no cast): `[rows]` indices, the
+/// first of equal maxima, NaN and −inf never chosen. One launch on GPU backends.
+pub fn argmax<B: LayerBackend>(x: Tensor<B, 2>) -> Result<Tensor<B, 1, Int>> {
+    check_act("x", x.dtype())?;
+    if x.dims()[1] == 0 {
+        return Err(Fp8KvError::ZeroSize { what: "argmax row" });
+    }
+    Ok(Tensor::from_primitive(B::layer_argmax(float(x))?))
 }
 
 /// RoPE on a fused QKV projection `[num_tokens, (q_heads + 2 kv_heads) · head_dim]`, split into

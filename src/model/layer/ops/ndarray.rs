@@ -117,4 +117,17 @@ where
             side(&v, heads.kv_heads)?,
         ])
     }
+
+    fn layer_gemv(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>> {
+        // Burn's own matmul: the CPU path needs no kernel of its own.
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let w = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(w));
+        Ok(x.matmul(w.transpose()).into_primitive().tensor())
+    }
+
+    fn layer_argmax(x: FloatTensor<Self>) -> Result<burn_tensor::ops::IntTensor<Self>> {
+        let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
+        let rows = x.dims()[0];
+        Ok(x.argmax(1).reshape([rows]).into_primitive())
+    }
 }
