@@ -248,8 +248,9 @@ pub(crate) const GEMV_MAX_ROWS: u32 = 16;
 /// and one plane reduction per row ends it.
 ///
 /// Grid `(ceil(outputs / 8), 1, 1)`, cube `(32, 8, 1)`: warp `UNIT_POS_Y` of cube `c` owns
-/// output `8c + UNIT_POS_Y`. `x`: `[rows, k]` at row stride `x_stride` (in vectors of `N`);
-/// `w`: `[outputs, k]` contiguous; `out`: `[rows, outputs]` contiguous. `k_vecs = k / N`.
+/// output `8c + UNIT_POS_Y`. `x`: `[rows, k]` at row stride `x_stride`, `w`: `[outputs, k]` at
+/// row stride `w_stride` (both in vectors of `N`: Burn pads rows to a pitch); `out`: `[rows,
+/// outputs]` contiguous. `k_vecs = k / N`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemv_kernel<F: Float, N: Size>(
@@ -258,6 +259,7 @@ pub(crate) fn gemv_kernel<F: Float, N: Size>(
     out: &mut Array<F>,
     outputs: u32,
     x_stride: u32,
+    w_stride: u32,
     #[comptime] rows: u32,
     #[comptime] k_vecs: u32,
     #[comptime] vec: u32,
@@ -271,7 +273,7 @@ pub(crate) fn gemv_kernel<F: Float, N: Size>(
         for m in 0..rows {
             acc[m as usize] = 0.0;
         }
-        let w_row = n * k_vecs;
+        let w_row = n * w_stride;
         // Fully unrolled: each lane's loads of `w` are independent and all in flight at once.
         #[unroll]
         for it in 0..comptime![k_vecs.div_ceil(LANES)] {

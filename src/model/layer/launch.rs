@@ -170,10 +170,11 @@ pub(crate) fn launch_gemv<R: Runtime>(
     }
     let client = out.client().clone();
     // SAFETY: `mod.rs` checked x as `rows <= GEMV_MAX_ROWS` rows of `k` at its stride, w as
-    // `outputs` contiguous rows of `k`, out as `rows` contiguous rows of `outputs`, one dtype,
-    // all below `u32::MAX` elements, and `vec` divides k, the stride and the offsets; the
-    // kernel reads `x[m · stride/vec + kv]`, `w[n · k/vec + kv]` with `kv < k/vec`, `n <
-    // outputs`, and writes `out[m · outputs + n]`.
+    // `outputs` rows of `k` at its stride (the `DeviceRows` constructors: the buffers cover
+    // them), out as `rows` contiguous rows of `outputs`, one dtype, all below `u32::MAX`
+    // elements, and `vec` divides k, both strides and the offsets; the kernel reads
+    // `x[m · x_stride/vec + kv]`, `w[n · w_stride/vec + kv]` with `kv < k/vec`, `n < outputs`,
+    // and writes `out[m · outputs + n]`.
     unsafe {
         gemv_kernel::launch_unchecked::<R>(
             &client,
@@ -185,6 +186,7 @@ pub(crate) fn launch_gemv<R: Runtime>(
             arg(out),
             outputs as u32,
             (x.row_stride() / vec) as u32,
+            (w.row_stride() / vec) as u32,
             rows as u32,
             (k / vec) as u32,
             vec as u32,

@@ -351,8 +351,8 @@ pub const GEMV_MAX_ROWS: usize = kernel::GEMV_MAX_ROWS as usize;
 /// n] = Σ_k x[m, k] · w[n, k]`, accumulated in f32, rounded to the activation dtype. Each
 /// weight row is read once by one warp (a decode step's matmuls are matrix-vector products).
 ///
-/// `x`: `[rows, k]`, `1 <= rows <= GEMV_MAX_ROWS`, any row stride; `w`: `[outputs, k]`
-/// contiguous; `out`: `[rows, outputs]` contiguous; one activation dtype. Errors as
+/// `x`: `[rows, k]`, `1 <= rows <= GEMV_MAX_ROWS`, any row stride; `w`: `[outputs, k]`, any
+/// row stride; `out`: `[rows, outputs]` contiguous; one activation dtype. Errors as
 /// [`rms_norm`], and [`Fp8KvError::TooLarge`] for more rows.
 pub fn gemv<R: Runtime>(
     x: &DeviceRows<R>,
@@ -368,14 +368,14 @@ pub fn gemv<R: Runtime>(
         "the GEMV kernel's register accumulators",
     )?;
     check_rows("x", x, rows, k, x.dtype(), true)?;
-    check_rows("w", w, outputs, k, x.dtype(), false)?;
+    check_rows("w", w, outputs, k, x.dtype(), true)?;
     check_rows("out", out, rows, outputs, x.dtype(), false)?;
     if k == 0 {
         return Err(Fp8KvError::ZeroSize { what: "GEMV k" });
     }
     let vec = crate::kernels::access_elems(
         x.dtype().size_bytes(),
-        &[k, x.row_stride()],
+        &[k, x.row_stride(), w.row_stride()],
         &[x.handle(), w.handle()],
     );
     launch::launch_gemv(x, w, vec, out);

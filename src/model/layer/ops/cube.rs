@@ -153,7 +153,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> LayerBackend for Cube<F, I
         let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
         let (rows, outputs) = (x.rows(), w.rows());
         let mut out = new_rows(&like, dtype, rows, outputs)?;
-        // `gemv` refuses a weight with a row stride (the model's weights are contiguous).
+        // Weights keep Burn's pitched rows: the kernel reads them in place.
         layer::gemv(&x, &w, &mut out)?;
         wrap(&like, out, vec![rows, outputs])
     }
