@@ -738,8 +738,8 @@ fn host_per_call<B: LayerBackend>(
     let k = |x: fp8kv::Fp8KvError| x.to_string();
     let c = engine.model.config().clone();
     let (hidden, d) = (c.embedding_length, c.head_dim());
+    // One pending token after 1024 cached ones: a decode step's batch.
     let id = engine.add_synthetic(1024, 13).map_err(e)?;
-    engine.push(id, 13).map_err(e)?;
     let plan = engine.plan_step(&[id]).map_err(e)?;
     let batch = plan.step.batch;
     let rnd = |shape: [usize; 2]| {
