@@ -421,17 +421,6 @@ pub struct StepPlan<B: PagedKvBackend> {
 /// `(sequence id, position)`.
 pub type StepOutput<B> = (Tensor<B, 2>, Vec<(usize, usize)>);
 
-/// Row-wise argmax of `[rows, vocab]` logits, read back to the host.
-pub fn argmax_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<u32>> {
-    let idx = logits.argmax(1);
-    let data = idx
-        .into_data()
-        .convert::<i64>()
-        .into_vec::<i64>()
-        .map_err(|e| ModelError::Request(format!("reading argmax: {e:?}")))?;
-    Ok(data.into_iter().map(|i| i as u32).collect())
-}
-
 /// `[rows, vocab]` f32 logits as host rows.
 pub fn logits_rows<B: Backend>(logits: Tensor<B, 2>) -> Result<Vec<Vec<f32>>> {
     let [_, vocab] = logits.dims();

@@ -166,7 +166,8 @@ fn check_weight<R: Runtime>(w: &DeviceRows<R>, hidden: usize) -> Result<()> {
     check_rows("norm weight", w, 1, hidden, Dtype::F32, false)
 }
 
-fn check_eps(eps: f32) -> Result<()> {
+/// An RMSNorm epsilon is finite and non-negative.
+pub(crate) fn check_eps(eps: f32) -> Result<()> {
     if eps.is_finite() && eps >= 0.0 {
         Ok(())
     } else {

@@ -15,7 +15,7 @@ mod ndarray;
 use burn_tensor::ops::{FloatTensor, IntTensor};
 use burn_tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 
-use super::{QkvHeads, RopeTable};
+use super::{check_eps, QkvHeads, RopeTable};
 use crate::burn::{KvBatch, PagedKvBackend};
 use crate::error::{Fp8KvError, Result};
 
@@ -139,15 +139,6 @@ fn check_weight<B: burn_tensor::backend::Backend>(
     check_same("norm weight", w, [hidden], DType::F32, device)
 }
 
-fn check_eps(eps: f32) -> Result<()> {
-    if eps.is_finite() && eps >= 0.0 {
-        Ok(())
-    } else {
-        Err(Fp8KvError::InvalidOption(format!(
-            "RMSNorm eps must be finite and >= 0, got {eps}"
-        )))
-    }
-}
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w` per row, in f32, in `x`'s dtype (f32/f16/bf16);
 /// `w` is `[hidden]` f32. One launch on GPU backends.
