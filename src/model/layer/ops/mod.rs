@@ -139,7 +139,6 @@ fn check_weight<B: burn_tensor::backend::Backend>(
     check_same("norm weight", w, [hidden], DType::F32, device)
 }
 
-
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w` per row, in f32, in `x`'s dtype (f32/f16/bf16);
 /// `w` is `[hidden]` f32. One launch on GPU backends.
 pub fn rms_norm<B: LayerBackend>(
