@@ -56,6 +56,7 @@ pub mod layout;
 pub mod model;
 pub mod policy;
 pub mod reference;
+pub mod rope;
 pub mod scales;
 #[cfg(any(test, feature = "internals"))]
 pub mod testing;

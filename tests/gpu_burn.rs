@@ -676,3 +676,98 @@ fn gpu_burn_pitched_activations_are_copied_exactly() {
         .collect();
     assert_eq!(got, want, "Burn's into_contiguous changed values");
 }
+
+/// `KvCache::fill_rope` on one backend: the whole cache and Q against the reference.
+fn fill_rope_case<B: PagedKvBackend<Device = CudaDevice>>(policy: &str) -> Result<(), String> {
+    use fp8kv::burn::{QkvHeads, RopeTable, RopeTableTensor};
+    let device = CudaDevice::default();
+    let heads = QkvHeads {
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let layout = PagedKvLayout::new(64, 16, 3, 64, 64, KvLayoutKind::Bshd).unwrap();
+    // A 5-token prefill chunk after 11 cached tokens, then a decode token at position 700.
+    let table_rows: Vec<i32> = (0..2 * 44).map(|i| i * 7 % 64).collect();
+    let meta = BatchMetadata::new(vec![0, 5], vec![5, 1], vec![16, 701], table_rows, 44).unwrap();
+    let act = Dtype::Bf16;
+    let mut rng = fp8kv::testing::Rng::from_name(&format!("gpu_burn/fill_rope/{policy}"));
+    let row = heads.row_elems();
+    let qkv: Vec<f32> = (0..6 * row)
+        .map(|_| act.round_trip((rng.normal() * 3.0) as f32))
+        .collect();
+    let table = RopeTable::new(10_000.0, 64, 64, 720).unwrap();
+    let cfg = KvCacheConfig::new(policy, layout).unwrap();
+    let cfg = cfg.with_scales(KvScales::new(0.8, 1.3).unwrap());
+    let mut cache = KvCache::<B>::new(&cfg, &device).map_err(|e| e.to_string())?;
+    // Every slot written first (one 1,024-token sequence over all 64 pages), so the cache read
+    // back below holds no uninitialised byte and the untouched slots are compared too.
+    let all = BatchMetadata::new(vec![0], vec![1024], vec![1024], (0..64).collect(), 64).unwrap();
+    let all = KvBatch::<B>::new(all, &layout, 1024, &device).unwrap();
+    let kv: Vec<f32> = (0..1024 * 192).map(|_| rng.normal() as f32).collect();
+    let kv_tensor = || {
+        Tensor::<B, 3>::from_data(
+            TensorData::new(kv.clone(), [1024, 3, 64]),
+            (&device, DType::BF16),
+        )
+    };
+    cache
+        .fill(kv_tensor(), kv_tensor(), &all)
+        .map_err(|e| e.to_string())?;
+    let before = cache.to_host().map_err(|e| e.to_string())?;
+    let batch = KvBatch::<B>::new(meta.clone(), &layout, 6, &device).unwrap();
+    let x = Tensor::<B, 2>::from_data(
+        TensorData::new(qkv.clone(), [6, row]),
+        (&device, DType::BF16),
+    );
+    let q = cache
+        .fill_rope(x, &batch, &RopeTableTensor::new(&table, &device), heads)
+        .map_err(|e| e.to_string())?;
+    let mut want = before;
+    let want_q = fp8kv::reference::fill_rope(
+        &mut want,
+        &cfg.scales,
+        fp8kv::reference::HostRows {
+            data: &qkv,
+            row_stride: row,
+        },
+        6,
+        &meta,
+        &table,
+        heads,
+        act,
+    )
+    .map_err(|e| e.to_string())?;
+    let got = cache.to_host().map_err(|e| e.to_string())?;
+    if got != want {
+        return Err(format!("{policy}: the cache differs from the reference"));
+    }
+    let want_bits: Vec<u32> = want_q
+        .iter()
+        .map(|&x| u32::from(half::bf16::from_f32(x).to_bits()))
+        .collect();
+    if bits(q) != want_bits {
+        return Err(format!("{policy}: Q differs from the reference"));
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_burn_fill_rope_equals_the_reference_bit_for_bit() {
+    if common::gpu::client_or_skip("gpu_burn_fill_rope_equals_the_reference_bit_for_bit").is_none()
+    {
+        return;
+    }
+    let mut failures = Vec::new();
+    for policy in ["fp8_e4m3", "fp8_e5m2", "none"] {
+        for r in [
+            fill_rope_case::<Cube>(policy),
+            fill_rope_case::<Fused>(policy),
+        ] {
+            if let Err(e) = r {
+                failures.push(e);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -6,9 +6,10 @@
 mod common;
 
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::fill::fill;
+use fp8kv::kernels::fill::{fill, fill_rope};
 use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
 use fp8kv::reference::{self, HostKvCache};
+use fp8kv::rope::{QkvHeads, RopeTable};
 use fp8kv::testing::{fill_cases, PagedCase, Problem};
 use fp8kv::{Dtype, KvSide, QuantPolicy};
 
@@ -313,4 +314,186 @@ fn gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer() {
         let (n, first) = byte_diff(got.bytes(side), want.bytes(side));
         assert_eq!(n, 0, "fused QKV {side}: {n} bytes differ, first {first:?}");
     }
+}
+
+/// The RoPE fill of one case: Q, K, V packed as a fused QKV row (with padding), rotated at
+/// `rope_dims`; the cache (poisoned beforehand) and Q compared with the reference bit for bit.
+fn fill_rope_one(
+    client: &ComputeClient<Cuda>,
+    case: &PagedCase,
+    policy: QuantPolicy,
+    dtype: Dtype,
+    act: Dtype,
+    rope_dims: usize,
+) -> Result<(), String> {
+    let e = |e: fp8kv::Fp8KvError| e.to_string();
+    let p = Problem::generate(case, act).map_err(e)?;
+    let scales = case.kv_scales(policy).map_err(e)?;
+    let d = case.head_dim_k;
+    let heads = QkvHeads {
+        q_heads: case.num_heads,
+        kv_heads: case.num_kv_heads,
+        head_dim: d,
+    };
+    let (qd, kvd) = (heads.q_heads * d, heads.kv_heads * d);
+    let stride = heads.row_elems() + 6;
+    let mut rng = fp8kv::testing::Rng::from_name(&format!("fill_rope/{}", case.name));
+    let mut qkv = vec![act.round_trip(1.0e4); p.num_tokens * stride];
+    for t in 0..p.num_tokens {
+        let row = &mut qkv[t * stride..];
+        for x in &mut row[..qd] {
+            *x = act.round_trip((rng.normal() * 2.0) as f32);
+        }
+        row[qd..qd + kvd].copy_from_slice(&p.k_new[t * p.k_row_stride..][..kvd]);
+        row[qd + kvd..qd + 2 * kvd].copy_from_slice(&p.v_new[t * p.v_row_stride..][..kvd]);
+    }
+    let positions = p.meta.max_kv_len() + 3;
+    let table = RopeTable::new(10_000.0, d, rope_dims, positions).map_err(e)?;
+    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).map_err(e)?;
+    let mut want = poisoned.clone();
+    let want_q = reference::fill_rope(
+        &mut want,
+        &scales,
+        reference::HostRows {
+            data: &qkv,
+            row_stride: stride,
+        },
+        p.num_tokens,
+        &p.meta,
+        &table,
+        heads,
+        act,
+    )
+    .map_err(e)?;
+
+    let mut cache = PagedKvCache::from_host(client, &poisoned, scales).map_err(e)?;
+    let rows = DeviceRows::from_f32(client, &qkv, act, p.num_tokens, heads.row_elems(), stride)
+        .map_err(e)?;
+    let table_dev =
+        DeviceRows::from_f32(client, table.values(), Dtype::F32, positions, d, d).map_err(e)?;
+    let mut q = DeviceRows::from_f32(
+        client,
+        &vec![f32::NAN; p.num_tokens * qd],
+        act,
+        p.num_tokens,
+        qd,
+        qd,
+    )
+    .map_err(e)?;
+    let batch = DeviceBatch::new(client, p.meta.clone(), &p.layout, p.num_tokens).map_err(e)?;
+    fill_rope(
+        &mut cache, &rows, &batch, &table_dev, heads, rope_dims, &mut q,
+    )
+    .map_err(e)?;
+    let what = format!("{} {policy}/{dtype} act {act} rope {rope_dims}", case.name);
+    let got = cache.to_host().map_err(e)?;
+    for side in [KvSide::K, KvSide::V] {
+        let (n, first) = byte_diff(got.bytes(side), want.bytes(side));
+        if n > 0 {
+            return Err(format!(
+                "{what} {side}: {n} of {} bytes differ; first (byte index, gpu, cpu): {first:?}",
+                want.bytes(side).len()
+            ));
+        }
+    }
+    let got_q = q.to_f32().map_err(e)?;
+    let bad = got_q
+        .iter()
+        .zip(&want_q)
+        .filter(|(g, w)| {
+            if w.is_nan() {
+                !g.is_nan()
+            } else {
+                g.to_bits() != w.to_bits()
+            }
+        })
+        .count();
+    if bad > 0 {
+        return Err(format!("{what} Q: {bad} of {} values differ", want_q.len()));
+    }
+    Ok(())
+}
+
+#[test]
+fn gpu_fill_rope_matches_reference_bit_for_bit() {
+    let Some(client) = common::gpu::client_or_skip("gpu_fill_rope_matches_reference_bit_for_bit")
+    else {
+        return;
+    };
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    // The cases whose K and V heads are one size (what a fused QKV row holds); every cache
+    // and activation dtype; all dims rotated, and half of them (partial rotary).
+    for case in fill_cases().iter().filter(|c| c.head_dim_k == c.head_dim_v) {
+        for (policy, dtype) in CACHES {
+            for act in ACTS {
+                for rope_dims in [case.head_dim_k, case.head_dim_k / 2] {
+                    runs += 1;
+                    if let Err(e) = fill_rope_one(&client, case, policy, dtype, act, rope_dims) {
+                        failures.push(e);
+                    }
+                }
+            }
+        }
+    }
+    println!("fill_rope: {runs} runs, {} failed", failures.len());
+    assert!(
+        runs >= 24,
+        "only {runs} runs: the cases lost their equal head dims"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} RoPE fill runs differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn fill_rope_refuses_heads_tables_and_outputs_that_do_not_fit() {
+    let Some(client) =
+        common::gpu::client_or_skip("fill_rope_refuses_heads_tables_and_outputs_that_do_not_fit")
+    else {
+        return;
+    };
+    let layout = fp8kv::PagedKvLayout::new(4, 16, 2, 64, 64, fp8kv::KvLayoutKind::Bshd).unwrap();
+    let meta = fp8kv::BatchMetadata::decode(vec![20, 3], vec![0, 1, 2, 3], 2).unwrap();
+    let batch = DeviceBatch::new(&client, meta, &layout, 2).unwrap();
+    let mut cache = PagedKvCache::new(
+        &client,
+        layout,
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        fp8kv::KvScales::default(),
+    )
+    .unwrap();
+    let heads = QkvHeads {
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let rows = |n: usize, w: usize, dtype| {
+        DeviceRows::from_f32(&client, &vec![0.5; n * w], dtype, n, w, w).unwrap()
+    };
+    let qkv = rows(2, heads.row_elems(), Dtype::Bf16);
+    let table = |positions| {
+        let t = RopeTable::new(1e4, 64, 64, positions).unwrap();
+        DeviceRows::from_f32(&client, t.values(), Dtype::F32, positions, 64, 64).unwrap()
+    };
+    let mut q = rows(2, 256, Dtype::Bf16);
+    let mut run = |qkv: &DeviceRows<Cuda>, table: &DeviceRows<Cuda>, heads, rope, q: &mut _| {
+        fill_rope(&mut cache, qkv, &batch, table, heads, rope, q)
+            .unwrap_err()
+            .to_string()
+    };
+    // Position 19 is past a 19-position table.
+    assert!(run(&qkv, &table(19), heads, 64, &mut q).contains("RoPE table"));
+    let wrong = QkvHeads {
+        kv_heads: 1,
+        ..heads
+    };
+    assert!(run(&qkv, &table(20), wrong, 64, &mut q).contains("RoPE fill heads"));
+    assert!(run(&qkv, &table(20), heads, 63, &mut q).contains("rope_dims"));
+    let mut q_f32 = rows(2, 256, Dtype::F32);
+    assert!(run(&qkv, &table(20), heads, 64, &mut q_f32).contains("q_out"));
 }

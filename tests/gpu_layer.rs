@@ -277,14 +277,18 @@ fn gpu_gemv_matches_the_f64_definition() {
     let Some(client) = common::gpu::client_or_skip("gpu_gemv_matches_the_f64_definition") else {
         return;
     };
-    // (rows, outputs, k, x row stride): SmolLM2's QKV, MLP down and LM head at batch 1, every
-    // row count up to 16, a k that takes 4-element loads, a strided x.
+    // (rows, outputs, k, x row stride): SmolLM2's QKV, MLP down and LM head at batch 1, row
+    // counts up to 16 (one cube row), past 16 (groups of 16, a partial last one), a k that
+    // takes 4-element loads, a strided x.
     for (rows, outputs, k, stride) in [
         (1, 960, 576, 576),
         (16, 576, 1536, 1536),
         (3, 49152, 576, 576),
         (7, 100, 100, 100),
         (9, 33, 64, 72),
+        (17, 960, 576, 576),
+        (128, 3072, 576, 576),
+        (37, 33, 64, 72),
     ] {
         for act in ACTS {
             let name = format!("gemv/{rows}x{outputs}x{k}/{act}");
@@ -329,12 +333,77 @@ fn gpu_gemv_matches_the_f64_definition() {
             assert_eq!(bad, 0, "{name}: {bad} of {} outside the bound", got.len());
         }
     }
-    // 17 rows is past the kernel's register accumulators: an error, not a launch.
-    let act = Dtype::F32;
-    let xd = DeviceRows::from_f32(&client, &vec![1.0; 17 * 64], act, 17, 64, 64).unwrap();
-    let wd = DeviceRows::from_f32(&client, &vec![1.0; 64], act, 1, 64, 64).unwrap();
-    let mut out = poisoned(&client, act, 17, 1);
-    assert!(layer::gemv(&xd, &wd, &mut out).is_err());
+    // Past 16 · 65,535 rows the grid's y dimension runs out: an error, not a launch.
+    let (act, rows) = (Dtype::F32, 16 * 65_535 + 1);
+    let xd = DeviceRows::from_f32(&client, &vec![1.0; rows], act, rows, 1, 1).unwrap();
+    let wd = DeviceRows::from_f32(&client, &[1.0], act, 1, 1, 1).unwrap();
+    let mut out = poisoned(&client, act, rows, 1);
+    let err = layer::gemv(&xd, &wd, &mut out).unwrap_err();
+    assert!(err.to_string().contains("GEMV rows"), "{err}");
+}
+
+#[test]
+fn gpu_gemv_swiglu_equals_the_definition_on_the_gemv_output() {
+    let Some(client) =
+        common::gpu::client_or_skip("gpu_gemv_swiglu_equals_the_definition_on_the_gemv_output")
+    else {
+        return;
+    };
+    // (rows, ff, k, x row stride): SmolLM2's gate|up at batch 1, 16 rows, groups of 16 with a
+    // partial one, an odd ff with a strided x.
+    for (rows, ff, k, stride) in [
+        (1, 1536, 576, 576),
+        (16, 1536, 576, 576),
+        (37, 1536, 576, 576),
+        (3, 77, 64, 72),
+    ] {
+        for act in ACTS {
+            let name = format!("gemv_swiglu/{rows}x{ff}x{k}/{act}");
+            let mut rng = Rng::from_name(&name);
+            let x = random_rows(&mut rng, rows, k, stride, act);
+            let w: Vec<f32> = (0..2 * ff * k)
+                .map(|_| act.round_trip((rng.normal() * 0.05) as f32))
+                .collect();
+            let xd = DeviceRows::from_f32(&client, &x, act, rows, k, stride).unwrap();
+            let wd = DeviceRows::from_f32(&client, &w, act, 2 * ff, k, k).unwrap();
+            // The gate|up product by the plain GEMV (checked against f64 above), then SwiGLU
+            // in f64 on exactly those values: the fused kernel must round the same g and u.
+            let mut gu = poisoned(&client, act, rows, 2 * ff);
+            layer::gemv(&xd, &wd, &mut gu).unwrap();
+            let gu = gu.to_f32().unwrap();
+            let want = reference::swiglu(&gu, ff);
+            let mut out = poisoned(&client, act, rows, ff);
+            layer::gemv_swiglu(&xd, &wd, &mut out).unwrap();
+            let got = out.to_f32().unwrap();
+            // f32 exp, divide and multiply, then one rounding to the activation dtype (the
+            // bound of the SwiGLU test).
+            check(&name, &got, &want, |v| {
+                v.abs() * (ulp(act) + 8.0 * 2f64.powi(-23)) + 1e-6
+            });
+            // And the unfused kernels' result, bit for bit.
+            let gd = DeviceRows::from_f32(&client, &gu, act, rows, 2 * ff, 2 * ff).unwrap();
+            let mut h = poisoned(&client, act, rows, ff);
+            layer::swiglu(&gd, &mut h).unwrap();
+            let unfused = h.to_f32().unwrap();
+            let diff = got
+                .iter()
+                .zip(&unfused)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(
+                diff,
+                0,
+                "{name}: {diff} of {} differ from gemv + swiglu",
+                got.len()
+            );
+        }
+    }
+    // An odd row count cannot be gate|up.
+    let xd = DeviceRows::from_f32(&client, &[1.0; 64], Dtype::F32, 1, 64, 64).unwrap();
+    let wd = DeviceRows::from_f32(&client, &[1.0; 3 * 64], Dtype::F32, 3, 64, 64).unwrap();
+    let mut out = poisoned(&client, Dtype::F32, 1, 1);
+    let err = layer::gemv_swiglu(&xd, &wd, &mut out).unwrap_err();
+    assert!(err.to_string().contains("w_gate_up"), "{err}");
 }
 
 #[test]

@@ -7,8 +7,11 @@
 
 use burn_ndarray::NdArray;
 use burn_tensor::{activation::silu, DType, Tensor, TensorData};
-use fp8kv::burn::KvBatch;
-use fp8kv::model::layer::ops::{add_rms_norm, argmax, linear, rms_norm, rope_qkv, swiglu};
+use fp8kv::burn::{AttentionOptions, KvBatch, KvCache, KvCacheConfig};
+use fp8kv::model::layer::ops::{
+    add_rms_norm, argmax, decode_block, linear, linear_swiglu, rms_norm, rope_qkv, swiglu,
+    BlockWeights,
+};
 use fp8kv::model::layer::{reference, QkvHeads, RopeTable, RopeTableTensor};
 use fp8kv::testing::Rng;
 use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, PagedKvLayout};
@@ -166,10 +169,10 @@ fn ndarray_layer_ops_equal_the_reference_and_refuse_bad_input() {
     let got = host(swiglu(t2(&x, rows, hidden)).unwrap());
     assert_eq!(got, f32s(reference::swiglu(&x, hidden / 2)));
 
-    // The decode matmul (x · wᵀ, w stored [outputs, k]) at 4 rows and past GEMV_MAX_ROWS (Burn's
-    // matmul there), and the argmax.
+    // The decode matmul (x · wᵀ, w stored [outputs, k]) at 4 and 300 rows (on NdArray both the
+    // GEMV's and the matmul's path are Burn's matmul), and the argmax.
     let wm = normals(&mut rng, 24 * hidden);
-    for n in [rows, 20] {
+    for n in [rows, 300] {
         let xs = normals(&mut rng, n * hidden);
         let got = host(linear(t2(&xs, n, hidden), &t2(&wm, 24, hidden)).unwrap());
         let want = reference::gemv(&xs, &wm, hidden);
@@ -261,4 +264,251 @@ fn rope_table_refuses_bad_parameters() {
         (0.0, 0.0),
         "pairs past rope_dims are not rotated"
     );
+}
+
+/// The weights of a small block: hidden 48, 4 / 2 heads of 64, MLP 40.
+fn block_weights(rng: &mut Rng, heads: QkvHeads, hidden: usize, ff: usize) -> BlockWeights<B> {
+    let (qd, kvd) = (heads.q_heads * 64, heads.kv_heads * 64);
+    let mut m = |rows: usize, cols: usize| {
+        let v: Vec<f32> = normals(rng, rows * cols).iter().map(|x| x * 0.2).collect();
+        t2(&v, rows, cols)
+    };
+    let (wqkv, wo) = (m(qd + 2 * kvd, hidden), m(hidden, qd));
+    let (w_gate_up, w_down) = (m(2 * ff, hidden), m(hidden, ff));
+    let (attn_norm, ffn_norm) = (
+        m(1, hidden).reshape([hidden]),
+        m(1, hidden).reshape([hidden]),
+    );
+    BlockWeights {
+        attn_norm,
+        wqkv,
+        wo,
+        ffn_norm,
+        w_gate_up,
+        w_down,
+    }
+}
+
+#[test]
+fn decode_block_equals_its_operations_one_by_one_and_refuses_bad_input() {
+    let mut rng = Rng::from_name("layer_cpu/decode_block");
+    let heads = QkvHeads {
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let (hidden, ff, eps) = (48, 40, 1e-5);
+    let w = block_weights(&mut rng, heads, hidden, ff);
+    let layout = PagedKvLayout::new(4, 16, 2, 64, 64, KvLayoutKind::Bshd).unwrap();
+    let cfg = KvCacheConfig::new("fp8", layout).unwrap();
+    let dev = Default::default();
+    let (mut a, mut b) = (
+        KvCache::<B>::new(&cfg, &dev).unwrap(),
+        KvCache::<B>::new(&cfg, &dev).unwrap(),
+    );
+    let table = RopeTableTensor::<B>::new(&RopeTable::new(1e4, 64, 64, 16).unwrap(), &dev);
+    let opts = AttentionOptions::default();
+    // Three decode steps of two sequences (pages 0-1 and 2-3), so attention reads earlier
+    // fills; the first block has no pending MLP output, the later ones do.
+    for len in 1..=3 {
+        let meta = BatchMetadata::decode(vec![len, len], vec![0, 1, 2, 3], 2).unwrap();
+        let batch = KvBatch::<B>::new(meta, &layout, 2, &dev).unwrap();
+        let x = t2(&normals(&mut rng, 2 * hidden), 2, hidden);
+        let pending = (len > 1).then(|| t2(&normals(&mut rng, 2 * hidden), 2, hidden));
+        let (got_x, got_mlp) = decode_block(
+            x.clone(),
+            pending.clone(),
+            &w,
+            &mut a,
+            &batch,
+            &table,
+            heads,
+            eps,
+            &opts,
+        )
+        .unwrap();
+        // The same block through the checked functions.
+        let (x, h) = match pending {
+            Some(p) => add_rms_norm(x, p, &w.attn_norm, eps).unwrap(),
+            None => (x.clone(), rms_norm(x, &w.attn_norm, eps).unwrap()),
+        };
+        let (q, k, v) = rope_qkv(linear(h, &w.wqkv).unwrap(), &batch, &table, heads).unwrap();
+        b.fill(k, v, &batch).unwrap();
+        let attn = b.decode(q, &batch, &opts).unwrap().reshape([2, 4 * 64]);
+        let o = linear(attn, &w.wo).unwrap();
+        let (x, h) = add_rms_norm(x, o, &w.ffn_norm, eps).unwrap();
+        // SwiGLU apart from its projection (the block fuses them).
+        let mlp = linear(swiglu(linear(h, &w.w_gate_up).unwrap()).unwrap(), &w.w_down).unwrap();
+        assert_eq!(host(got_x), host(x), "step {len}: residual");
+        assert_eq!(host(got_mlp), host(mlp), "step {len}: MLP output");
+        assert_eq!(
+            a.to_host().unwrap(),
+            b.to_host().unwrap(),
+            "step {len}: cache"
+        );
+    }
+
+    // Bad input: an error before anything runs.
+    let odd = t2(&normals(&mut rng, 3 * hidden), 3, hidden);
+    let err = linear_swiglu(t2(&normals(&mut rng, hidden), 1, hidden), &odd).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Fp8KvError::ShapeMismatch {
+                what: "w_gate_up",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let meta = BatchMetadata::decode(vec![4, 4], vec![0, 1, 2, 3], 2).unwrap();
+    let batch = KvBatch::<B>::new(meta.clone(), &layout, 2, &dev).unwrap();
+    let x = t2(&normals(&mut rng, 2 * hidden), 2, hidden);
+    let run = |w: &BlockWeights<B>, cache: &mut KvCache<B>, batch: &KvBatch<B>, heads| {
+        decode_block(x.clone(), None, w, cache, batch, &table, heads, eps, &opts)
+    };
+    let mut bad = w.clone();
+    bad.wo = t2(&normals(&mut rng, hidden * 64), hidden, 64);
+    let err = run(&bad, &mut a, &batch, heads).unwrap_err();
+    assert!(
+        matches!(err, Fp8KvError::ShapeMismatch { what: "wo", .. }),
+        "{err}"
+    );
+    let reads = KvBatch::<B>::for_reads(meta, &layout, &dev).unwrap();
+    let err = run(&w, &mut a, &reads, heads).unwrap_err();
+    assert!(matches!(err, Fp8KvError::InvalidOption(_)), "{err}");
+    let one_head = PagedKvLayout::new(4, 16, 1, 64, 64, KvLayoutKind::Bshd).unwrap();
+    let mut c = KvCache::<B>::new(&KvCacheConfig::new("fp8", one_head).unwrap(), &dev).unwrap();
+    let meta1 = BatchMetadata::decode(vec![4, 4], vec![0, 1, 2, 3], 2).unwrap();
+    let batch1 = KvBatch::<B>::new(meta1, &one_head, 2, &dev).unwrap();
+    let err = run(&w, &mut c, &batch1, heads).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Fp8KvError::ShapeMismatch {
+                what: "cache heads",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let late = BatchMetadata::decode(vec![17, 4], vec![0, 1, 2, 3], 2).unwrap();
+    let late = KvBatch::<B>::new(late, &layout, 2, &dev).unwrap();
+    let err = run(&w, &mut a, &late, heads).unwrap_err();
+    assert!(err.to_string().contains("covers 16 positions"), "{err}");
+}
+
+#[test]
+fn kv_cache_fill_rope_on_ndarray_equals_the_reference_and_refuses_bad_input() {
+    let mut rng = Rng::from_name("layer_cpu/fill_rope");
+    let heads = QkvHeads {
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+    };
+    let dev = Default::default();
+    let layout = PagedKvLayout::new(6, 16, 2, 64, 64, KvLayoutKind::Bshd).unwrap();
+    // A prefill of 5 tokens after 12 cached ones and a decode token at position 30.
+    let meta =
+        BatchMetadata::new(vec![0, 5], vec![5, 1], vec![17, 31], vec![0, 1, 2, 3], 2).unwrap();
+    let batch = KvBatch::<B>::new(meta.clone(), &layout, 6, &dev).unwrap();
+    let qkv = normals(&mut rng, 6 * heads.row_elems());
+    let table = RopeTable::new(1e4, 64, 48, 32).unwrap();
+    let dev_table = RopeTableTensor::<B>::new(&table, &dev);
+    for policy in ["fp8_e4m3", "fp8_e5m2", "none"] {
+        let cfg = KvCacheConfig::new(policy, layout).unwrap();
+        let mut cache = KvCache::<B>::new(&cfg, &dev).unwrap();
+        let q = cache
+            .fill_rope(t2(&qkv, 6, heads.row_elems()), &batch, &dev_table, heads)
+            .unwrap();
+        let mut want = cache.to_host().unwrap();
+        // Fresh cache: the reference starts from the same empty storage.
+        let mut empty = KvCache::<B>::new(&cfg, &dev).unwrap().to_host().unwrap();
+        let want_q = fp8kv::reference::fill_rope(
+            &mut empty,
+            &cfg.scales,
+            fp8kv::reference::HostRows {
+                data: &qkv,
+                row_stride: heads.row_elems(),
+            },
+            6,
+            &meta,
+            &table,
+            heads,
+            Dtype::F32,
+        )
+        .unwrap();
+        std::mem::swap(&mut want, &mut empty);
+        assert_eq!(empty, want, "{policy}: cache");
+        // The reference against the layer's RoPE definition (another formulation), then the
+        // plain fill of its K and V.
+        let (rq, rk, rv) =
+            reference::rope_qkv(&qkv, 6, heads.row_elems(), &meta, table.values(), 48, heads);
+        let f32s = |v: Vec<f64>| v.iter().map(|&x| x as f32).collect::<Vec<_>>();
+        assert_eq!(want_q, f32s(rq), "{policy}: reference Q");
+        let mut plain = KvCache::<B>::new(&cfg, &dev).unwrap().to_host().unwrap();
+        let (rk, rv) = (f32s(rk), f32s(rv));
+        let rows = |data| fp8kv::reference::HostRows {
+            data,
+            row_stride: 128,
+        };
+        fp8kv::reference::fill(&mut plain, &cfg.scales, rows(&rk), rows(&rv), 6, &meta).unwrap();
+        assert_eq!(plain, want, "{policy}: reference cache");
+        assert_eq!(q.dims(), [6, 4, 64]);
+        let got: Vec<f32> = host(q).iter().map(|&x| x as f32).collect();
+        assert_eq!(got, want_q, "{policy}: Q");
+        // Rotation happened: a rotated pair at position 16 differs from the input.
+        assert_ne!(got[2 * 256 + 2], qkv[2 * heads.row_elems() + 2]);
+    }
+    let cfg = KvCacheConfig::new("fp8", layout).unwrap();
+    let mut cache = KvCache::<B>::new(&cfg, &dev).unwrap();
+    let short = RopeTableTensor::<B>::new(&RopeTable::new(1e4, 64, 64, 30).unwrap(), &dev);
+    let x = || t2(&qkv, 6, heads.row_elems());
+    let err = cache.fill_rope(x(), &batch, &short, heads).unwrap_err();
+    assert!(err.to_string().contains("covers 30 positions"), "{err}");
+    let wrong = QkvHeads {
+        kv_heads: 1,
+        ..heads
+    };
+    let err = cache.fill_rope(x(), &batch, &dev_table, wrong).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Fp8KvError::ShapeMismatch {
+                what: "RoPE fill heads",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = cache
+        .fill_rope(t2(&qkv[..5 * 512], 5, 512), &batch, &dev_table, heads)
+        .unwrap_err();
+    assert!(
+        matches!(err, Fp8KvError::ShapeMismatch { what: "qkv", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn gemv_pays_follows_the_measured_crossovers() {
+    use fp8kv::model::layer::gemv_pays;
+    // (rows, outputs, k, GEMV?): the H100 points in gemv_pays' docs, SmolLM2's shapes.
+    for (rows, outputs, k, gemv) in [
+        (1, 49152, 576, true),
+        (16, 49152, 576, false),
+        (32, 3072, 576, true),
+        (128, 3072, 576, false),
+        (128, 960, 576, true),
+        (256, 960, 576, false),
+        (256, 576, 1536, true),
+        (512, 576, 1536, false),
+        (0, 576, 576, false),
+    ] {
+        assert_eq!(
+            gemv_pays(rows, outputs, k),
+            gemv,
+            "{rows} x {outputs} x {k}"
+        );
+    }
 }

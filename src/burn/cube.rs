@@ -18,6 +18,7 @@ use crate::error::{KvSide, Result};
 use crate::kernels::{decode, fill, flatten};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::Dtype;
+use crate::rope::QkvHeads;
 
 type Cube<F, I, BT> = CubeBackend<CudaRuntime, F, I, BT>;
 
@@ -146,6 +147,25 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> PagedKvBackend for Cube<F,
     ) -> Result<()> {
         let mut lib = library_cache(cache, spec)?;
         fill::fill(&mut lib, &rows(k_new)?, &rows(v_new)?, batch)
+    }
+
+    fn kv_fill_rope(
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        qkv: CubeTensor<CudaRuntime>,
+        batch: &Self::KvBatchPrimitive,
+        table: CubeTensor<CudaRuntime>,
+        heads: QkvHeads,
+        rope_dims: usize,
+    ) -> Result<CubeTensor<CudaRuntime>> {
+        let mut lib = library_cache(cache, spec)?;
+        let n = qkv.meta.shape().dims::<3>()[0];
+        let (client, device) = (qkv.client.clone(), qkv.device.clone());
+        let (qkv, table) = (rows(qkv)?, rows(table)?);
+        let qd = heads.q_heads * heads.head_dim;
+        let mut q = DeviceRows::empty(&client, qkv.dtype(), n, qd, qd)?;
+        fill::fill_rope(&mut lib, &qkv, batch, &table, heads, rope_dims, &mut q)?;
+        to_tensor(q, &client, &device, [n, heads.q_heads, heads.head_dim])
     }
 
     fn kv_flatten(

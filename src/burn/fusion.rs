@@ -23,17 +23,18 @@ use super::{
 use crate::error::{KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::Dtype;
+use crate::rope::QkvHeads;
 
-type Handles<B> =
+pub(crate) type Handles<B> =
     HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
-type FTensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
+pub(crate) type FTensor<B> = FusionTensor<<B as FusionBackend>::FusionRuntime>;
 
 /// An error at execution time: the stream cannot hand it back, so it is the panic message.
 fn or_panic<T>(op: &str, r: Result<T>) -> T {
     r.unwrap_or_else(|e| panic!("fp8kv {op} (fused): {e}"))
 }
 
-fn side_tensor<B: FusionBackend>(side: &CachePrimitive<Fusion<B>>) -> &FTensor<B> {
+pub(crate) fn side_tensor<B: FusionBackend>(side: &CachePrimitive<Fusion<B>>) -> &FTensor<B> {
     match side {
         CachePrimitive::Codes(t) | CachePrimitive::Values(t) => t,
     }
@@ -51,7 +52,7 @@ fn inner_side<B: FusionBackend>(
     }
 }
 
-fn inner_cache<B: FusionBackend>(
+pub(crate) fn inner_cache<B: FusionBackend>(
     handles: &mut Handles<B>,
     k: &TensorIr,
     v: &TensorIr,
@@ -63,7 +64,7 @@ fn inner_cache<B: FusionBackend>(
     }
 }
 
-fn register_side<B: FusionBackend>(
+pub(crate) fn register_side<B: FusionBackend>(
     handles: &mut Handles<B>,
     ir: &TensorIr,
     side: CachePrimitive<B>,
@@ -75,7 +76,7 @@ fn register_side<B: FusionBackend>(
 }
 
 /// Output descriptions of a cache's two sides.
-fn cache_outputs<B: FusionBackend>(
+pub(crate) fn cache_outputs<B: FusionBackend>(
     client: &burn_fusion::Client<B::FusionRuntime>,
     spec: &KvCacheSpec,
 ) -> [TensorIr; 2] {
@@ -93,7 +94,10 @@ fn cache_outputs<B: FusionBackend>(
     })
 }
 
-fn wrap_side<B: FusionBackend>(spec: &KvCacheSpec, t: FTensor<B>) -> CachePrimitive<Fusion<B>> {
+pub(crate) fn wrap_side<B: FusionBackend>(
+    spec: &KvCacheSpec,
+    t: FTensor<B>,
+) -> CachePrimitive<Fusion<B>> {
     match spec.dtype.fp8_format() {
         Some(_) => CachePrimitive::Codes(t),
         None => CachePrimitive::Values(t),
@@ -149,6 +153,41 @@ impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for FillOp<B
         );
         register_side::<B>(handles, k_out, cache.k);
         register_side::<B>(handles, v_out, cache.v);
+    }
+}
+
+#[derive(Debug)]
+struct FillRopeOp<B: FusionBackend + PagedKvBackend> {
+    desc: CustomOpIr,
+    spec: KvCacheSpec,
+    batch: B::KvBatchPrimitive,
+    heads: QkvHeads,
+    rope_dims: usize,
+}
+
+impl<B: FusionBackend + PagedKvBackend> Operation<B::FusionRuntime> for FillRopeOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let ([k_cache, v_cache, qkv, table], [k_out, v_out, q_out]) = self.desc.as_fixed();
+        let mut cache = inner_cache::<B>(handles, k_cache, v_cache, &self.spec);
+        let (qkv, table) = (
+            handles.get_float_tensor::<B>(qkv),
+            handles.get_float_tensor::<B>(table),
+        );
+        let q = or_panic(
+            "fill_rope",
+            B::kv_fill_rope(
+                &mut cache,
+                &self.spec,
+                qkv,
+                &self.batch,
+                table,
+                self.heads,
+                self.rope_dims,
+            ),
+        );
+        register_side::<B>(handles, k_out, cache.k);
+        register_side::<B>(handles, v_out, cache.v);
+        handles.register_float_tensor::<B>(&q_out.id, q);
     }
 }
 
@@ -264,6 +303,53 @@ impl<B: FusionBackend + PagedKvBackend> PagedKvBackend for Fusion<B> {
             v: wrap_side::<B>(spec, v),
         };
         Ok(())
+    }
+
+    fn kv_fill_rope(
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        qkv: FTensor<B>,
+        batch: &Self::KvBatchPrimitive,
+        table: FTensor<B>,
+        heads: QkvHeads,
+        rope_dims: usize,
+    ) -> Result<FTensor<B>> {
+        let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
+        let client = qkv.client.clone();
+        let streams = OperationStreams::with_inputs([k_cache, v_cache, &qkv, &table]);
+        let [k_out, v_out] = cache_outputs::<B>(&client, spec);
+        let n = qkv.shape.dims::<3>()[0];
+        let q_out = TensorIr::uninit(
+            client.create_empty_handle(),
+            Shape::new([n, heads.q_heads, heads.head_dim]),
+            qkv.dtype,
+        );
+        let inputs = [
+            k_cache.clone().into_ir(),
+            v_cache.clone().into_ir(),
+            qkv.into_ir(),
+            table.into_ir(),
+        ];
+        let desc = CustomOpIr::new("fp8kv_fill_rope", &inputs, &[k_out, v_out, q_out]);
+        let op = FillRopeOp::<B> {
+            desc: desc.clone(),
+            spec: *spec,
+            batch: batch.clone(),
+            heads,
+            rope_dims,
+        };
+        let mut outs = client
+            .register(streams, OperationIr::Custom(desc), op)
+            .into_iter();
+        let (Some(k), Some(v), Some(q)) = (outs.next(), outs.next(), outs.next()) else {
+            unreachable!("fill_rope registers three outputs")
+        };
+        // The old ids are dropped here; their buffer lives on under the outputs' ids.
+        *cache = KvCachePrimitive {
+            k: wrap_side::<B>(spec, k),
+            v: wrap_side::<B>(spec, v),
+        };
+        Ok(q)
     }
 
     fn kv_flatten(

@@ -34,7 +34,7 @@
 
 mod attention;
 mod cube;
-mod fusion;
+pub(crate) mod fusion;
 mod ndarray;
 
 use std::fmt::Debug;
@@ -51,6 +51,7 @@ use crate::error::{Fp8KvError, KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::{Dtype, QuantPolicy};
 use crate::reference::HostKvCache;
+pub use crate::rope::{QkvHeads, RopeTable};
 use crate::scales::KvScales;
 
 /// What a backend needs to know about one layer's cache besides its storage.
@@ -123,6 +124,20 @@ pub trait PagedKvBackend: Backend {
         layout: FlattenLayout,
         dtype: Dtype,
     ) -> Result<(FloatTensor<Self>, FloatTensor<Self>)>;
+
+    /// RoPE fused into the fill ([`KvCache::fill_rope`], checked): `qkv` is `[num_tokens, 1,
+    /// (q_heads + 2 kv_heads) · head_dim]`, `table` `[positions, 1, head_dim]` f32; returns
+    /// the rotated Q `[num_tokens, q_heads, head_dim]` in `qkv`'s dtype.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_fill_rope(
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        qkv: FloatTensor<Self>,
+        batch: &Self::KvBatchPrimitive,
+        table: FloatTensor<Self>,
+        heads: QkvHeads,
+        rope_dims: usize,
+    ) -> Result<FloatTensor<Self>>;
 
     /// Paged decode attention of `q` (`[num_tokens, num_heads, head_dim_k]`) over the cache:
     /// `[num_tokens, num_heads, head_dim_v]` in `q`'s dtype.
@@ -325,12 +340,48 @@ impl<B: PagedKvBackend> KvBatch<B> {
         &self.primitive
     }
 
-    fn written_tokens(&self, op: &str) -> Result<usize> {
+    pub(crate) fn written_tokens(&self, op: &str) -> Result<usize> {
         self.num_tokens.ok_or_else(|| {
             Fp8KvError::InvalidOption(format!(
                 "{op} needs a batch built with KvBatch::new (its new tokens validated), not KvBatch::for_reads"
             ))
         })
+    }
+}
+
+/// A [`RopeTable`] on a device: `[positions, head_dim]` f32.
+#[derive(Debug, Clone)]
+pub struct RopeTableTensor<B: Backend> {
+    pub(crate) values: Tensor<B, 2>,
+    pub(crate) rope_dims: usize,
+}
+
+impl<B: Backend> RopeTableTensor<B> {
+    /// Uploads `table` to `device` (one upload; every layer and step reads it).
+    pub fn new(table: &crate::rope::RopeTable, device: &B::Device) -> Self {
+        let values = Tensor::from_data(
+            TensorData::new(
+                table.values().to_vec(),
+                [table.positions(), table.head_dim()],
+            ),
+            (device, DType::F32),
+        );
+        RopeTableTensor {
+            values,
+            rope_dims: table.rope_dims(),
+        }
+    }
+    /// Positions covered.
+    pub fn positions(&self) -> usize {
+        self.values.dims()[0]
+    }
+    /// Elements per head.
+    pub fn head_dim(&self) -> usize {
+        self.values.dims()[1]
+    }
+    /// Rotated dimensions per head.
+    pub fn rope_dims(&self) -> usize {
+        self.rope_dims
     }
 }
 
@@ -439,6 +490,21 @@ impl<B: PagedKvBackend> KvCache<B> {
         })
     }
 
+    /// The spec and the storage, for an operation that checked its inputs against this cache
+    /// as [`Self::fill`] and [`Self::decode`] do (the model's fused decoder block).
+    pub(crate) fn parts_mut(&mut self) -> (KvCacheSpec, &mut KvCachePrimitive<B>) {
+        let storage = self
+            .storage
+            .as_mut()
+            .expect("fp8kv: this KvCache lost its storage to a panic inside copy_blocks");
+        (self.spec, storage)
+    }
+
+    /// Whether the next fill would run the opt-in saturation check (it reads K and V apart).
+    pub(crate) fn saturation_check_pending(&self) -> bool {
+        self.saturation_check.is_some() && !self.warned
+    }
+
     fn storage(&self) -> &KvCachePrimitive<B> {
         self.storage
             .as_ref()
@@ -479,7 +545,7 @@ impl<B: PagedKvBackend> KvCache<B> {
         self.spec.layout.cache_bytes(self.spec.policy)
     }
 
-    fn check_batch(&self, batch: &KvBatch<B>) -> Result<()> {
+    pub(crate) fn check_batch(&self, batch: &KvBatch<B>) -> Result<()> {
         if batch.device != self.device {
             return Err(Fp8KvError::DeviceMismatch {
                 what: "batch",
@@ -618,6 +684,89 @@ impl<B: PagedKvBackend> KvCache<B> {
             v_new.into_primitive().tensor(),
             &batch.primitive,
         )
+    }
+
+    /// RoPE fused into the fill, for a fused QKV projection `qkv` `[num_tokens, (q_heads + 2
+    /// num_kv_heads) · head_dim]` (Q heads, then K, then V; f32/f16/bf16): one launch on GPU
+    /// backends rotates Q and K by their positions (`kv_seqlens[b] − q_seq_length[b] + i`, pairs
+    /// `(2i, 2i + 1)`, angles from `table`) and quantizes the rotated K and the V into the cache
+    /// as [`Self::fill`] does, so K never goes through memory unquantized. Returns the rotated
+    /// Q, `[num_tokens, q_heads, head_dim]` in `qkv`'s dtype (rows of no sequence unwritten on
+    /// GPUs, NaN on NdArray). The rotation is computed in f64 and rounded to f32 once: bit for
+    /// bit [`crate::reference::fill_rope`].
+    ///
+    /// `heads.kv_heads` and `heads.head_dim` must be the cache's (K and V head dims equal);
+    /// the table must cover the batch's positions. Errors as [`Self::fill`], and
+    /// [`Fp8KvError::ShapeMismatch`] / [`Fp8KvError::InvalidOption`] for heads or a table that
+    /// do not fit. The opt-in saturation check does not run here (it reads K and V apart).
+    pub fn fill_rope(
+        &mut self,
+        qkv: Tensor<B, 2>,
+        batch: &KvBatch<B>,
+        table: &RopeTableTensor<B>,
+        heads: QkvHeads,
+    ) -> Result<Tensor<B, 3>> {
+        self.check_batch(batch)?;
+        let num_tokens = batch.written_tokens("fill_rope")?;
+        let layout = self.spec.layout;
+        let d = heads.head_dim;
+        if heads.q_heads == 0
+            || heads.kv_heads != layout.num_kv_heads()
+            || d != layout.head_dim_k()
+            || d != layout.head_dim_v()
+            || d != table.head_dim()
+        {
+            return Err(Fp8KvError::ShapeMismatch {
+                what: "RoPE fill heads",
+                expected: format!(
+                    "query heads and the cache's {} KV heads of {} (K) / {} (V), the table's width",
+                    layout.num_kv_heads(),
+                    layout.head_dim_k(),
+                    layout.head_dim_v()
+                ),
+                actual: format!("{heads:?}, a table of width {}", table.head_dim()),
+            });
+        }
+        if batch.max_kv_len() > table.positions() {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "the RoPE table covers {} positions, the batch reaches position {}",
+                table.positions(),
+                batch.max_kv_len() - 1
+            )));
+        }
+        let row = heads.row_elems();
+        if qkv.dims() != [num_tokens, row] {
+            return Err(Fp8KvError::ShapeMismatch {
+                what: "qkv",
+                expected: format!(
+                    "[{num_tokens}, {row}] ([num_tokens, (q_heads + 2 num_kv_heads) · head_dim])"
+                ),
+                actual: format!("{:?}", qkv.dims()),
+            });
+        }
+        activation_dtype("qkv", qkv.dtype())?;
+        self.check_device("qkv", &qkv.device())?;
+        self.check_device("RoPE table", &table.values.device())?;
+        let positions = table.positions();
+        let storage = self
+            .storage
+            .as_mut()
+            .expect("fp8kv: this KvCache lost its storage to a panic inside copy_blocks");
+        let q = B::kv_fill_rope(
+            storage,
+            &self.spec,
+            qkv.reshape([num_tokens, 1, row]).into_primitive().tensor(),
+            &batch.primitive,
+            table
+                .values
+                .clone()
+                .reshape([positions, 1, d])
+                .into_primitive()
+                .tensor(),
+            heads,
+            table.rope_dims,
+        )?;
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(q)))
     }
 
     /// Every sequence of `batch`, dequantized into contiguous K and V tensors of `dtype`

@@ -17,6 +17,7 @@ use crate::error::{Fp8KvError, KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::Dtype;
 use crate::reference::{self, HostKvCache, HostRows};
+use crate::rope::{QkvHeads, RopeTable};
 
 /// A step's metadata on the host, validated, as the reference kernels read it.
 #[derive(Debug, Clone)]
@@ -154,6 +155,44 @@ where
         )?;
         *cache = host_to_storage::<Self>(&host, spec, &Default::default());
         Ok(())
+    }
+
+    fn kv_fill_rope(
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        qkv: NdArrayTensor,
+        batch: &HostBatch,
+        table: NdArrayTensor,
+        heads: QkvHeads,
+        rope_dims: usize,
+    ) -> Result<NdArrayTensor> {
+        let num_tokens = written(batch, "fill_rope")?;
+        let dtype = burn_tensor::TensorMetadata::dtype(&qkv);
+        let act = super::activation_dtype("qkv", dtype)?;
+        let positions = burn_tensor::TensorMetadata::shape(&table).dims::<3>()[0];
+        let (qkv, table) = (values::<Self>(qkv)?, values::<Self>(table)?);
+        let table = RopeTable::from_values(table, positions, heads.head_dim, rope_dims)?;
+        let mut host = host_cache::<Self>(cache, spec)?;
+        let q = reference::fill_rope(
+            &mut host,
+            &spec.scales,
+            HostRows {
+                data: &qkv,
+                row_stride: heads.row_elems(),
+            },
+            num_tokens,
+            &batch.meta,
+            &table,
+            heads,
+            act,
+        )?;
+        *cache = host_to_storage::<Self>(&host, spec, &Default::default());
+        Ok(float_tensor::<Self>(
+            q,
+            [num_tokens, heads.q_heads, heads.head_dim],
+            dtype,
+            &Default::default(),
+        ))
     }
 
     fn kv_flatten(

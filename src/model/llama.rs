@@ -14,27 +14,15 @@ use burn_tensor::{DType, Int, Tensor, TensorData};
 
 use super::error::{ModelError, Result};
 use super::gguf::{Gguf, LlamaConfig};
-use super::layer::ops::{add_rms_norm, argmax, linear, rms_norm, rope_qkv, swiglu};
+use super::layer::ops::{
+    add_rms_norm, argmax, decode_block, linear, linear_swiglu, rms_norm, rope_qkv, BlockWeights,
+};
 use super::layer::{LayerBackend, QkvHeads, RopeTable, RopeTableTensor};
 use crate::burn::{
     causal_attention, AttentionOptions, FlattenLayout, KvBatch, KvCache, KvCacheConfig,
     PagedKvBackend,
 };
 use crate::layout::{KvLayoutKind, PagedKvLayout};
-
-/// One transformer block's weights; projections stored `[out, in]` as in the file
-/// ([`linear`] applies them), Q|K|V and gate|up stacked along `out` once at load (one matmul
-/// each).
-struct Block<B: Backend> {
-    attn_norm: Tensor<B, 1>,
-    /// `[(heads + 2 kv_heads) · head_dim, hidden]`.
-    wqkv: Tensor<B, 2>,
-    wo: Tensor<B, 2>,
-    ffn_norm: Tensor<B, 1>,
-    /// `[2 · feed_forward_length, hidden]`: gate then up.
-    w_gate_up: Tensor<B, 2>,
-    w_down: Tensor<B, 2>,
-}
 
 /// How a step's attention reads the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +99,9 @@ pub struct Llama<B: Backend> {
     act: DType,
     device: B::Device,
     embedding: Tensor<B, 2>,
-    blocks: Vec<Block<B>>,
+    /// Projections stored `[out, in]` as in the file ([`linear`] applies them), Q|K|V and
+    /// gate|up stacked along `out` once at load (one matmul each).
+    blocks: Vec<BlockWeights<B>>,
     out_norm: Tensor<B, 1>,
     lm_head: Tensor<B, 2>,
     /// RoPE angles for positions `0..positions()`, grown (doubled) when a step goes past them.
@@ -199,7 +189,7 @@ impl<B: LayerBackend> Llama<B> {
                         ws.iter().map(|w| format!("blk.{i}.{w}.weight")).collect();
                     matrices::<B>(gguf, &names, act, device)
                 };
-                Ok(Block {
+                Ok(BlockWeights {
                     attn_norm: vector::<B>(gguf, &format!("blk.{i}.attn_norm.weight"), device)?,
                     wqkv: m(&["attn_q", "attn_k", "attn_v"])?,
                     wo: m(&["attn_output"])?,
@@ -240,7 +230,7 @@ impl<B: LayerBackend> Llama<B> {
 
     /// The RoPE table, covering at least `positions` positions (doubled when a step goes
     /// past it: a new upload once per doubling, not per step).
-    fn rope_for(&self, positions: usize) -> Result<RopeTableTensor<B>> {
+    pub fn rope_for(&self, positions: usize) -> Result<RopeTableTensor<B>> {
         let mut table = self
             .rope
             .lock()
@@ -337,6 +327,24 @@ impl<B: LayerBackend> Llama<B> {
         // The MLP output of the block before, added to the residual stream by the next norm.
         let mut pending: Option<Tensor<B, 2>> = None;
         for (l, (block, cache)) in self.blocks.iter().zip(caches.iter_mut()).enumerate() {
+            let want_stats = stats.as_deref().is_some_and(|s| l < s.len());
+            if attend == Attend::Decode && !want_stats {
+                // One call a block: one custom operation on Fusion (its host cost paid once).
+                let (sum, mlp) = decode_block(
+                    x,
+                    pending.take(),
+                    block,
+                    cache,
+                    batch,
+                    &table,
+                    heads,
+                    eps,
+                    &opts,
+                )?;
+                x = sum;
+                pending = Some(mlp);
+                continue;
+            }
             let h = match pending.take() {
                 None => rms_norm(x.clone(), &block.attn_norm, eps)?,
                 Some(mlp) => {
@@ -345,11 +353,17 @@ impl<B: LayerBackend> Llama<B> {
                     h
                 }
             };
-            let (q, k, v) = rope_qkv(linear(h, &block.wqkv)?, batch, &table, heads)?;
-            if let Some(s) = stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
-                s.add(&k, &v);
-            }
-            cache.fill(k, v, batch)?;
+            let qkv = linear(h, &block.wqkv)?;
+            let q = match stats.as_deref_mut().and_then(|s| s.get_mut(l)) {
+                // Statistics read K and V: rotate them apart, then fill.
+                Some(s) => {
+                    let (q, k, v) = rope_qkv(qkv, batch, &table, heads)?;
+                    s.add(&k, &v);
+                    cache.fill(k, v, batch)?;
+                    q
+                }
+                None => cache.fill_rope(qkv, batch, &table, heads)?,
+            };
             let attn = match attend {
                 Attend::Decode => cache.decode(q, batch, &opts)?,
                 Attend::Prefill => {
@@ -370,10 +384,7 @@ impl<B: LayerBackend> Llama<B> {
             let o = linear(attn.reshape([n, c.head_count * d]), &block.wo)?;
             let (sum, h) = add_rms_norm(x, o, &block.ffn_norm, eps)?;
             x = sum;
-            pending = Some(linear(
-                swiglu(linear(h, &block.w_gate_up)?)?,
-                &block.w_down,
-            )?);
+            pending = Some(linear(linear_swiglu(h, &block.w_gate_up)?, &block.w_down)?);
         }
         Ok(match pending {
             Some(mlp) => add_rms_norm(x, mlp, &self.out_norm, eps)?.1,

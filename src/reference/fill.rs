@@ -64,3 +64,91 @@ pub fn fill(
     }
     Ok(())
 }
+
+/// The RoPE fill ([`crate::kernels::fill::fill_rope`]): for each sequence's new tokens, rows of
+/// a fused QKV projection `[q_heads + 2 kv_heads, head_dim]` (Q, then K, then V): pairs `(2i,
+/// 2i + 1)` of each Q and K head with `i < table.rope_dims() / 2` rotate by the angle of the
+/// token's position (`kv_seqlens − q_seq_length + i`): `(x₀ c − x₁ s, x₀ s + x₁ c)` in f64,
+/// rounded to f32 once; K (rotated) and V then go through [`fill`], and Q is returned rounded
+/// to `act`, `[num_tokens, q_heads · head_dim]`, NaN in the rows of no sequence.
+///
+/// Errors: [`crate::Fp8KvError::ShapeMismatch`] for heads that do not match the cache's
+/// layout or the table, or a table too short for the batch's positions; those of [`fill`].
+#[allow(clippy::too_many_arguments)]
+pub fn fill_rope(
+    cache: &mut HostKvCache,
+    scales: &KvScales,
+    qkv: HostRows<'_>,
+    num_tokens: usize,
+    meta: &BatchMetadata,
+    table: &crate::rope::RopeTable,
+    heads: crate::rope::QkvHeads,
+    act: crate::policy::Dtype,
+) -> Result<Vec<f32>> {
+    let layout = *cache.layout();
+    let d = heads.head_dim;
+    if heads.kv_heads != layout.num_kv_heads()
+        || d != layout.head_dim_k()
+        || d != layout.head_dim_v()
+        || d != table.head_dim()
+        || meta.max_kv_len() > table.positions()
+    {
+        return Err(crate::Fp8KvError::ShapeMismatch {
+            what: "reference RoPE fill",
+            expected: format!(
+                "the cache's {} KV heads of {} and a table of that width covering position {}",
+                layout.num_kv_heads(),
+                layout.head_dim_k(),
+                meta.max_kv_len().saturating_sub(1)
+            ),
+            actual: format!(
+                "{heads:?}, a table of {} positions of {}",
+                table.positions(),
+                table.head_dim()
+            ),
+        });
+    }
+    qkv.check("qkv", num_tokens, heads.row_elems())?;
+    meta.validate(&layout, num_tokens)?;
+    let (qd, kvd) = (heads.q_heads * d, heads.kv_heads * d);
+    let mut q = vec![f32::NAN; num_tokens * qd];
+    let mut k = vec![0f32; num_tokens * kvd];
+    let mut v = vec![0f32; num_tokens * kvd];
+    let pairs = table.rope_dims() / 2;
+    for b in 0..meta.batch() {
+        let q_len = meta.q_seq_length()[b] as usize;
+        let kv_len = meta.kv_seqlens()[b] as usize;
+        let start = meta.q_start_loc()[b] as usize;
+        for i in 0..q_len {
+            let (row, pos) = (start + i, kv_len - q_len + i);
+            let x = &qkv.data[row * qkv.row_stride..][..heads.row_elems()];
+            let rotate = |at: usize| {
+                let (x0, x1) = (x[at] as f64, x[at + 1] as f64);
+                let pair = (at % d) / 2;
+                if pair >= pairs {
+                    return (x[at], x[at + 1]);
+                }
+                let (c, s) = table.cos_sin(pos, pair);
+                let (c, s) = (c as f64, s as f64);
+                ((x0 * c - x1 * s) as f32, (x0 * s + x1 * c) as f32)
+            };
+            for at in (0..qd).step_by(2) {
+                let (y0, y1) = rotate(at);
+                q[row * qd + at] = act.round_trip(y0);
+                q[row * qd + at + 1] = act.round_trip(y1);
+            }
+            for at in (0..kvd).step_by(2) {
+                let (y0, y1) = rotate(qd + at);
+                k[row * kvd + at] = y0;
+                k[row * kvd + at + 1] = y1;
+            }
+            v[row * kvd..(row + 1) * kvd].copy_from_slice(&x[qd + kvd..qd + 2 * kvd]);
+        }
+    }
+    let rows = |data| HostRows {
+        data,
+        row_stride: kvd,
+    };
+    fill(cache, scales, rows(&k), rows(&v), num_tokens, meta)?;
+    Ok(q)
+}

@@ -9,7 +9,7 @@ mod fill;
 mod flatten;
 
 pub use decode::{paged_decode, AttentionOptions};
-pub use fill::fill;
+pub use fill::{fill, fill_rope};
 pub use flatten::{flatten, flatten_start_loc, FlattenLayout};
 
 use crate::error::{checked_rows_span, try_vec, Fp8KvError, KvSide, Result};

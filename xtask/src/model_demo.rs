@@ -563,6 +563,7 @@ fn speed<B: LayerBackend>(
         )
         .map_err(e)?;
         host_per_call(&mut engine, device)?;
+        linear_crossover::<B>(device)?;
         model = Some(engine.into_model());
     }
     for (batch, context) in [
@@ -596,6 +597,22 @@ fn speed<B: LayerBackend>(
                     }
                     times.push(t.elapsed().as_secs_f64());
                     engine.release(id);
+                }
+                if let Some(c) = counter {
+                    // One more prompt with every launch logged: prefill's breakdown by kernel.
+                    B::sync(device).ok();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let before = c.launches().len();
+                    let id = engine.add(prompt.clone()).map_err(e)?;
+                    while engine.sequence(id).map(|s| s.cached) != Some(prompt.len()) {
+                        let (h, _) = engine.step(&[id]).map_err(e)?;
+                        engine.model.greedy(h.slice(0..1)).map_err(e)?;
+                    }
+                    engine.release(id);
+                    B::sync(device).ok();
+                    std::thread::sleep(std::time::Duration::from_millis(300));
+                    let all = c.launches();
+                    launches = Some(breakdown(&all[before.min(all.len())..], 1));
                 }
                 let warm = times.remove(0);
                 times.sort_by(f64::total_cmp);
@@ -678,7 +695,7 @@ fn speed<B: LayerBackend>(
             model = Some(engine.into_model());
         }
     }
-    println!("prefill row: one 2048-token prompt in chunks of 512; step ms: one decode step with the next tokens' argmax read back, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (on the fused backend, recording: its launches run at the read); with --launches, each decode row is followed by its launches and device time per step by kernel (every launch waited for: that run's times are not the speed); warm-up s: the first step (prefill: the first prompt), compilation included, not in the medians; KV MiB: the batch's contexts");
+    println!("prefill row: one 2048-token prompt in chunks of 512; step ms: one decode step with the next tokens' argmax read back, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (on the fused backend, recording: its launches run at the read); with --launches, each row is followed by its launches and device time per step (prefill: per prompt) by kernel (every launch waited for: that run's times are not the speed); warm-up s: the first step (prefill: the first prompt), compilation included, not in the medians; KV MiB: the batch's contexts");
     Ok(())
 }
 
@@ -723,6 +740,53 @@ fn attention_only<B: LayerBackend>(
     }
     times.sort_by(f64::total_cmp);
     Ok(times[3])
+}
+
+/// Device µs per matmul of the model's MLP shapes, the GEMV kernel against Burn's matmul on the
+/// transposed weight, by row count: 50 calls back to back, then one sync (host time per call
+/// is ~10 µs, so the small rows show that floor). What chose `layer::gemv_pays`.
+fn linear_crossover<B: LayerBackend>(device: &B::Device) -> Result<(), String> {
+    const N: usize = 50;
+    let rnd = |shape: [usize; 2]| {
+        Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
+    };
+    println!(
+        "    µs per matmul, {N} back to back then one sync: GEMV kernel / Burn matmul (x · wᵀ)"
+    );
+    for (name, outputs, k) in [
+        ("QKV 960×576", 960, 576),
+        ("gate|up 3072×576", 3072, 576),
+        ("down 576×1536", 576, 1536),
+        ("LM head 49152×576", 49152, 576),
+    ] {
+        let w = rnd([outputs, k]);
+        let mut line = format!("      {name:<19}");
+        for rows in [16, 32, 64, 128, 256, 512] {
+            let x = rnd([rows, k]);
+            let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+                f()?;
+                B::sync(device).ok();
+                let t = Instant::now();
+                for _ in 0..N {
+                    f()?;
+                }
+                B::sync(device).ok();
+                Ok(t.elapsed().as_secs_f64() * 1e6 / N as f64)
+            };
+            let gemv = time(&mut || {
+                let xp = x.clone().into_primitive().tensor();
+                let wp = w.clone().into_primitive().tensor();
+                B::layer_gemv(xp, wp).map(drop).map_err(|e| e.to_string())
+            })?;
+            let mm = time(&mut || {
+                drop(x.clone().matmul(w.clone().transpose()));
+                Ok(())
+            })?;
+            line += &format!(" {rows}: {gemv:.1}/{mm:.1}");
+        }
+        println!("{line}");
+    }
+    Ok(())
 }
 
 /// Host µs per call of each launch kind of a batch-1 decode step: 200 calls back to back
@@ -781,6 +845,11 @@ fn host_per_call<B: LayerBackend>(
         "swiglu",
         time(&mut || ops::swiglu(gu.clone()).map(drop).map_err(k))?,
     ));
+    let w_gu = rnd([2 * c.feed_forward_length, hidden]);
+    rows.push((
+        "linear_swiglu 1x576 · 3072x576ᵀ (GEMV)",
+        time(&mut || ops::linear_swiglu(x.clone(), &w_gu).map(drop).map_err(k))?,
+    ));
     rows.push((
         "argmax over the vocabulary",
         time(&mut || ops::argmax(logits.clone()).map(drop).map_err(k))?,
@@ -800,6 +869,23 @@ fn host_per_call<B: LayerBackend>(
     rows.push((
         "decode (library, 2 launches)",
         time(&mut || cache.decode(q.clone(), &batch, &opts).map(drop).map_err(k))?,
+    ));
+    let qkv = rnd([1, (c.head_count + 2 * c.head_count_kv) * d]);
+    let table = engine.model.rope_for(1100).map_err(e)?;
+    let heads = fp8kv::model::layer::QkvHeads {
+        q_heads: c.head_count,
+        kv_heads: c.head_count_kv,
+        head_dim: d,
+    };
+    let cache = &mut engine.caches_mut()[0];
+    rows.push((
+        "fill_rope (library)",
+        time(&mut || {
+            cache
+                .fill_rope(qkv.clone(), &batch, &table, heads)
+                .map(drop)
+                .map_err(k)
+        })?,
     ));
     println!("    host µs per call, {N} calls back to back then one sync (batch 1, context 1024):");
     for (name, us) in rows {

@@ -301,7 +301,7 @@ fn fill_side<F: Float, Q: Float, N: Size>(
 /// Converts one vector to the cache element: FP8 codes through the integer encoder, or a
 /// plain conversion for the unquantized cache.
 #[cube]
-fn quantize_vector<F: Float, Q: Float, N: Size>(
+pub(crate) fn quantize_vector<F: Float, Q: Float, N: Size>(
     x: Vector<F, N>,
     scale: f32,
     inv_scale: f32,

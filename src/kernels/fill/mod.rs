@@ -35,6 +35,7 @@
 
 pub(crate) mod kernel;
 mod launch;
+mod rope;
 
 use cubecl::Runtime;
 
@@ -138,6 +139,114 @@ pub fn fill_with_stats<R: Runtime>(
     launch::launch_fill(cache, k_new, v_new, batch, Some(stats))
 }
 
+/// RoPE fused into the write, for a fused QKV projection: one launch rotates Q and K (pairs
+/// `(2i, 2i + 1)` of each head's first `rope_dims` dimensions, GGUF's Llama pairing, angles
+/// from `table`), writes the rotated Q to `q_out` and quantizes the rotated K and the V into
+/// `cache` as [`fill`] does, so K never goes through memory in the activation dtype (what
+/// vLLM's and FlashInfer's fused RoPE + append do). Sequence `b`'s new token `i` (row
+/// `q_start_loc[b] + i`) is at position `kv_seqlens[b] − q_seq_length[b] + i`.
+///
+/// The rotation is computed in f64 and rounded to f32 once (the f32 × f32 products are exact),
+/// then Q is rounded to the activation dtype and K and V go through the fill's codec: bit for
+/// bit what [`crate::reference::fill_rope`] computes.
+///
+/// - `qkv`: `[num_tokens, (q_heads + 2 kv_heads) · head_dim]` (Q heads, then K, then V; any
+///   row stride; f32/f16/bf16);
+/// - `table`: f32 `[positions, head_dim]` rows of [`crate::rope::RopeTable::values`],
+///   contiguous, covering every position the batch writes;
+/// - `q_out`: `[num_tokens, q_heads · head_dim]`, contiguous, `qkv`'s dtype.
+///
+/// Errors: those of [`fill`]; heads that do not match the cache's layout (its K and V head
+/// dims must be equal), a `rope_dims` that is odd or past the head dim, a table of the wrong
+/// width or too few positions, or a `q_out` of the wrong shape or dtype
+/// ([`Fp8KvError::ShapeMismatch`], [`Fp8KvError::InvalidOption`]).
+pub fn fill_rope<R: Runtime>(
+    cache: &mut PagedKvCache<R>,
+    qkv: &DeviceRows<R>,
+    batch: &DeviceBatch<R>,
+    table: &DeviceRows<R>,
+    heads: crate::rope::QkvHeads,
+    rope_dims: usize,
+    q_out: &mut DeviceRows<R>,
+) -> Result<()> {
+    let num_tokens = writing_tokens(batch)?;
+    let layout = *cache.layout();
+    batch.check_layout(&layout)?;
+    cache.policy().check_cache_dtype(cache.dtype())?;
+    crate::kernels::check_grid_batch(batch.batch())?;
+    let d = heads.head_dim;
+    if heads.q_heads == 0
+        || heads.kv_heads != layout.num_kv_heads()
+        || d != layout.head_dim_k()
+        || d != layout.head_dim_v()
+    {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "RoPE fill heads",
+            expected: format!(
+                "query heads and the cache's {} KV heads of {} (K) / {} (V), equal",
+                layout.num_kv_heads(),
+                layout.head_dim_k(),
+                layout.head_dim_v()
+            ),
+            actual: format!("{heads:?}"),
+        });
+    }
+    if !rope_dims.is_multiple_of(2) || rope_dims > d {
+        return Err(Fp8KvError::InvalidOption(format!(
+            "RoPE rotates pairs of the first rope_dims dims: need an even rope_dims <= {d}, got {rope_dims}"
+        )));
+    }
+    if !qkv.dtype().is_activation() {
+        return Err(Fp8KvError::UnsupportedDtype(format!(
+            "qkv must be f32, f16 or bf16, got {}",
+            qkv.dtype()
+        )));
+    }
+    check_rows("qkv", qkv, num_tokens, heads.row_elems())?;
+    let want = |what: &'static str, rows: &DeviceRows<R>, dtype, n: usize, w: usize| {
+        if rows.dtype() != dtype
+            || rows.rows() < n
+            || rows.row_elems() != w
+            || rows.row_stride() != w
+        {
+            return Err(Fp8KvError::ShapeMismatch {
+                what,
+                expected: format!("at least {n} contiguous rows of {w} {dtype}"),
+                actual: format!(
+                    "{} rows of {} {} at stride {}",
+                    rows.rows(),
+                    rows.row_elems(),
+                    rows.dtype(),
+                    rows.row_stride()
+                ),
+            });
+        }
+        Ok(())
+    };
+    want("q_out", q_out, qkv.dtype(), num_tokens, heads.q_heads * d)?;
+    let positions = batch.meta().max_kv_len();
+    want("RoPE table", table, crate::policy::Dtype::F32, positions, d)?;
+    for (what, rows) in [("qkv", qkv), ("q_out", &*q_out), ("RoPE table", table)] {
+        crate::error::check_limit(
+            what,
+            rows.len_elems(),
+            u32::MAX as usize,
+            "the kernel's 32-bit indices",
+        )?;
+    }
+    rope::launch_fill_rope(cache, qkv, batch, table, heads.q_heads, rope_dims, q_out);
+    Ok(())
+}
+
+/// The packed new tokens of a batch uploaded for writing.
+fn writing_tokens<R: Runtime>(batch: &DeviceBatch<R>) -> Result<usize> {
+    batch.num_tokens().ok_or_else(|| {
+        Fp8KvError::InvalidOption(
+            "fill needs a batch validated for writing (DeviceBatch::new), not DeviceBatch::for_reads".into(),
+        )
+    })
+}
+
 /// The checks of [`fill`].
 fn validate<R: Runtime>(
     cache: &PagedKvCache<R>,
@@ -145,11 +254,7 @@ fn validate<R: Runtime>(
     v_new: &DeviceRows<R>,
     batch: &DeviceBatch<R>,
 ) -> Result<()> {
-    let num_tokens = batch.num_tokens().ok_or_else(|| {
-        Fp8KvError::InvalidOption(
-            "fill needs a batch validated for writing (DeviceBatch::new), not DeviceBatch::for_reads".into(),
-        )
-    })?;
+    let num_tokens = writing_tokens(batch)?;
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
     cache.policy().check_cache_dtype(cache.dtype())?;
@@ -203,6 +308,26 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             let mut stats = DeviceKvStats::new(client);
             fill_with_stats(&mut cache, &k, &v, &batch, &mut stats)?;
         }
+    }
+    // The RoPE fill at SmolLM2's shape (9 / 3 heads of 64, page 16), bf16 in, each cache.
+    let heads = crate::rope::QkvHeads {
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let layout = crate::layout::PagedKvLayout::new(4, 16, 3, 64, 64, crate::KvLayoutKind::Bshd)?;
+    let meta = crate::layout::BatchMetadata::decode(vec![3, 5], vec![0, 1, 2, 3], 2)?;
+    let batch = DeviceBatch::new(client, meta, &layout, 2)?;
+    let table = DeviceRows::empty(client, Dtype::F32, 8, 64, 64)?;
+    for (policy, dtype) in [
+        (crate::QuantPolicy::Fp8E4m3, Dtype::E4m3),
+        (crate::QuantPolicy::Fp8E5m2, Dtype::E5m2),
+        (crate::QuantPolicy::None, Dtype::Bf16),
+    ] {
+        let mut cache = PagedKvCache::new(client, layout, policy, dtype, KvScales::default())?;
+        let qkv = DeviceRows::empty(client, Dtype::Bf16, 2, heads.row_elems(), heads.row_elems())?;
+        let mut q = DeviceRows::empty(client, Dtype::Bf16, 2, 576, 576)?;
+        fill_rope(&mut cache, &qkv, &batch, &table, heads, 64, &mut q)?;
     }
     Ok(())
 }

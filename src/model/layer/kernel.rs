@@ -239,18 +239,25 @@ pub(crate) fn rope_qkv_kernel<F: Float>(
 
 /// Output rows (warps) of one GEMV cube.
 pub(crate) const GEMV_WARPS: u32 = 8;
-/// Largest row count the GEMV kernel takes (its accumulators live in registers).
-pub(crate) const GEMV_MAX_ROWS: u32 = 16;
+/// Rows of `x` one GEMV cube multiplies (its accumulators live in registers); more rows take
+/// more cubes along y.
+pub(crate) const GEMV_GROUP_ROWS: u32 = 16;
 
 /// Matrix-vector product for few rows, the decode step's matmul: `out[m, n] = Σ_k x[m, k] ·
 /// w[n, k]` in f32, rounded to `F`. `w` is `[outputs, k]` row-major (GGUF's `[out, in]`): warp
-/// `n` reads row `n` once with coalesced 16-byte loads, every lane keeps `rows` partial sums,
-/// and one plane reduction per row ends it.
+/// `n` reads row `n` with coalesced 16-byte loads, every lane keeps `rows` partial sums, and
+/// one plane reduction per row ends it.
 ///
-/// Grid `(ceil(outputs / 8), 1, 1)`, cube `(32, 8, 1)`: warp `UNIT_POS_Y` of cube `c` owns
-/// output `8c + UNIT_POS_Y`. `x`: `[rows, k]` at row stride `x_stride`, `w`: `[outputs, k]` at
-/// row stride `w_stride` (both in vectors of `N`: Burn pads rows to a pitch); `out`: `[rows,
-/// outputs]` contiguous. `k_vecs = k / N`.
+/// With `glu`, `w` is a fused gate|up weight `[2 · outputs, k]` and warp `n` reads rows `n`
+/// and `outputs + n`: `out[m, n] = silu(g) · u` of the two sums `g`, `u` rounded to `F` (what
+/// [`swiglu_kernel`] computes from the unfused product, bit for bit), so the gate|up
+/// activations never reach memory.
+///
+/// Grid `(ceil(outputs / 8), ceil(total_rows / rows), 1)`, cube `(32, 8, 1)`: warp
+/// `UNIT_POS_Y` of cube `(c, g)` owns output `8c + UNIT_POS_Y` of rows `g·rows ..
+/// g·rows + rows` (the group's cubes share each weight row through L2). `x`: `[total_rows, k]`
+/// at row stride `x_stride`, `w`: `[outputs, k]` at row stride `w_stride` (both in vectors of
+/// `N`: Burn pads rows to a pitch); `out`: `[total_rows, outputs]` contiguous. `k_vecs = k / N`.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemv_kernel<F: Float, N: Size>(
@@ -258,45 +265,82 @@ pub(crate) fn gemv_kernel<F: Float, N: Size>(
     w: &Array<Vector<F, N>>,
     out: &mut Array<F>,
     outputs: u32,
+    total_rows: u32,
     x_stride: u32,
     w_stride: u32,
     #[comptime] rows: u32,
     #[comptime] k_vecs: u32,
     #[comptime] vec: u32,
+    #[comptime] glu: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let n = CUBE_POS_X * GEMV_WARPS + UNIT_POS_Y;
+    let base = CUBE_POS_Y * rows;
     // The whole warp shares `n`: it leaves together, and the plane sums see all 32 lanes.
     if n < outputs {
         let mut acc = Array::<f32>::new(comptime![rows as usize]);
+        // The up rows' sums (`glu` only).
+        let mut acc_up = Array::<f32>::new(comptime![(if glu { rows } else { 1 }) as usize]);
+        // The last group's rows past the end read the last row again (no branch in the
+        // unrolled loop) and are never written.
+        let mut x_row = Array::<u32>::new(comptime![rows as usize]);
         #[unroll]
         for m in 0..rows {
             acc[m as usize] = 0.0;
+            if comptime![glu] {
+                acc_up[m as usize] = 0.0;
+            }
+            x_row[m as usize] = min(base + m, total_rows - 1) * x_stride;
         }
         let w_row = n * w_stride;
+        let w_up = (n + outputs) * w_stride;
         // Fully unrolled: each lane's loads of `w` are independent and all in flight at once.
         #[unroll]
         for it in 0..comptime![k_vecs.div_ceil(LANES)] {
             let kv = UNIT_POS_X + it * LANES;
             if kv < k_vecs {
                 let wv = Vector::<f32, N>::cast_from(w[(w_row + kv) as usize]);
-                #[unroll]
-                for m in 0..rows {
-                    let xv = Vector::<f32, N>::cast_from(x[(m * x_stride + kv) as usize]);
-                    let mut s = 0.0f32;
+                if comptime![glu] {
+                    let wu = Vector::<f32, N>::cast_from(w[(w_up + kv) as usize]);
                     #[unroll]
-                    for j in 0..vec {
-                        s += wv[j as usize] * xv[j as usize];
+                    for m in 0..rows {
+                        let xv = Vector::<f32, N>::cast_from(x[(x_row[m as usize] + kv) as usize]);
+                        let mut s = 0.0f32;
+                        let mut su = 0.0f32;
+                        #[unroll]
+                        for j in 0..vec {
+                            s += wv[j as usize] * xv[j as usize];
+                            su += wu[j as usize] * xv[j as usize];
+                        }
+                        acc[m as usize] += s;
+                        acc_up[m as usize] += su;
                     }
-                    acc[m as usize] += s;
+                } else {
+                    #[unroll]
+                    for m in 0..rows {
+                        let xv = Vector::<f32, N>::cast_from(x[(x_row[m as usize] + kv) as usize]);
+                        let mut s = 0.0f32;
+                        #[unroll]
+                        for j in 0..vec {
+                            s += wv[j as usize] * xv[j as usize];
+                        }
+                        acc[m as usize] += s;
+                    }
                 }
             }
         }
         #[unroll]
         for m in 0..rows {
             let s = plane_sum(acc[m as usize]);
-            if UNIT_POS_X == 0 {
-                out[(m * outputs + n) as usize] = F::cast_from(s);
+            let mut y = F::cast_from(s);
+            if comptime![glu] {
+                // The unfused path's roundings: g and u as the gate|up product stores them.
+                let g = f32::cast_from(y);
+                let u = f32::cast_from(F::cast_from(plane_sum(acc_up[m as usize])));
+                y = F::cast_from(g / (1.0 + (-g).exp()) * u);
+            }
+            if UNIT_POS_X == 0 && base + m < total_rows {
+                out[((base + m) * outputs + n) as usize] = y;
             }
         }
     }

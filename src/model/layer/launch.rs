@@ -8,7 +8,8 @@ use cubecl::prelude::*;
 
 use super::kernel::{
     add_rms_norm_kernel, argmax_kernel, gemv_kernel, rms_norm_kernel, rope_qkv_kernel,
-    swiglu_kernel, RopeDims, ARGMAX_THREADS, GEMV_WARPS, LANES, NORM_ROWS_PER_CUBE, THREADS,
+    swiglu_kernel, RopeDims, ARGMAX_THREADS, GEMV_GROUP_ROWS, GEMV_WARPS, LANES,
+    NORM_ROWS_PER_CUBE, THREADS,
 };
 use crate::device::{storage_type, DeviceBatch, DeviceRows};
 use crate::kernels::array_len;
@@ -156,40 +157,51 @@ pub(crate) fn launch_rope<R: Runtime>(
     }
 }
 
-/// [`super::gemv`]: `vec` elements per load (dividing k, x's row stride and both buffers'
-/// offsets).
+/// [`super::gemv`] (`glu` false) and [`super::gemv_swiglu`] (`glu`: `w` holds `2 · outputs`
+/// rows): `vec` elements per load (dividing k, x's row stride and both buffers' offsets).
 pub(crate) fn launch_gemv<R: Runtime>(
     x: &DeviceRows<R>,
     w: &DeviceRows<R>,
     vec: usize,
+    glu: bool,
     out: &mut DeviceRows<R>,
 ) {
-    let (rows, outputs, k) = (x.rows(), w.rows(), x.row_elems());
+    let (rows, k) = (x.rows(), x.row_elems());
+    let outputs = if glu { w.rows() / 2 } else { w.rows() };
     if rows == 0 || outputs == 0 {
         return;
     }
     let client = out.client().clone();
-    // SAFETY: `mod.rs` checked x as `rows <= GEMV_MAX_ROWS` rows of `k` at its stride, w as
-    // `outputs` rows of `k` at its stride (the `DeviceRows` constructors: the buffers cover
-    // them), out as `rows` contiguous rows of `outputs`, one dtype, all below `u32::MAX`
-    // elements, and `vec` divides k, both strides and the offsets; the kernel reads
-    // `x[m · x_stride/vec + kv]`, `w[n · w_stride/vec + kv]` with `kv < k/vec`, `n < outputs`,
-    // and writes `out[m · outputs + n]`.
+    // Batches up to 16 rows compile their own row count (one cube row); more take groups of 16.
+    let group = rows.min(GEMV_GROUP_ROWS as usize);
+    // SAFETY: `mod.rs` checked x as `rows` rows of `k` at its stride (at most 16 · 65,535, the
+    // grid's y limit), w as `outputs` rows of `k` at its stride (the `DeviceRows`
+    // constructors: the buffers cover them; with `glu`, `2 · outputs` rows), out as `rows`
+    // contiguous rows of `outputs`, one dtype, all below `u32::MAX` elements, and `vec`
+    // divides k, both strides and the offsets; the kernel reads `x[min(m, rows − 1) ·
+    // x_stride/vec + kv]`, `w[n · w_stride/vec + kv]` (and `w[(outputs + n) · ...]` with
+    // `glu`) with `kv < k/vec`, `n < outputs`, and writes `out[m · outputs + n]`, `m < rows`.
     unsafe {
         gemv_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(outputs.div_ceil(GEMV_WARPS as usize) as u32, 1, 1),
+            CubeCount::Static(
+                outputs.div_ceil(GEMV_WARPS as usize) as u32,
+                rows.div_ceil(group) as u32,
+                1,
+            ),
             CubeDim::new_2d(LANES, GEMV_WARPS),
             vec,
             arg(x),
             arg(w),
             arg(out),
             outputs as u32,
+            rows as u32,
             (x.row_stride() / vec) as u32,
             (w.row_stride() / vec) as u32,
-            rows as u32,
+            group as u32,
             (k / vec) as u32,
             vec as u32,
+            glu,
             storage_type(x.dtype()),
         )
     }

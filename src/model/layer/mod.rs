@@ -18,105 +18,13 @@ pub mod reference;
 
 use cubecl::prelude::Runtime;
 
+pub use crate::rope::{QkvHeads, RopeTable};
 pub use ops::{LayerBackend, RopeTableTensor};
 
 use crate::device::{DeviceBatch, DeviceRows};
 use crate::error::{check_limit, Fp8KvError, Result};
 use crate::policy::Dtype;
 use kernel::RopeDims;
-
-/// RoPE angles as a table: row `pos` holds `(cos θ, sin θ)` of pair `i` at `2i, 2i + 1`,
-/// `θ = pos · base^(−2i / rope_dims)`, computed in f64 and rounded to f32 once (the kernels,
-/// the reference and every backend read the same numbers).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeTable {
-    positions: usize,
-    head_dim: usize,
-    rope_dims: usize,
-    values: Vec<f32>,
-}
-
-impl RopeTable {
-    /// The table for positions `0..positions` of heads of `head_dim`, the first `rope_dims`
-    /// dimensions rotated (even, at most `head_dim`), frequency base `base` (> 0).
-    pub fn new(base: f64, head_dim: usize, rope_dims: usize, positions: usize) -> Result<Self> {
-        if !(base.is_finite() && base > 0.0) {
-            return Err(Fp8KvError::InvalidOption(format!(
-                "RoPE base must be finite and > 0, got {base}"
-            )));
-        }
-        if head_dim == 0 || !head_dim.is_multiple_of(2) || rope_dims > head_dim {
-            return Err(Fp8KvError::InvalidOption(format!(
-                "RoPE needs an even head dim and rope dims <= head dim, got head dim {head_dim}, rope dims {rope_dims}"
-            )));
-        }
-        if !rope_dims.is_multiple_of(2) {
-            return Err(Fp8KvError::InvalidOption(format!(
-                "RoPE rotates pairs: rope dims must be even, got {rope_dims}"
-            )));
-        }
-        let len = crate::error::checked_product("RoPE table", &[positions, head_dim])?;
-        check_limit(
-            "RoPE table",
-            len,
-            u32::MAX as usize - 1,
-            "the kernels' 32-bit indices",
-        )?;
-        let mut values = crate::error::try_vec("RoPE table", len, 0f32)?;
-        for pos in 0..positions {
-            for i in 0..rope_dims / 2 {
-                let theta = pos as f64 * base.powf(-2.0 * i as f64 / rope_dims as f64);
-                values[pos * head_dim + 2 * i] = theta.cos() as f32;
-                values[pos * head_dim + 2 * i + 1] = theta.sin() as f32;
-            }
-        }
-        Ok(RopeTable {
-            positions,
-            head_dim,
-            rope_dims,
-            values,
-        })
-    }
-    /// Positions the table covers.
-    pub fn positions(&self) -> usize {
-        self.positions
-    }
-    /// Elements per head.
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-    }
-    /// Rotated dimensions per head.
-    pub fn rope_dims(&self) -> usize {
-        self.rope_dims
-    }
-    /// `[positions, head_dim]` f32 values (the pairs past `rope_dims` are 0).
-    pub fn values(&self) -> &[f32] {
-        &self.values
-    }
-    /// `(cos, sin)` of pair `i` at position `pos`.
-    pub fn cos_sin(&self, pos: usize, i: usize) -> (f32, f32) {
-        let at = pos * self.head_dim + 2 * i;
-        (self.values[at], self.values[at + 1])
-    }
-}
-
-/// Heads of a fused QKV row: `[q_heads + 2 kv_heads, head_dim]`, Q then K then V.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QkvHeads {
-    /// Query heads.
-    pub q_heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Elements per head.
-    pub head_dim: usize,
-}
-
-impl QkvHeads {
-    /// Elements of one QKV row.
-    pub fn row_elems(&self) -> usize {
-        (self.q_heads + 2 * self.kv_heads) * self.head_dim
-    }
-}
 
 fn shape_err(what: &'static str, expected: String, rows: &DeviceRows<impl Runtime>) -> Fp8KvError {
     Fp8KvError::ShapeMismatch {
@@ -345,31 +253,76 @@ pub enum IndexDtype {
     I64,
 }
 
-/// The most rows [`gemv`] takes (a decode step's batch; more rows go to a matmul).
-pub const GEMV_MAX_ROWS: usize = kernel::GEMV_MAX_ROWS as usize;
+/// Whether [`ops::linear`] (and [`ops::linear_swiglu`]) send a product of `rows` rows with
+/// `outputs` weight rows of `k` to [`gemv`] rather than Burn's matmul. The GEMV runs on CUDA
+/// cores at about 4 T multiply-adds/s, so its time grows with `rows · outputs · k`; Burn's
+/// tiled matmul (autotune off) costs 30–80 µs at these sizes whatever the rows, and more when
+/// few outputs leave it few tiles. So: up to 2²⁷ multiply-adds, and narrow products (fewer than
+/// 1,024 outputs) of a long `k` up to 256 rows. Measured on an H100 (`cargo xtask demo
+/// --speed`, CubeBackend, µs per call, GEMV / matmul): gate|up 3072 × 576 at 32 rows 21 / 36,
+/// at 64 rows 36 / 35; QKV 960 × 576 at 128 rows 27 / 34, at 256 rows 44 / 37; down 576 ×
+/// 1536 at 256 rows 46 / 75, at 512 rows 82 / 79; LM head 49,152 × 576 at 16 rows 121 / 58.
+pub fn gemv_pays(rows: usize, outputs: usize, k: usize) -> bool {
+    let macs = rows.saturating_mul(outputs).saturating_mul(k);
+    rows > 0 && (macs <= 1 << 27 || (outputs < 1024 && k >= 1024 && rows <= 256))
+}
 
 /// The product of few rows with a weight stored `[outputs, k]` (GGUF's `[out, in]`): `out[m,
 /// n] = Σ_k x[m, k] · w[n, k]`, accumulated in f32, rounded to the activation dtype. Each
-/// weight row is read once by one warp (a decode step's matmuls are matrix-vector products).
+/// weight row is read by one warp per group of 16 rows (a decode step's matmuls are
+/// matrix-vector products); CUDA cores, no tensor cores, so it pays for few rows only (see
+/// [`gemv_pays`]).
 ///
-/// `x`: `[rows, k]`, `1 <= rows <= GEMV_MAX_ROWS`, any row stride; `w`: `[outputs, k]`, any
-/// row stride; `out`: `[rows, outputs]` contiguous; one activation dtype. Errors as
-/// [`rms_norm`], and [`Fp8KvError::TooLarge`] for more rows.
+/// `x`: `[rows, k]`, `rows >= 1`, any row stride; `w`: `[outputs, k]`, any row stride; `out`:
+/// `[rows, outputs]` contiguous; one activation dtype. Errors as [`rms_norm`], and
+/// [`Fp8KvError::TooLarge`] past 16 · 65,535 rows (the grid's y limit).
 pub fn gemv<R: Runtime>(
     x: &DeviceRows<R>,
     w: &DeviceRows<R>,
     out: &mut DeviceRows<R>,
 ) -> Result<()> {
+    gemv_checked(x, w, w.rows(), false, out)
+}
+
+/// [`gemv`] with a fused gate|up weight `[2 ff, k]` (gate rows first) and SwiGLU on its two
+/// halves: `out[m, j] = silu(g) · u` of `g = (x · wᵀ)[m, j]` and `u = (x · wᵀ)[m, ff + j]`,
+/// each rounded to the activation dtype first, `silu` in f32: [`gemv`] then [`swiglu`], bit
+/// for bit, in one launch (the gate|up activations never reach memory).
+///
+/// `out`: `[rows, ff]` contiguous. Errors as [`gemv`], and [`Fp8KvError::ShapeMismatch`] for
+/// an odd weight row count.
+pub fn gemv_swiglu<R: Runtime>(
+    x: &DeviceRows<R>,
+    w_gate_up: &DeviceRows<R>,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
+    if !w_gate_up.rows().is_multiple_of(2) {
+        return Err(Fp8KvError::ShapeMismatch {
+            what: "w_gate_up",
+            expected: "[2 ff, k] (gate rows then up rows)".into(),
+            actual: format!("{} rows", w_gate_up.rows()),
+        });
+    }
+    gemv_checked(x, w_gate_up, w_gate_up.rows() / 2, true, out)
+}
+
+fn gemv_checked<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    outputs: usize,
+    glu: bool,
+    out: &mut DeviceRows<R>,
+) -> Result<()> {
     check_activation("x", x)?;
-    let (rows, k, outputs) = (x.rows(), x.row_elems(), w.rows());
+    let (rows, k) = (x.rows(), x.row_elems());
     check_limit(
         "GEMV rows",
         rows,
-        GEMV_MAX_ROWS,
-        "the GEMV kernel's register accumulators",
+        kernel::GEMV_GROUP_ROWS as usize * 65_535,
+        "the GEMV grid's y dimension (16 rows a cube)",
     )?;
     check_rows("x", x, rows, k, x.dtype(), true)?;
-    check_rows("w", w, outputs, k, x.dtype(), true)?;
+    check_rows("w", w, w.rows(), k, x.dtype(), true)?;
     check_rows("out", out, rows, outputs, x.dtype(), false)?;
     if k == 0 {
         return Err(Fp8KvError::ZeroSize { what: "GEMV k" });
@@ -379,7 +332,7 @@ pub fn gemv<R: Runtime>(
         &[k, x.row_stride(), w.row_stride()],
         &[x.handle(), w.handle()],
     );
-    launch::launch_gemv(x, w, vec, out);
+    launch::launch_gemv(x, w, vec, glu, out);
     Ok(())
 }
 
@@ -415,7 +368,7 @@ pub fn argmax_rows<R: Runtime>(
 }
 
 /// Launches every block-kernel instantiation the SmolLM2 model uses (hidden 576, MLP 1536,
-/// 9 / 3 heads of 64, GEMV at 1–16 rows, argmax), for each activation dtype, once on tiny valid
+/// 9 / 3 heads of 64, GEMV at 1–16 rows and groups of 16, argmax), for each activation dtype, once on tiny valid
 /// inputs. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
@@ -444,12 +397,16 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         let qkv = rows(heads.row_elems())?;
         let (mut q, mut k, mut v) = (rows(576)?, rows(192)?, rows(192)?);
         rope_qkv(&qkv, &batch, &table, heads, 64, &mut q, &mut k, &mut v)?;
-        // The decode step's matmuls: every row count a batch up to GEMV_MAX_ROWS compiles.
+        // The decode step's matmuls: every row count up to 16 compiles its own kernel, more rows
+        // the 16-row one.
         let weight = DeviceRows::empty(client, act, 960, 576, 576)?;
-        for m in [1, 2, 4, 8, 16] {
+        for m in [1, 2, 4, 8, 16, 33] {
             let xm = DeviceRows::empty(client, act, m, 576, 576)?;
             let mut om = DeviceRows::empty(client, act, m, 960, 960)?;
             gemv(&xm, &weight, &mut om)?;
+            let gate_up = DeviceRows::empty(client, act, 3072, 576, 576)?;
+            let mut hm = DeviceRows::empty(client, act, m, 1536, 1536)?;
+            gemv_swiglu(&xm, &gate_up, &mut hm)?;
         }
         let idx = client.empty(2 * 8);
         argmax_rows(&x, &idx, IndexDtype::I32)?;

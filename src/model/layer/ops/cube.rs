@@ -158,6 +158,19 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> LayerBackend for Cube<F, I
         wrap(&like, out, vec![rows, outputs])
     }
 
+    fn layer_gemv_swiglu(
+        x: CubeTensor<CudaRuntime>,
+        w: CubeTensor<CudaRuntime>,
+    ) -> Result<CubeTensor<CudaRuntime>> {
+        let dtype = activation_dtype("x", x.dtype)?;
+        let like = x.clone();
+        let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
+        let (rows, ff) = (x.rows(), w.rows() / 2);
+        let mut out = new_rows(&like, dtype, rows, ff)?;
+        layer::gemv_swiglu(&x, &w, &mut out)?;
+        wrap(&like, out, vec![rows, ff])
+    }
+
     fn layer_argmax(x: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
         let dtype = activation_dtype("x", x.dtype)?;
         let like = x.clone();

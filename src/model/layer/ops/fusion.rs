@@ -5,9 +5,12 @@
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use burn_tensor::TensorPrimitive::Float;
 use burn_tensor::{DType, Shape};
 
-use super::LayerBackend;
+use super::{BlockConfig, BlockWeights, LayerBackend};
+use crate::burn::fusion::{cache_outputs, inner_cache, register_side, side_tensor, wrap_side};
+use crate::burn::{KvCachePrimitive, KvCacheSpec};
 use crate::error::Result;
 use crate::model::layer::QkvHeads;
 
@@ -26,11 +29,20 @@ enum Kind<P> {
     },
     Swiglu,
     Gemv,
+    GemvSwiglu,
     Argmax,
     Rope {
         batch: P,
         heads: QkvHeads,
         rope_dims: usize,
+    },
+    /// A whole decoder block; inputs `x, [pending], attn_norm, wqkv, wo, ffn_norm, w_gate_up,
+    /// w_down, table, k_cache, v_cache`, outputs `x', mlp, k_cache', v_cache'`.
+    Block {
+        batch: P,
+        spec: KvCacheSpec,
+        pending: bool,
+        block: Box<BlockConfig>,
     },
 }
 
@@ -74,6 +86,12 @@ impl<B: FusionBackend + LayerBackend> Operation<B::FusionRuntime> for LayerOp<B>
                 let o = or_panic("gemv", B::layer_gemv(x, w));
                 handles.register_float_tensor::<B>(&out.id, o);
             }
+            Kind::GemvSwiglu => {
+                let ([x, w], [out]) = desc.as_fixed();
+                let (x, w) = (get(handles, x), get(handles, w));
+                let o = or_panic("gemv_swiglu", B::layer_gemv_swiglu(x, w));
+                handles.register_float_tensor::<B>(&out.id, o);
+            }
             Kind::Argmax => {
                 let ([x], [out]) = desc.as_fixed();
                 let o = or_panic("argmax", B::layer_argmax(get(handles, x)));
@@ -90,6 +108,45 @@ impl<B: FusionBackend + LayerBackend> Operation<B::FusionRuntime> for LayerOp<B>
                 for (ir, t) in outs.iter().zip(or_panic("rope_qkv", res)) {
                     handles.register_float_tensor::<B>(&ir.id, t);
                 }
+            }
+            Kind::Block {
+                batch,
+                spec,
+                pending,
+                block,
+            } => {
+                let ins = &desc.inputs;
+                let n = ins.len();
+                let floats: Vec<_> = ins[..n - 2].iter().map(|ir| get(handles, ir)).collect();
+                let mut f = floats.into_iter();
+                let mut next = || f.next().expect("a decoder block's inputs");
+                let x = next();
+                let mlp = pending.then(&mut next);
+                let attn_norm = burn_tensor::Tensor::from_primitive(Float(next()));
+                let wqkv = burn_tensor::Tensor::from_primitive(Float(next()));
+                let wo = burn_tensor::Tensor::from_primitive(Float(next()));
+                let ffn_norm = burn_tensor::Tensor::from_primitive(Float(next()));
+                let w_gate_up = burn_tensor::Tensor::from_primitive(Float(next()));
+                let w_down = burn_tensor::Tensor::from_primitive(Float(next()));
+                let table = next();
+                let w = BlockWeights {
+                    attn_norm,
+                    wqkv,
+                    wo,
+                    ffn_norm,
+                    w_gate_up,
+                    w_down,
+                };
+                let mut cache = inner_cache::<B>(handles, &ins[n - 2], &ins[n - 1], spec);
+                let [x, mlp] = or_panic(
+                    "decoder block",
+                    B::layer_decode_block(x, mlp, &w, &mut cache, spec, batch, table, block),
+                );
+                let outs = &desc.outputs;
+                handles.register_float_tensor::<B>(&outs[0].id, x);
+                handles.register_float_tensor::<B>(&outs[1].id, mlp);
+                register_side::<B>(handles, &outs[2], cache.k);
+                register_side::<B>(handles, &outs[3], cache.v);
             }
         }
     }
@@ -206,6 +263,76 @@ impl<B: FusionBackend + LayerBackend> LayerBackend for Fusion<B> {
             &[vec![rows, outputs]],
             dtype,
             Kind::Gemv,
+        )))
+    }
+
+    fn layer_decode_block(
+        x: FTensor<B>,
+        pending: Option<FTensor<B>>,
+        w: &BlockWeights<Self>,
+        cache: &mut KvCachePrimitive<Self>,
+        spec: &KvCacheSpec,
+        batch: &Self::KvBatchPrimitive,
+        table: FTensor<B>,
+        block: &BlockConfig,
+    ) -> Result<[FTensor<B>; 2]> {
+        let (shape, dtype) = (x.shape.clone(), x.dtype);
+        let client = x.client.clone();
+        let prim = |t: &burn_tensor::Tensor<Self, 2>| t.clone().into_primitive().tensor();
+        let prim1 = |t: &burn_tensor::Tensor<Self, 1>| t.clone().into_primitive().tensor();
+        let has_pending = pending.is_some();
+        let mut inputs = vec![x];
+        inputs.extend(pending);
+        inputs.extend([
+            prim1(&w.attn_norm),
+            prim(&w.wqkv),
+            prim(&w.wo),
+            prim1(&w.ffn_norm),
+            prim(&w.w_gate_up),
+            prim(&w.w_down),
+            table,
+        ]);
+        let (k_cache, v_cache) = (side_tensor::<B>(&cache.k), side_tensor::<B>(&cache.v));
+        inputs.extend([k_cache.clone(), v_cache.clone()]);
+        let streams = OperationStreams::with_inputs(inputs.iter());
+        let act = |_| TensorIr::uninit(client.create_empty_handle(), shape.clone(), dtype);
+        let [k_out, v_out] = cache_outputs::<B>(&client, spec);
+        let outputs = [act(0), act(1), k_out, v_out];
+        let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+        let desc = CustomOpIr::new("fp8kv_decode_block", &inputs, &outputs);
+        let op = LayerOp::<B> {
+            desc: desc.clone(),
+            kind: Kind::Block {
+                batch: batch.clone(),
+                spec: *spec,
+                pending: has_pending,
+                block: Box::new(block.clone()),
+            },
+        };
+        let mut outs = client
+            .register(streams, OperationIr::Custom(desc), op)
+            .into_iter();
+        let (Some(x), Some(mlp), Some(k), Some(v)) =
+            (outs.next(), outs.next(), outs.next(), outs.next())
+        else {
+            unreachable!("a decoder block registers four outputs")
+        };
+        // The old cache ids are dropped here; their buffers live on under the outputs' ids.
+        *cache = KvCachePrimitive {
+            k: wrap_side::<B>(spec, k),
+            v: wrap_side::<B>(spec, v),
+        };
+        Ok([x, mlp])
+    }
+
+    fn layer_gemv_swiglu(x: FTensor<B>, w: FTensor<B>) -> Result<FTensor<B>> {
+        let (rows, ff, dtype) = (x.shape.to_vec()[0], w.shape.to_vec()[0] / 2, x.dtype);
+        Ok(one(register::<B>(
+            "fp8kv_gemv_swiglu",
+            vec![x, w],
+            &[vec![rows, ff]],
+            dtype,
+            Kind::GemvSwiglu,
         )))
     }
 
