@@ -742,7 +742,23 @@ fn attention_only<B: LayerBackend>(
     Ok(times[3])
 }
 
-/// Device µs per matmul of the model's MLP shapes, the GEMV kernel against Burn's matmul on the
+/// µs per call of `f`: one call to warm up, then `n` back to back and one sync.
+fn per_call<B: LayerBackend>(
+    device: &B::Device,
+    n: usize,
+    f: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    f()?;
+    B::sync(device).ok();
+    let t = Instant::now();
+    for _ in 0..n {
+        f()?;
+    }
+    B::sync(device).ok();
+    Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
+}
+
+/// Device µs per matmul of the model's shapes, the GEMV kernel against Burn's matmul on the
 /// transposed weight, by row count: 50 calls back to back, then one sync (host time per call
 /// is ~10 µs, so the small rows show that floor). What chose `layer::gemv_pays`.
 fn linear_crossover<B: LayerBackend>(device: &B::Device) -> Result<(), String> {
@@ -763,16 +779,7 @@ fn linear_crossover<B: LayerBackend>(device: &B::Device) -> Result<(), String> {
         let mut line = format!("      {name:<19}");
         for rows in [16, 32, 64, 128, 256, 512] {
             let x = rnd([rows, k]);
-            let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
-                f()?;
-                B::sync(device).ok();
-                let t = Instant::now();
-                for _ in 0..N {
-                    f()?;
-                }
-                B::sync(device).ok();
-                Ok(t.elapsed().as_secs_f64() * 1e6 / N as f64)
-            };
+            let time = |f: &mut dyn FnMut() -> Result<(), String>| per_call::<B>(device, N, f);
             let gemv = time(&mut || {
                 let xp = x.clone().into_primitive().tensor();
                 let wp = w.clone().into_primitive().tensor();
@@ -818,16 +825,7 @@ fn host_per_call<B: LayerBackend>(
     let kv = rnd([1, c.head_count_kv * d]).reshape([1, c.head_count_kv, d]);
     let opts = AttentionOptions::default();
     const N: usize = 200;
-    let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
-        f()?;
-        B::sync(device).ok();
-        let t = Instant::now();
-        for _ in 0..N {
-            f()?;
-        }
-        B::sync(device).ok();
-        Ok(t.elapsed().as_secs_f64() * 1e6 / N as f64)
-    };
+    let time = |f: &mut dyn FnMut() -> Result<(), String>| per_call::<B>(device, N, f);
     let mut rows: Vec<(&str, f64)> = Vec::new();
     rows.push((
         "linear 1x576 · 960x576ᵀ (GEMV)",

@@ -169,11 +169,7 @@ pub fn fill_rope<R: Runtime>(
     rope_dims: usize,
     q_out: &mut DeviceRows<R>,
 ) -> Result<()> {
-    let num_tokens = writing_tokens(batch)?;
-    let layout = *cache.layout();
-    batch.check_layout(&layout)?;
-    cache.policy().check_cache_dtype(cache.dtype())?;
-    crate::kernels::check_grid_batch(batch.batch())?;
+    let (num_tokens, layout) = check_write(cache, batch)?;
     let d = heads.head_dim;
     if heads.q_heads == 0
         || heads.kv_heads != layout.num_kv_heads()
@@ -238,13 +234,23 @@ pub fn fill_rope<R: Runtime>(
     Ok(())
 }
 
-/// The packed new tokens of a batch uploaded for writing.
-fn writing_tokens<R: Runtime>(batch: &DeviceBatch<R>) -> Result<usize> {
-    batch.num_tokens().ok_or_else(|| {
+/// What every write checks: a batch uploaded for writing against this cache's layout, a policy
+/// that fits the cache dtype, a batch the grid holds. Returns the packed new tokens and the
+/// layout.
+fn check_write<R: Runtime>(
+    cache: &PagedKvCache<R>,
+    batch: &DeviceBatch<R>,
+) -> Result<(usize, crate::layout::PagedKvLayout)> {
+    let num_tokens = batch.num_tokens().ok_or_else(|| {
         Fp8KvError::InvalidOption(
             "fill needs a batch validated for writing (DeviceBatch::new), not DeviceBatch::for_reads".into(),
         )
-    })
+    })?;
+    let layout = *cache.layout();
+    batch.check_layout(&layout)?;
+    cache.policy().check_cache_dtype(cache.dtype())?;
+    crate::kernels::check_grid_batch(batch.batch())?;
+    Ok((num_tokens, layout))
 }
 
 /// The checks of [`fill`].
@@ -254,11 +260,7 @@ fn validate<R: Runtime>(
     v_new: &DeviceRows<R>,
     batch: &DeviceBatch<R>,
 ) -> Result<()> {
-    let num_tokens = writing_tokens(batch)?;
-    let layout = *cache.layout();
-    batch.check_layout(&layout)?;
-    cache.policy().check_cache_dtype(cache.dtype())?;
-    crate::kernels::check_grid_batch(batch.batch())?;
+    let (num_tokens, layout) = check_write(cache, batch)?;
     if k_new.dtype() != v_new.dtype() {
         return Err(Fp8KvError::UnsupportedDtype(format!(
             "k_new is {} but v_new is {}",

@@ -148,27 +148,14 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> LayerBackend for Cube<F, I
         x: CubeTensor<CudaRuntime>,
         w: CubeTensor<CudaRuntime>,
     ) -> Result<CubeTensor<CudaRuntime>> {
-        let dtype = activation_dtype("x", x.dtype)?;
-        let like = x.clone();
-        let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
-        let (rows, outputs) = (x.rows(), w.rows());
-        let mut out = new_rows(&like, dtype, rows, outputs)?;
-        // Weights keep Burn's pitched rows: the kernel reads them in place.
-        layer::gemv(&x, &w, &mut out)?;
-        wrap(&like, out, vec![rows, outputs])
+        gemv_tensor(x, w, false)
     }
 
     fn layer_gemv_swiglu(
         x: CubeTensor<CudaRuntime>,
         w: CubeTensor<CudaRuntime>,
     ) -> Result<CubeTensor<CudaRuntime>> {
-        let dtype = activation_dtype("x", x.dtype)?;
-        let like = x.clone();
-        let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
-        let (rows, ff) = (x.rows(), w.rows() / 2);
-        let mut out = new_rows(&like, dtype, rows, ff)?;
-        layer::gemv_swiglu(&x, &w, &mut out)?;
-        wrap(&like, out, vec![rows, ff])
+        gemv_tensor(x, w, true)
     }
 
     fn layer_argmax(x: CubeTensor<CudaRuntime>) -> Result<CubeTensor<CudaRuntime>> {
@@ -188,4 +175,25 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> LayerBackend for Cube<F, I
         layer::argmax_rows(&x, &out.handle, index)?;
         Ok(out)
     }
+}
+
+/// [`layer::gemv`], or with `glu` [`layer::gemv_swiglu`], on Burn tensors. Weights keep Burn's
+/// pitched rows: the kernel reads them in place.
+fn gemv_tensor(
+    x: CubeTensor<CudaRuntime>,
+    w: CubeTensor<CudaRuntime>,
+    glu: bool,
+) -> Result<CubeTensor<CudaRuntime>> {
+    let dtype = activation_dtype("x", x.dtype)?;
+    let like = x.clone();
+    let (x, w) = (rows2(x, dtype)?, rows2(w, dtype)?);
+    let rows = x.rows();
+    let outputs = if glu { w.rows() / 2 } else { w.rows() };
+    let mut out = new_rows(&like, dtype, rows, outputs)?;
+    if glu {
+        layer::gemv_swiglu(&x, &w, &mut out)?;
+    } else {
+        layer::gemv(&x, &w, &mut out)?;
+    }
+    wrap(&like, out, vec![rows, outputs])
 }
