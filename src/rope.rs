@@ -65,6 +65,7 @@ impl RopeTable {
         head_dim: usize,
         rope_dims: usize,
     ) -> Result<Self> {
+        // The dims' checks of `new`, on an empty table.
         Self::new(1.0, head_dim, rope_dims, 0)?;
         if Some(values.len()) != positions.checked_mul(head_dim) {
             return Err(Fp8KvError::ShapeMismatch {

@@ -54,8 +54,8 @@ pub trait LayerBackend: PagedKvBackend {
         rope_dims: usize,
     ) -> Result<[FloatTensor<Self>; 3]>;
 
-    /// `x · wᵀ` for `x` `[rows, k]` (`linear` sends the shapes [`super::gemv_pays`] picks) and `w` `[outputs, k]`: a new
-    /// contiguous `[rows, outputs]` tensor.
+    /// `x · wᵀ` for `x` `[rows, k]` and `w` `[outputs, k]` (`linear` sends the shapes
+    /// [`super::gemv_pays`] picks): a new contiguous `[rows, outputs]` tensor.
     fn layer_gemv(x: FloatTensor<Self>, w: FloatTensor<Self>) -> Result<FloatTensor<Self>>;
 
     /// `swiglu(x · wᵀ)` for a fused gate|up weight `w` `[2 ff, k]`: a new contiguous `[rows,
@@ -72,7 +72,7 @@ pub trait LayerBackend: PagedKvBackend {
     /// residual stream and the MLP output (which the next block's norm adds). The default runs
     /// the block's operations one by one on this backend; `Fusion` records the whole block as
     /// one custom operation that runs the inner backend's, so its per-operation host cost is
-    /// paid once a block instead of eleven times.
+    /// paid once a block instead of nine times.
     #[allow(clippy::too_many_arguments)]
     fn layer_decode_block(
         x: FloatTensor<Self>,
@@ -402,13 +402,10 @@ pub fn swiglu<B: LayerBackend>(gate_up: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
 /// steps), Burn's matmul on the transposed view otherwise (prefill).
 pub fn linear<B: LayerBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>> {
     check_act("x", x.dtype())?;
-    let [rows, k] = x.dims();
+    let k = x.dims()[1];
     let device = x.device();
     check_same("weight", w, [w.dims()[0], k], x.dtype(), &device)?;
-    if !super::gemv_pays(rows, w.dims()[0], k) {
-        return Ok(x.matmul(w.clone().transpose()));
-    }
-    Ok(tensor(B::layer_gemv(float(x), float(w.clone()))?))
+    Ok(tensor(linear_unchecked::<B>(float(x), w)?))
 }
 
 /// `swiglu(x · wᵀ)` for `x` `[rows, k]` and a fused gate|up weight `[2 ff, k]` (gate rows
@@ -420,7 +417,7 @@ pub fn linear_swiglu<B: LayerBackend>(
     w_gate_up: &Tensor<B, 2>,
 ) -> Result<Tensor<B, 2>> {
     check_act("x", x.dtype())?;
-    let [rows, k] = x.dims();
+    let k = x.dims()[1];
     let device = x.device();
     let two_ff = w_gate_up.dims()[0];
     check_same("w_gate_up", w_gate_up, [two_ff, k], x.dtype(), &device)?;
@@ -431,13 +428,7 @@ pub fn linear_swiglu<B: LayerBackend>(
             actual: format!("{:?}", w_gate_up.dims()),
         });
     }
-    if !super::gemv_pays(rows, two_ff, k) {
-        return swiglu(linear(x, w_gate_up)?);
-    }
-    Ok(tensor(B::layer_gemv_swiglu(
-        float(x),
-        float(w_gate_up.clone()),
-    )?))
+    Ok(tensor(linear_swiglu_unchecked::<B>(float(x), w_gate_up)?))
 }
 
 /// Row-wise argmax of `[rows, cols]` values (f32/f16/bf16, no cast): `[rows]` indices, the
