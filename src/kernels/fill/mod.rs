@@ -159,7 +159,8 @@ pub fn fill_with_stats<R: Runtime>(
 /// Errors: those of [`fill`]; heads that do not match the cache's layout (its K and V head
 /// dims must be equal), a `rope_dims` that is odd or past the head dim, a table of the wrong
 /// width or too few positions, or a `q_out` of the wrong shape or dtype
-/// ([`Fp8KvError::ShapeMismatch`], [`Fp8KvError::InvalidOption`]).
+/// ([`Fp8KvError::ShapeMismatch`], [`Fp8KvError::InvalidOption`]), and a cache or rows past
+/// the kernel's 32-bit element indices (4 Gi elements a side: [`Fp8KvError::TooLarge`]).
 pub fn fill_rope<R: Runtime>(
     cache: &mut PagedKvCache<R>,
     qkv: &DeviceRows<R>,
@@ -222,14 +223,18 @@ pub fn fill_rope<R: Runtime>(
     want("q_out", q_out, qkv.dtype(), num_tokens, heads.q_heads * d)?;
     let positions = batch.meta().max_kv_len();
     want("RoPE table", table, crate::policy::Dtype::F32, positions, d)?;
-    for (what, rows) in [("qkv", qkv), ("q_out", &*q_out), ("RoPE table", table)] {
-        crate::error::check_limit(
-            what,
-            rows.len_elems(),
-            u32::MAX as usize,
-            "the kernel's 32-bit indices",
-        )?;
-    }
+    // The kernel indexes elements (of the caches too) in 32 bits.
+    crate::kernels::check_copy_vectors(
+        &layout,
+        1,
+        [("qkv", qkv.len_elems()), ("q_out", q_out.len_elems())],
+    )?;
+    crate::error::check_limit(
+        "RoPE table",
+        table.len_elems(),
+        u32::MAX as usize,
+        "the kernel's 32-bit indices",
+    )?;
     rope::launch_fill_rope(cache, qkv, batch, table, heads.q_heads, rope_dims, q_out);
     Ok(())
 }

@@ -161,8 +161,9 @@ pub(crate) fn launch_fill_rope<R: Runtime>(
     // since every stride and the head dim are); `qkv` as at least `num_tokens` rows of `(q_heads
     // + 2 kv_heads) · head_dim` at its stride (`src + 1 < rows · row_stride`); `q_out` as
     // `num_tokens` contiguous rows of `q_heads · head_dim`; the table as f32 rows of `head_dim`
-    // covering position `max kv_seqlens − 1` (`at + 1 < positions · head_dim`); every buffer
-    // below `u32::MAX` elements and the batch at most 65,535 sequences (the grid's y).
+    // covering position `max kv_seqlens − 1` (`at + 1 < positions · head_dim`); every buffer,
+    // both caches included, below `u32::MAX` elements (`check_copy_vectors` at one element a
+    // vector) and the batch at most 65,535 sequences (the grid's y).
     unsafe {
         fill_rope_kernel::launch_unchecked::<R>(
             &client,
