@@ -386,7 +386,7 @@ fn decode_block_equals_its_operations_one_by_one_and_refuses_bad_input() {
         matches!(
             err,
             Fp8KvError::ShapeMismatch {
-                what: "cache heads",
+                what: "RoPE fill heads",
                 ..
             }
         ),

@@ -686,28 +686,15 @@ impl<B: PagedKvBackend> KvCache<B> {
         )
     }
 
-    /// RoPE fused into the fill, for a fused QKV projection `qkv` `[num_tokens, (q_heads + 2
-    /// num_kv_heads) · head_dim]` (Q heads, then K, then V; f32/f16/bf16): one launch on GPU
-    /// backends rotates Q and K by their positions (`kv_seqlens[b] − q_seq_length[b] + i`, pairs
-    /// `(2i, 2i + 1)`, angles from `table`) and quantizes the rotated K and the V into the cache
-    /// as [`Self::fill`] does, so K never goes through memory unquantized. Returns the rotated
-    /// Q, `[num_tokens, q_heads, head_dim]` in `qkv`'s dtype (rows of no sequence unwritten on
-    /// GPUs, NaN on NdArray). The rotation is computed in f64 and rounded to f32 once: bit for
-    /// bit [`crate::reference::fill_rope`].
-    ///
-    /// `heads.kv_heads` and `heads.head_dim` must be the cache's (K and V head dims equal);
-    /// the table must cover the batch's positions. Errors as [`Self::fill`], and
-    /// [`Fp8KvError::ShapeMismatch`] / [`Fp8KvError::InvalidOption`] for heads or a table that
-    /// do not fit. The opt-in saturation check does not run here (it reads K and V apart).
-    pub fn fill_rope(
-        &mut self,
-        qkv: Tensor<B, 2>,
+    /// What RoPE against this cache needs: `heads` whose KV heads and head dim are the cache's
+    /// (K and V head dims equal), a table of that width on this device covering the batch's
+    /// positions. The checks of [`Self::fill_rope`] (and of the model's decoder block).
+    pub(crate) fn check_rope(
+        &self,
         batch: &KvBatch<B>,
         table: &RopeTableTensor<B>,
         heads: QkvHeads,
-    ) -> Result<Tensor<B, 3>> {
-        self.check_batch(batch)?;
-        let num_tokens = batch.written_tokens("fill_rope")?;
+    ) -> Result<()> {
         let layout = self.spec.layout;
         let d = heads.head_dim;
         if heads.q_heads == 0
@@ -734,6 +721,32 @@ impl<B: PagedKvBackend> KvCache<B> {
                 batch.max_kv_len() - 1
             )));
         }
+        self.check_device("RoPE table", &table.values.device())
+    }
+
+    /// RoPE fused into the fill, for a fused QKV projection `qkv` `[num_tokens, (q_heads + 2
+    /// num_kv_heads) · head_dim]` (Q heads, then K, then V; f32/f16/bf16): one launch on GPU
+    /// backends rotates Q and K by their positions (`kv_seqlens[b] − q_seq_length[b] + i`, pairs
+    /// `(2i, 2i + 1)`, angles from `table`) and quantizes the rotated K and the V into the cache
+    /// as [`Self::fill`] does, so K never goes through memory unquantized. Returns the rotated
+    /// Q, `[num_tokens, q_heads, head_dim]` in `qkv`'s dtype (rows of no sequence unwritten on
+    /// GPUs, NaN on NdArray). The rotation is computed in f64 and rounded to f32 once: bit for
+    /// bit [`crate::reference::fill_rope`].
+    ///
+    /// `heads.kv_heads` and `heads.head_dim` must be the cache's (K and V head dims equal);
+    /// the table must cover the batch's positions. Errors as [`Self::fill`], and
+    /// [`Fp8KvError::ShapeMismatch`] / [`Fp8KvError::InvalidOption`] for heads or a table that
+    /// do not fit. The opt-in saturation check does not run here (it reads K and V apart).
+    pub fn fill_rope(
+        &mut self,
+        qkv: Tensor<B, 2>,
+        batch: &KvBatch<B>,
+        table: &RopeTableTensor<B>,
+        heads: QkvHeads,
+    ) -> Result<Tensor<B, 3>> {
+        self.check_batch(batch)?;
+        let num_tokens = batch.written_tokens("fill_rope")?;
+        self.check_rope(batch, table, heads)?;
         let row = heads.row_elems();
         if qkv.dims() != [num_tokens, row] {
             return Err(Fp8KvError::ShapeMismatch {
@@ -746,8 +759,7 @@ impl<B: PagedKvBackend> KvCache<B> {
         }
         activation_dtype("qkv", qkv.dtype())?;
         self.check_device("qkv", &qkv.device())?;
-        self.check_device("RoPE table", &table.values.device())?;
-        let positions = table.positions();
+        let (positions, d) = (table.positions(), heads.head_dim);
         let storage = self
             .storage
             .as_mut()

@@ -4,7 +4,11 @@
 //!   new residual stream is written too);
 //! - [`swiglu`]: `silu(gate) · up` of a fused gate|up projection;
 //! - [`rope_qkv`]: RoPE on a fused QKV projection, positions from the step's [`DeviceBatch`],
-//!   split into contiguous Q, K and V.
+//!   split into contiguous Q, K and V (the model's decode and prefill use the library's RoPE
+//!   fill instead, `crate::kernels::fill::fill_rope`, which writes K and V into the cache);
+//! - [`gemv`] / [`gemv_swiglu`]: the matmuls of few rows, SwiGLU fusable into the gate|up one
+//!   ([`gemv_pays`] says when they beat Burn's matmul);
+//! - [`argmax_rows`]: the greedy token of each row.
 //!
 //! Each replaces a chain of 9–11 Burn ops (and as many launches). The functions here check
 //! their inputs and return [`crate::Result`]; `launch.rs` picks the grid, `kernel.rs` computes.

@@ -1,7 +1,8 @@
 //! The block kernels on Burn tensors: [`LayerBackend`] (implemented for `CubeBackend` on the
 //! tensors' buffers, `Fusion<B>` as custom operations of the stream, and NdArray through the
 //! f64 references) and the checked functions a model calls: [`rms_norm`], [`add_rms_norm`],
-//! [`swiglu`], [`rope_qkv`].
+//! [`swiglu`], [`rope_qkv`], [`linear`], [`linear_swiglu`], [`argmax`], and [`decode_block`]
+//! (a whole decoder block of a decode step).
 //!
 //! # Errors
 //! Each function checks ranks, shapes, dtypes and devices before any backend runs and returns
@@ -223,24 +224,8 @@ pub fn decode_block<B: LayerBackend>(
     check_same("w_gate_up", &w.w_gate_up, [2 * ff, hidden], dtype, &device)?;
     check_same("w_down", &w.w_down, [hidden, ff], dtype, &device)?;
     check_eps(eps)?;
-    check_table(table, heads, batch, &device)?;
     cache.check_batch(batch)?;
-    let layout = *cache.layout();
-    if layout.num_kv_heads() != heads.kv_heads
-        || layout.head_dim_k() != heads.head_dim
-        || layout.head_dim_v() != heads.head_dim
-    {
-        return Err(Fp8KvError::ShapeMismatch {
-            what: "cache heads",
-            expected: format!("{heads:?}"),
-            actual: format!(
-                "{} KV heads of {} (K) / {} (V)",
-                layout.num_kv_heads(),
-                layout.head_dim_k(),
-                layout.head_dim_v()
-            ),
-        });
-    }
+    cache.check_rope(batch, table, heads)?;
     if !heads.q_heads.is_multiple_of(heads.kv_heads) {
         return Err(Fp8KvError::HeadRatio {
             num_heads: heads.q_heads,
