@@ -1,6 +1,6 @@
 //! SmolLM2-135M on Burn (NdArray, f32, the CPU reference kernels) against the llama.cpp and
 //! numpy-f32 fixture (`tests/fixtures/smollm2/`): logits, top-1 and a greedy continuation, the
-//! decode path against the prefill path, and a short FP8 generation; the logits and greedy
+//! paged kernel's attention against the flatten + Burn ops one, and a short FP8 generation; the logits and greedy
 //! checks also on the GPU (`burn_cuda::Cuda`, bf16 activations and a bf16 cache). The model is
 //! fetched on first use; offline these tests print `SKIPPED` (`FP8KV_REQUIRE_MODEL=1` fails
 //! instead), and so do the GPU ones without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
@@ -18,7 +18,7 @@ use fp8kv::model::engine::{logits_rows, Engine};
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
 use fp8kv::model::layer::LayerBackend;
-use fp8kv::model::llama::Llama;
+use fp8kv::model::llama::{Attend, Llama};
 use fp8kv::Dtype;
 use serde_json::Value;
 
@@ -145,8 +145,8 @@ fn logits_match_llama_cpp_within_its_tolerance_and_numpy_f32_closely() {
     check_logits(&mut engine(g, "none"), "NdArray f32", NUMPY_TOL);
 }
 
-/// bf16 on the GPU: bf16 keeps 8 significant bits, as llama.cpp's 8-bit activations do, so
-/// its logits are held to llama.cpp's stated tolerance against both oracles (the numpy f32
+/// bf16 on the GPU, both prefill attentions: bf16 keeps 8 significant bits, as llama.cpp's
+/// 8-bit activations do, so its logits are held to llama.cpp's stated tolerance against both oracles (the numpy f32
 /// bound of the f32 model does not apply to bf16 arithmetic).
 #[test]
 fn gpu_bf16_logits_match_llama_cpp_within_its_tolerance() {
@@ -156,7 +156,14 @@ fn gpu_bf16_logits_match_llama_cpp_within_its_tolerance() {
         return;
     };
     let tol = fixture()["tolerance"]["stated"].as_f64().unwrap();
-    check_logits(&mut e, "GPU bf16", tol);
+    // Prefill attention through the paged kernel (the default) and through flatten + Burn ops.
+    for (attend, what) in [
+        (Attend::Decode, "GPU bf16, paged kernel"),
+        (Attend::Prefill, "GPU bf16, flatten + Burn ops"),
+    ] {
+        e.prefill_attend = attend;
+        check_logits(&mut e, what, tol);
+    }
 }
 
 /// Every fixture sequence's logits in one prefill: within the fixture's stated tolerance of
@@ -268,8 +275,11 @@ fn decode_steps_give_the_prefill_logits() {
     let fx = fixture();
     let tokens = ids(&fx["sequences"][0]["ids"]);
     let mut e = engine(g, "none");
+    // The whole sequence through the flatten + Burn ops attention, then through the paged
+    // kernel: the first 8 tokens in one step, the other 25 one decode step each.
+    e.prefill_attend = Attend::Prefill;
     let prefill = prefill_logits(&mut e, &tokens);
-    // The first 8 tokens prefilled, the other 25 one decode step each (the paged kernel path).
+    e.prefill_attend = Attend::Decode;
     e.prefill_chunk = 512;
     let decoded = e.score(&tokens, 8).unwrap();
     assert_eq!(decoded.len(), tokens.len() - 8);

@@ -82,8 +82,13 @@ pub struct Engine<B: LayerBackend> {
     config: KvCacheConfig,
     pool: PagePool,
     seqs: Vec<Option<Sequence>>,
-    /// Tokens of one sequence a prefill step takes at most.
+    /// Tokens of one sequence a prefill step takes at most (default 2048: the paged kernel's
+    /// prefill of a 2048-token prompt in one step is 2.4× its four 512-token chunks).
     pub prefill_chunk: usize,
+    /// How steps with more than one new token per sequence attend: [`Attend::Decode`] (the
+    /// default: the paged kernel reads the cache in place, causal among the new tokens) or
+    /// [`Attend::Prefill`] (flatten, then Burn's tensor ops; kept for comparison).
+    pub prefill_attend: Attend,
     /// When set (one entry per layer), steps accumulate K/V statistics into it (slow: for
     /// calibration and reports).
     pub kv_stats: Option<Vec<KvStats>>,
@@ -114,7 +119,8 @@ impl<B: LayerBackend> Engine<B> {
             config,
             pool: PagePool::new(num_pages),
             seqs: Vec::new(),
-            prefill_chunk: 512,
+            prefill_chunk: 2048,
+            prefill_attend: Attend::Decode,
             kv_stats: None,
         })
     }
@@ -287,13 +293,14 @@ impl<B: LayerBackend> Engine<B> {
         })
     }
 
-    /// One step over sequences `ids` ([`Self::plan_step`], then the model): prefill attention
-    /// when any sequence brings more than one token, decode otherwise. Returns the final hidden
+    /// One step over sequences `ids` ([`Self::plan_step`], then the model): attention through
+    /// [`Self::prefill_attend`] when any sequence brings more than one token, the paged decode
+    /// kernel otherwise. Returns the final hidden
     /// states `[rows, hidden]` of every new token and each row's `(sequence id, position)`.
     pub fn step(&mut self, ids: &[usize]) -> Result<StepOutput<B>> {
         let plan = self.plan_step(ids)?;
         let attend = if plan.step.spans.iter().any(|s| s.q_len > 1) {
-            Attend::Prefill
+            self.prefill_attend
         } else {
             Attend::Decode
         };

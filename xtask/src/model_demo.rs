@@ -7,7 +7,8 @@
 //! Flags: `--prompt TEXT`, `--max-tokens N`, `--policy P[,P..]`, `--batch N` (N prompts of
 //! different lengths decoded together), `--cpu` (NdArray even with a GPU), `--no-quality`,
 //! `--quality-only`, `--speed` (GPU: prefill and decode tokens/s at batch 1/32/128, contexts
-//! 1k/8k, FP8 against the bf16 cache, on the fused backend and on `CubeBackend`; with
+//! 1k/8k, FP8 against the bf16 cache, on the fused backend and on `CubeBackend`; `--shapes
+//! calls,prefill,1x1024,..` runs only those parts; with
 //! `--launches`, also the kernel launches and device time per decode step by kernel, from
 //! CubeCL's profiling log, which waits for every launch: run it apart from the timing run). The model is fetched on first use
 //! (`FP8KV_MODEL_DIR` or `.models/`).
@@ -20,7 +21,7 @@ use fp8kv::model::engine::Engine;
 use fp8kv::model::fetch;
 use fp8kv::model::gguf::Gguf;
 use fp8kv::model::layer::LayerBackend;
-use fp8kv::model::llama::{KvStats, Llama};
+use fp8kv::model::llama::{Attend, KvStats, Llama};
 use fp8kv::model::tokenizer::Tokenizer;
 use fp8kv::{KvScales, QuantPolicy};
 
@@ -49,6 +50,9 @@ struct Opts {
     generate: bool,
     speed: bool,
     launches: bool,
+    /// `--shapes`: the `--speed` parts to run (`calls` for the per-call tables, `prefill`,
+    /// `prefill-512`, `prefill-flatten`, `1x1024`, ...); empty: all of them.
+    shapes: Vec<String>,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -62,6 +66,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         generate: true,
         speed: false,
         launches: false,
+        shapes: Vec::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -91,6 +96,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--quality-only" => o.generate = false,
             "--speed" => o.speed = true,
             "--launches" => o.launches = true,
+            "--shapes" => o.shapes = val("--shapes")?.split(',').map(str::to_string).collect(),
             other => return Err(format!("unknown demo flag `{other}`")),
         }
     }
@@ -126,6 +132,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     &Default::default(),
                     "fused burn_cuda::Cuda",
                     counter.as_ref(),
+                    &o.shapes,
                 )?;
                 speed::<CubeOnly>(
                     &gguf,
@@ -133,6 +140,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     &Default::default(),
                     "CubeBackend",
                     counter.as_ref(),
+                    &o.shapes,
                 )?;
             }
             Ok(())
@@ -534,6 +542,7 @@ fn speed<B: LayerBackend>(
     device: &B::Device,
     backend: &str,
     counter: Option<&LaunchCounter>,
+    shapes: &[String],
 ) -> Result<(), String> {
     let e = |x: fp8kv::model::ModelError| x.to_string();
     let mut model = Some(load::<B>(gguf, DType::BF16, device)?);
@@ -562,19 +571,34 @@ fn speed<B: LayerBackend>(
             PAGE,
         )
         .map_err(e)?;
-        host_per_call(&mut engine, device)?;
-        linear_crossover::<B>(device)?;
+        if shapes.is_empty() || shapes.iter().any(|s| s == "calls") {
+            host_per_call(&mut engine, device)?;
+            linear_crossover::<B>(device)?;
+        }
         model = Some(engine.into_model());
     }
-    for (batch, context) in [
-        (0, 2048),
-        (1, 1024),
-        (1, 8192),
-        (32, 1024),
-        (32, 8192),
-        (128, 1024),
-        (128, 8192),
-    ] {
+    // Prefill rows: (label, attention, chunk); batch 0 marks them.
+    let prefills = [
+        ("prefill", Attend::Decode, 2048),
+        ("prefill-512", Attend::Decode, 512),
+        ("prefill-flatten", Attend::Prefill, 512),
+    ];
+    let rows = prefills
+        .iter()
+        .map(|&(l, a, c)| (l.to_string(), 0, 2048, a, c))
+        .chain(
+            [
+                (1, 1024),
+                (1, 8192),
+                (32, 1024),
+                (32, 8192),
+                (128, 1024),
+                (128, 8192),
+            ]
+            .map(|(b, c)| (format!("{b}x{c}"), b, c, Attend::Decode, 0)),
+        )
+        .filter(|r| shapes.is_empty() || shapes.contains(&r.0));
+    for (label, batch, context, attend, chunk) in rows {
         let mut bf16_tps = None;
         for policy in ["none", "fp8_e4m3"] {
             let pages = if batch == 0 {
@@ -584,9 +608,13 @@ fn speed<B: LayerBackend>(
             };
             let mut engine =
                 Engine::new(model.take().expect("model"), policy, pages, PAGE).map_err(e)?;
+            if batch == 0 {
+                engine.prefill_attend = attend;
+                engine.prefill_chunk = chunk;
+            }
             let mut launches = None;
             let (tps, step_ms, attn_ms, host_ms, warm, kv) = if batch == 0 {
-                // Prefill: 2048 tokens in chunks of 512; the first prompt is the warm-up.
+                // Prefill: 2048 tokens in this row's chunks; the first prompt is the warm-up.
                 let mut times = Vec::new();
                 for _ in 0..4 {
                     let id = engine.add(prompt.clone()).map_err(e)?;
@@ -685,7 +713,7 @@ fn speed<B: LayerBackend>(
             };
             println!(
                 "{policy:<9} {:>7} {:>7} {tps:>10.0} {step_ms:>9.2} {attn_ms:>9.2} {host_ms:>9.2} {warm:>9.2} {:>9.1} {ratio:>8}",
-                if batch == 0 { "prefill".to_string() } else { batch.to_string() },
+                if batch == 0 { label.as_str() } else { &label[..label.find('x').unwrap_or(0)] },
                 context,
                 kv as f64 / (1 << 20) as f64
             );
@@ -695,7 +723,7 @@ fn speed<B: LayerBackend>(
             model = Some(engine.into_model());
         }
     }
-    println!("prefill row: one 2048-token prompt in chunks of 512; step ms: one decode step with the next tokens' argmax read back, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (on the fused backend, recording: its launches run at the read); with --launches, each row is followed by its launches and device time per step (prefill: per prompt) by kernel (every launch waited for: that run's times are not the speed); warm-up s: the first step (prefill: the first prompt), compilation included, not in the medians; KV MiB: the batch's contexts");
+    println!("prefill rows: one 2048-token prompt, attention through the paged kernel in one step (prefill, the engine's default chunk) or in chunks of 512 (prefill-512), or through a flatten and Burn's tensor ops in chunks of 512 (prefill-flatten); step ms: one decode step with the next tokens' argmax read back, device included; attn ms: the 30 layers' fill + paged decode alone at that shape; host ms: time for the step's calls to return (on the fused backend, recording: its launches run at the read); with --launches, each row is followed by its launches and device time per step (prefill: per prompt) by kernel (every launch waited for: that run's times are not the speed); warm-up s: the first step (prefill: the first prompt), compilation included, not in the medians; KV MiB: the batch's contexts");
     Ok(())
 }
 
@@ -758,16 +786,17 @@ fn per_call<B: LayerBackend>(
     Ok(t.elapsed().as_secs_f64() * 1e6 / n as f64)
 }
 
-/// Device µs per matmul of the model's shapes, the GEMV kernel against Burn's matmul on the
-/// transposed weight, by row count: 50 calls back to back, then one sync (host time per call
-/// is ~10 µs, so the small rows show that floor). What chose `layer::gemv_pays`.
+/// Device µs per matmul of the model's shapes, `layer::gemv` (CUDA cores up to 16 rows, tensor
+/// cores above) against Burn's matmul on the transposed weight, by row count: 50 calls back to
+/// back, then one sync (host time per call is ~10 µs, so the small rows show that floor). What
+/// chose `layer::gemv_pays`.
 fn linear_crossover<B: LayerBackend>(device: &B::Device) -> Result<(), String> {
     const N: usize = 50;
     let rnd = |shape: [usize; 2]| {
         Tensor::<B, 2>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::BF16)
     };
     println!(
-        "    µs per matmul, {N} back to back then one sync: GEMV kernel / Burn matmul (x · wᵀ)"
+        "    µs per matmul, {N} back to back then one sync: layer::gemv (CUDA cores to 16 rows, tensor cores above) / Burn matmul (x · wᵀ)"
     );
     for (name, outputs, k) in [
         ("QKV 960×576", 960, 576),
@@ -777,7 +806,7 @@ fn linear_crossover<B: LayerBackend>(device: &B::Device) -> Result<(), String> {
     ] {
         let w = rnd([outputs, k]);
         let mut line = format!("      {name:<19}");
-        for rows in [16, 32, 64, 128, 256, 512] {
+        for rows in [16, 32, 64, 128, 256, 512, 1024, 2048] {
             let x = rnd([rows, k]);
             let time = |f: &mut dyn FnMut() -> Result<(), String>| per_call::<B>(device, N, f);
             let gemv = time(&mut || {
