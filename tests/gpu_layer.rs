@@ -278,8 +278,11 @@ fn gpu_gemv_matches_the_f64_definition() {
         return;
     };
     // (rows, outputs, k, x row stride): SmolLM2's QKV, MLP down and LM head at batch 1, row
-    // counts up to 16 (one cube row), past 16 (groups of 16, a partial last one), a k that
-    // takes 4-element loads, a strided x.
+    // counts up to 16 (one cube row), past 16 (f32: groups of 16, a partial last one; f16 and
+    // bf16: the tensor-core kernel, by row blocks of 64 with a partial last one, k split over
+    // 16, 12, 6 or 4 warps or 1), a k that takes 4-element loads, a strided x, and shapes the
+    // tensor-core kernel does not take (outputs not a multiple of 16, a row stride not a
+    // multiple of 4), which stay on CUDA cores.
     for (rows, outputs, k, stride) in [
         (1, 960, 576, 576),
         (16, 576, 1536, 1536),
@@ -289,6 +292,11 @@ fn gpu_gemv_matches_the_f64_definition() {
         (17, 960, 576, 576),
         (128, 3072, 576, 576),
         (37, 33, 64, 72),
+        (33, 576, 1536, 1536),
+        (64, 48, 64, 72),
+        (130, 64, 96, 100),
+        (21, 32, 80, 84),
+        (20, 32, 64, 66),
     ] {
         for act in ACTS {
             let name = format!("gemv/{rows}x{outputs}x{k}/{act}");
@@ -350,12 +358,14 @@ fn gpu_gemv_swiglu_equals_the_definition_on_the_gemv_output() {
         return;
     };
     // (rows, ff, k, x row stride): SmolLM2's gate|up at batch 1, 16 rows, groups of 16 with a
-    // partial one, an odd ff with a strided x.
+    // partial one (tensor cores for f16 and bf16), an odd ff with a strided x, two row blocks
+    // of the tensor-core kernel with k over 16 warps.
     for (rows, ff, k, stride) in [
         (1, 1536, 576, 576),
         (16, 1536, 576, 576),
         (37, 1536, 576, 576),
         (3, 77, 64, 72),
+        (70, 48, 1536, 1536),
     ] {
         for act in ACTS {
             let name = format!("gemv_swiglu/{rows}x{ff}x{k}/{act}");

@@ -493,22 +493,35 @@ fn kv_cache_fill_rope_on_ndarray_equals_the_reference_and_refuses_bad_input() {
 #[test]
 fn gemv_pays_follows_the_measured_crossovers() {
     use fp8kv::model::layer::gemv_pays;
-    // (rows, outputs, k, GEMV?): the H100 points in gemv_pays' docs, SmolLM2's shapes.
-    for (rows, outputs, k, gemv) in [
-        (1, 49152, 576, true),
-        (16, 49152, 576, false),
-        (32, 3072, 576, true),
-        (128, 3072, 576, false),
-        (128, 960, 576, true),
-        (256, 960, 576, false),
-        (256, 576, 1536, true),
-        (512, 576, 1536, false),
-        (0, 576, 576, false),
+    // (rows, outputs, k, tensor cores, GEMV?): the H100 points in gemv_pays' docs, SmolLM2's
+    // shapes. Without tensor cores (f32) the CUDA-core crossovers; with them, the CUDA-core
+    // rule up to 16 rows, then the tensor-core crossovers.
+    for (rows, outputs, k, tc, gemv) in [
+        (1, 49152, 576, false, true),
+        (16, 49152, 576, false, false),
+        (32, 3072, 576, false, true),
+        (128, 3072, 576, false, false),
+        (128, 960, 576, false, true),
+        (256, 960, 576, false, false),
+        (256, 576, 1536, false, true),
+        (512, 576, 1536, false, false),
+        (0, 576, 576, false, false),
+        (0, 576, 576, true, false),
+        (16, 49152, 576, true, false),
+        (16, 3072, 576, true, true),
+        (32, 49152, 576, true, true),
+        (64, 49152, 576, true, false),
+        (128, 3072, 576, true, true),
+        (256, 3072, 576, true, false),
+        (256, 960, 576, true, true),
+        (512, 960, 576, true, true),
+        (512, 576, 1536, true, true),
+        (1024, 576, 1536, true, false),
     ] {
         assert_eq!(
-            gemv_pays(rows, outputs, k),
+            gemv_pays(rows, outputs, k, tc),
             gemv,
-            "{rows} x {outputs} x {k}"
+            "{rows} x {outputs} x {k}, tensor cores {tc}"
         );
     }
 }

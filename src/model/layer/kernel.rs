@@ -3,6 +3,7 @@
 //! (9 to 11 launches each) by one launch; the launchers are in `launch.rs`, the checks in
 //! `mod.rs`.
 
+use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
 use crate::kernels::meta as batch_meta;
@@ -342,6 +343,145 @@ pub(crate) fn gemv_kernel<F: Float, N: Size>(
             if UNIT_POS_X == 0 && base + m < total_rows {
                 out[((base + m) * outputs + n) as usize] = y;
             }
+        }
+    }
+}
+
+/// Row tiles (8 rows each) one tensor-core GEMM cube covers: 64 rows; more rows take more
+/// cubes along y (each reads the weight tile again, through L2).
+pub(crate) const TC_MAX_ROW_TILES: u32 = 8;
+
+/// Tensor-core product for tens of rows: `out[m, n] = Σ_k x[m, k] · w[n, k]` in f32
+/// (`mma.sync.m16n8k16`, f16 or bf16 operands, exact products), rounded to `F`, computed
+/// transposed (`outᵀ = w · xᵀ`): the weight's 16-row tiles fill the MMA's M, the batch rows its
+/// N (8 per tile), so a cube reads each weight element once for up to 64 rows.
+///
+/// The k order is free (both operands agree): lane `(gq, tq)` (`lane = 4·gq + tq`) covers the
+/// quarter `tq` of k, and k-step `s` its four elements `tq·k/4 + 4s + {0..3}`, one 8-byte load
+/// per row (the A fragment's `a0/a2` from weight row `gq`, `a1/a3` from row `gq + 8`, the B
+/// fragment from batch row `gq` of the tile). The `k_split` warps of a cube take `steps`
+/// consecutive k-steps each and add their partial sums in shared memory in warp order, so the
+/// sums do not depend on the grid.
+///
+/// With `glu`, `w` is a fused gate|up weight `[2 · outputs, k]`: the cube also multiplies the
+/// up rows `outputs + n` and writes `silu(g) · u` of the two sums rounded to `F` (this kernel
+/// without `glu`, then [`swiglu_kernel`], bit for bit).
+///
+/// Grid `(outputs / 16, ceil(total_rows / (8 · row_tiles)), 1)`, cube `(32, k_split, 1)`.
+/// `x`: `[total_rows, k]` at row stride `x_stride`, `w`: `[outputs, k]` at `w_stride` (both in
+/// units of 4 elements, read as pairs of u32); `out`: `[total_rows, outputs]` contiguous.
+/// `k_quads = k / 16` (= `k_split · steps`).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_tc_kernel<F: Float, N: Size>(
+    x: &Array<Vector<u32, N>>,
+    w: &Array<Vector<u32, N>>,
+    out: &mut Array<F>,
+    outputs: u32,
+    total_rows: u32,
+    x_stride: u32,
+    w_stride: u32,
+    #[comptime] row_tiles: u32,
+    #[comptime] k_split: u32,
+    #[comptime] steps: u32,
+    #[comptime] glu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let lane = UNIT_POS_X;
+    let gq = lane / 4;
+    let tq = lane % 4;
+    let warp = UNIT_POS_Y;
+    let f0 = CUBE_POS_X * 16;
+    let r0 = CUBE_POS_Y * comptime![row_tiles * 8];
+    let k_quads = comptime![k_split * steps];
+    let halves = comptime![if glu { 2u32 } else { 1u32 }];
+    let mma = MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    // [half][row tile][2]: half 1 is the up rows (`glu` only).
+    let mut acc = Array::<Vector<f32, Const<2>>>::new(comptime![(halves * row_tiles * 2) as usize]);
+    #[unroll]
+    for i in 0..comptime![halves * row_tiles * 2] {
+        acc[i as usize] = Vector::<f32, Const<2>>::new(0.0f32);
+    }
+    // Rows past the end read the last row (no branch in the unrolled loop), never written.
+    let mut x_row = Array::<u32>::new(comptime![row_tiles as usize]);
+    #[unroll]
+    for t in 0..row_tiles {
+        x_row[t as usize] = min(r0 + t * 8 + gq, total_rows - 1) * x_stride;
+    }
+    let mut a = Array::<Vector<F, Const<2>>>::new(4usize);
+    let mut b = Array::<Vector<F, Const<2>>>::new(2usize);
+    let mut c = Array::<Vector<f32, Const<2>>>::new(2usize);
+    #[unroll]
+    for i in 0..steps {
+        let q = tq * k_quads + warp * steps + i;
+        #[unroll]
+        for h in 0..halves {
+            let w_lo = w[((f0 + h * outputs + gq) * w_stride + q) as usize];
+            let w_hi = w[((f0 + h * outputs + gq + 8) * w_stride + q) as usize];
+            a[0] = Vector::<F, Const<2>>::reinterpret(w_lo[0]);
+            a[1] = Vector::<F, Const<2>>::reinterpret(w_hi[0]);
+            a[2] = Vector::<F, Const<2>>::reinterpret(w_lo[1]);
+            a[3] = Vector::<F, Const<2>>::reinterpret(w_hi[1]);
+            #[unroll]
+            for t in 0..row_tiles {
+                let xv = x[(x_row[t as usize] + q) as usize];
+                b[0] = Vector::<F, Const<2>>::reinterpret(xv[0]);
+                b[1] = Vector::<F, Const<2>>::reinterpret(xv[1]);
+                let at = comptime![(h * row_tiles + t) * 2];
+                c[0] = acc[at as usize];
+                c[1] = acc[(at + 1) as usize];
+                let d = mma.execute(&a, &b, &c);
+                acc[at as usize] = d[0];
+                acc[(at + 1) as usize] = d[1];
+            }
+        }
+    }
+    // The warps' partial sums, added in warp order: `[half][feature 16][row 8·row_tiles]`.
+    let tile_rows = comptime![row_tiles * 8];
+    let mut sums = SharedMemory::<f32>::new(comptime![(halves * 16 * row_tiles * 8) as usize]);
+    #[unroll]
+    for wi in 0..k_split {
+        if warp == wi {
+            #[unroll]
+            for h in 0..halves {
+                #[unroll]
+                for t in 0..row_tiles {
+                    let at = comptime![(h * row_tiles + t) * 2];
+                    #[unroll]
+                    for r in 0..2u32 {
+                        // C register r: feature gq + 8r, rows 2tq and 2tq + 1 of the tile.
+                        let base = (h * 16 + gq + r * 8) * tile_rows + t * 8 + 2 * tq;
+                        let v = acc[comptime![(at + r) as usize]];
+                        if comptime![wi == 0] {
+                            sums[base as usize] = v[0];
+                            sums[(base + 1) as usize] = v[1];
+                        } else {
+                            sums[base as usize] += v[0];
+                            sums[(base + 1) as usize] += v[1];
+                        }
+                    }
+                }
+            }
+        }
+        sync_cube();
+    }
+    // Features fastest: 16 consecutive outputs of a row are one 32-byte run.
+    let threads = comptime![32 * k_split];
+    #[unroll]
+    for j in 0..comptime![(16 * row_tiles * 8).div_ceil(32 * k_split)] {
+        let idx = warp * 32 + lane + j * threads;
+        let feat = idx % 16;
+        let row = idx / 16;
+        if idx < comptime![16 * row_tiles * 8] && r0 + row < total_rows {
+            let mut y = F::cast_from(sums[(feat * tile_rows + row) as usize]);
+            if comptime![glu] {
+                // The unfused path's roundings: g and u as the gate|up product stores them.
+                let g = f32::cast_from(y);
+                let u =
+                    f32::cast_from(F::cast_from(sums[((16 + feat) * tile_rows + row) as usize]));
+                y = F::cast_from(g / (1.0 + (-g).exp()) * u);
+            }
+            out[((r0 + row) * outputs + f0 + feat) as usize] = y;
         }
     }
 }

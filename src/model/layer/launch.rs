@@ -7,9 +7,9 @@
 use cubecl::prelude::*;
 
 use super::kernel::{
-    add_rms_norm_kernel, argmax_kernel, gemv_kernel, rms_norm_kernel, rope_qkv_kernel,
-    swiglu_kernel, RopeDims, ARGMAX_THREADS, GEMV_GROUP_ROWS, GEMV_WARPS, LANES,
-    NORM_ROWS_PER_CUBE, THREADS,
+    add_rms_norm_kernel, argmax_kernel, gemm_tc_kernel, gemv_kernel, rms_norm_kernel,
+    rope_qkv_kernel, swiglu_kernel, RopeDims, ARGMAX_THREADS, GEMV_GROUP_ROWS, GEMV_WARPS, LANES,
+    NORM_ROWS_PER_CUBE, TC_MAX_ROW_TILES, THREADS,
 };
 use crate::device::{storage_type, DeviceBatch, DeviceRows};
 use crate::kernels::array_len;
@@ -201,6 +201,84 @@ pub(crate) fn launch_gemv<R: Runtime>(
             group as u32,
             (k / vec) as u32,
             vec as u32,
+            glu,
+            storage_type(x.dtype()),
+        )
+    }
+}
+
+/// Warps splitting k in one tensor-core GEMM cube: the largest of 16, 12, 8, 6, 4, 3, 2 that
+/// divides the k-steps (`k / 16`), else 1 (576: 12 warps of 3 steps; 1536: 16 of 6). A
+/// function of k alone, so the fused gate|up launch and the unfused one add the same partial
+/// sums in the same order.
+pub(crate) fn tc_k_split(k: usize) -> usize {
+    let steps = k / 16;
+    [16, 12, 8, 6, 4, 3, 2]
+        .into_iter()
+        .find(|d| steps.is_multiple_of(*d))
+        .unwrap_or(1)
+}
+
+/// Row tiles per tensor-core GEMM cube: up to 8 (64 rows), halved while the grid would have
+/// fewer than two cubes per SM of an H100 (264), so narrow weights (SmolLM2's down and O
+/// projections: 36 tiles of 16 outputs) still fill the GPU; each extra row block reads the
+/// weight tile again, from L2. Any value gives the same sums (an output's k order does not
+/// depend on it).
+pub(crate) fn tc_row_tiles(rows: usize, weight_tiles: usize) -> usize {
+    let mut tiles = rows.div_ceil(8).min(TC_MAX_ROW_TILES as usize);
+    while tiles > 1 && weight_tiles * rows.div_ceil(8 * tiles) < 264 {
+        tiles /= 2;
+    }
+    tiles
+}
+
+/// [`super::gemv`] on tensor cores (`tc_applies` held): `outputs / 16` weight tiles by row
+/// blocks of up to 64 rows.
+pub(crate) fn launch_gemm_tc<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    glu: bool,
+    out: &mut DeviceRows<R>,
+) {
+    let (rows, k) = (x.rows(), x.row_elems());
+    let outputs = if glu { w.rows() / 2 } else { w.rows() };
+    if rows == 0 || outputs == 0 {
+        return;
+    }
+    let client = out.client().clone();
+    let row_tiles = tc_row_tiles(rows, outputs / 16);
+    let k_split = tc_k_split(k);
+    let quads = |h: &cubecl::server::Handle| {
+        // SAFETY: the length is the buffer's real size in u32 words.
+        unsafe { ArrayArg::from_raw_parts(h.clone(), array_len(h, 4)) }
+    };
+    // SAFETY: `mod.rs` checked x as `rows` rows of `k` at its stride, w as `outputs` rows of
+    // `k` (with `glu`, `2 · outputs`) at its stride, out as `rows` contiguous rows of
+    // `outputs`, one 16-bit dtype, below `u32::MAX` elements, `rows <= 64 · 65,535`, and
+    // (`tc_applies`) `outputs` a multiple of 16, `k` of 16, both strides and both buffers'
+    // offsets of 4 elements; the kernel reads the pair of words at `row · stride/4 + q`,
+    // `q < k/4`, of rows `< rows` of x and `< outputs` (`2 · outputs`) of w, and writes
+    // `out[m · outputs + n]`, `m < rows`, `n < outputs`.
+    unsafe {
+        gemm_tc_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(
+                (outputs / 16) as u32,
+                rows.div_ceil(8 * row_tiles) as u32,
+                1,
+            ),
+            CubeDim::new_2d(LANES, k_split as u32),
+            2,
+            quads(x.handle()),
+            quads(w.handle()),
+            arg(out),
+            outputs as u32,
+            rows as u32,
+            (x.row_stride() / 4) as u32,
+            (w.row_stride() / 4) as u32,
+            row_tiles as u32,
+            k_split as u32,
+            (k / 16 / k_split) as u32,
             glu,
             storage_type(x.dtype()),
         )

@@ -6,8 +6,9 @@
 //! - [`rope_qkv`]: RoPE on a fused QKV projection, positions from the step's [`DeviceBatch`],
 //!   split into contiguous Q, K and V (the model's decode and prefill use the library's RoPE
 //!   fill instead, `crate::kernels::fill::fill_rope`, which writes K and V into the cache);
-//! - [`gemv`] / [`gemv_swiglu`]: the matmuls of few rows, SwiGLU fusable into the gate|up one
-//!   ([`gemv_pays`] says when they beat Burn's matmul);
+//! - [`gemv`] / [`gemv_swiglu`]: the matmuls of few rows (CUDA cores up to 16 rows, tensor
+//!   cores above for f16/bf16), SwiGLU fusable into the gate|up one ([`gemv_pays`] says when
+//!   they beat Burn's matmul);
 //! - [`argmax_rows`]: the greedy token of each row.
 //!
 //! Each replaces a chain of 9–11 Burn ops (and as many launches). The functions here check
@@ -257,25 +258,43 @@ pub enum IndexDtype {
     I64,
 }
 
+/// Rows above which [`gemv`] runs its tensor-core kernel (f16/bf16 activations, `k` and the
+/// outputs multiples of 16, rows and weights 8-byte aligned); up to here its CUDA-core kernel.
+pub const GEMV_TENSOR_CORE_ROWS: usize = 16;
+
 /// Whether [`ops::linear`] (and [`ops::linear_swiglu`]) send a product of `rows` rows with
-/// `outputs` weight rows of `k` to [`gemv`] rather than Burn's matmul. The GEMV runs on CUDA
-/// cores at about 4 T multiply-adds/s, so its time grows with `rows · outputs · k`; Burn's
-/// tiled matmul (autotune off) costs 30–80 µs at these sizes whatever the rows, and more when
-/// few outputs leave it few tiles. So: up to 2²⁷ multiply-adds, and narrow products (fewer than
-/// 1,024 outputs) of a long `k` up to 256 rows. Measured on an H100 (`cargo xtask demo
-/// --speed`, CubeBackend, µs per call, GEMV / matmul): gate|up 3072 × 576 at 32 rows 21 / 36,
-/// at 64 rows 36 / 35; QKV 960 × 576 at 128 rows 27 / 34, at 256 rows 44 / 37; down 576 ×
-/// 1536 at 256 rows 46 / 75, at 512 rows 82 / 79; LM head 49,152 × 576 at 16 rows 121 / 58.
-pub fn gemv_pays(rows: usize, outputs: usize, k: usize) -> bool {
+/// `outputs` weight rows of `k` to [`gemv`] rather than Burn's matmul; `tensor_cores`: the
+/// activations are f16 or bf16 and `outputs` and `k` multiples of 16 (what [`gemv`]'s
+/// tensor-core kernel takes above [`GEMV_TENSOR_CORE_ROWS`] rows).
+///
+/// Up to 16 rows (and without tensor cores) [`gemv`] runs on CUDA cores at about 4 T
+/// multiply-adds/s, so its time grows with `rows · outputs · k`; Burn's tiled matmul (autotune
+/// off) costs 30–80 µs at these sizes whatever the rows, and more when few outputs leave it
+/// few tiles. So: up to 2²⁷ multiply-adds, and narrow products (fewer than 1,024 outputs) of a
+/// long `k` up to 256 rows. Measured on an H100 (`cargo xtask demo --speed`, CubeBackend, µs
+/// per call, CUDA-core GEMV / matmul): gate|up 3072 × 576 at 32 rows 21 / 36, at 64 rows 36 /
+/// 35; QKV 960 × 576 at 128 rows 27 / 34, at 256 rows 44 / 37; down 576 × 1536 at 256 rows 46
+/// / 75, at 512 rows 82 / 79; LM head 49,152 × 576 at 16 rows 121 / 58.
+///
+/// From 17 rows with tensor cores: up to 32 rows, up to 2²⁸ multiply-adds, and narrow products
+/// up to 512 rows. Measured the same way (tensor-core kernel / matmul): gate|up at 128 rows 20
+/// / 34, at 256 rows 42 / 38; QKV at 256 rows 15 / 37, at 512 rows 39 / 37; down at 512 rows
+/// 67 / 80, at 1024 rows 138 / 74; LM head at 32 rows 54 / 61, at 64 rows 85 / 75.
+pub fn gemv_pays(rows: usize, outputs: usize, k: usize, tensor_cores: bool) -> bool {
     let macs = rows.saturating_mul(outputs).saturating_mul(k);
+    if tensor_cores && rows > GEMV_TENSOR_CORE_ROWS {
+        return rows <= 32 || macs <= 1 << 28 || (outputs < 1024 && rows <= 512);
+    }
     rows > 0 && (macs <= 1 << 27 || (outputs < 1024 && k >= 1024 && rows <= 256))
 }
 
 /// The product of few rows with a weight stored `[outputs, k]` (GGUF's `[out, in]`): `out[m,
-/// n] = Σ_k x[m, k] · w[n, k]`, accumulated in f32, rounded to the activation dtype. Each
-/// weight row is read by one warp per group of 16 rows (a decode step's matmuls are
-/// matrix-vector products); CUDA cores, no tensor cores, so it pays for few rows only (see
-/// [`gemv_pays`]).
+/// n] = Σ_k x[m, k] · w[n, k]`, accumulated in f32, rounded to the activation dtype. Up to
+/// [`GEMV_TENSOR_CORE_ROWS`] rows (a decode step's matrix-vector products) each weight row is
+/// read by one warp per group of 16 rows, on CUDA cores. More rows of f16/bf16 run a
+/// tensor-core kernel where `outputs` and `k` are multiples of 16 and the rows 8-byte aligned
+/// (each 16-row weight tile read once per 64 rows); other shapes stay on CUDA cores, which pay
+/// for few rows only (see [`gemv_pays`]).
 ///
 /// `x`: `[rows, k]`, `rows >= 1`, any row stride; `w`: `[outputs, k]`, any row stride; `out`:
 /// `[rows, outputs]` contiguous; one activation dtype. Errors as [`rms_norm`], and
@@ -336,7 +355,16 @@ fn gemv_checked<R: Runtime>(
         &[k, x.row_stride(), w.row_stride()],
         &[x.handle(), w.handle()],
     );
-    launch::launch_gemv(x, w, vec, glu, out);
+    let tensor_cores = rows > GEMV_TENSOR_CORE_ROWS
+        && matches!(x.dtype(), Dtype::F16 | Dtype::Bf16)
+        && k.is_multiple_of(16)
+        && outputs.is_multiple_of(16)
+        && vec.is_multiple_of(4);
+    if tensor_cores {
+        launch::launch_gemm_tc(x, w, glu, out);
+    } else {
+        launch::launch_gemv(x, w, vec, glu, out);
+    }
     Ok(())
 }
 
@@ -372,7 +400,7 @@ pub fn argmax_rows<R: Runtime>(
 }
 
 /// Launches every block-kernel instantiation the SmolLM2 model uses (hidden 576, MLP 1536,
-/// 9 / 3 heads of 64, GEMV at 1–16 rows and groups of 16, argmax), for each activation dtype, once on tiny valid
+/// 9 / 3 heads of 64, GEMV at 1–16 rows and groups of 16, its tensor-core kernel at 33 and 64 rows, argmax), for each activation dtype, once on tiny valid
 /// inputs. Used by
 /// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
@@ -401,10 +429,10 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
         let qkv = rows(heads.row_elems())?;
         let (mut q, mut k, mut v) = (rows(576)?, rows(192)?, rows(192)?);
         rope_qkv(&qkv, &batch, &table, heads, 64, &mut q, &mut k, &mut v)?;
-        // The decode step's matmuls: every row count up to 16 compiles its own kernel, more rows
-        // the 16-row one.
+        // The decode step's matmuls: every row count up to 16 compiles its own CUDA-core
+        // kernel, more rows the 16-row one (f32) or the tensor-core kernel by row tiles.
         let weight = DeviceRows::empty(client, act, 960, 576, 576)?;
-        for m in [1, 2, 4, 8, 16, 33] {
+        for m in [1, 2, 4, 8, 16, 33, 64] {
             let xm = DeviceRows::empty(client, act, m, 576, 576)?;
             let mut om = DeviceRows::empty(client, act, m, 960, 960)?;
             gemv(&xm, &weight, &mut om)?;
@@ -412,6 +440,11 @@ pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient
             let mut hm = DeviceRows::empty(client, act, m, 1536, 1536)?;
             gemv_swiglu(&xm, &gate_up, &mut hm)?;
         }
+        // The down projection's k (1536: 8 warps split it on tensor cores).
+        let down = DeviceRows::empty(client, act, 576, 1536, 1536)?;
+        let xd = DeviceRows::empty(client, act, 64, 1536, 1536)?;
+        let mut od = DeviceRows::empty(client, act, 64, 576, 576)?;
+        gemv(&xd, &down, &mut od)?;
         let idx = client.empty(2 * 8);
         argmax_rows(&x, &idx, IndexDtype::I32)?;
     }

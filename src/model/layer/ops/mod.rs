@@ -155,10 +155,16 @@ fn linear_unchecked<B: LayerBackend>(
 ) -> Result<FloatTensor<B>> {
     let x: Tensor<B, 2> = tensor(x);
     let [rows, k] = x.dims();
-    if !super::gemv_pays(rows, w.dims()[0], k) {
+    let outputs = w.dims()[0];
+    if !super::gemv_pays(rows, outputs, k, tensor_cores(x.dtype(), outputs, k)) {
         return Ok(float(x.matmul(w.clone().transpose())));
     }
     B::layer_gemv(float(x), float(w.clone()))
+}
+
+/// Whether [`super::gemv`]'s tensor-core kernel takes these activations and weight shape.
+fn tensor_cores(dtype: DType, outputs: usize, k: usize) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16) && outputs.is_multiple_of(16) && k.is_multiple_of(16)
 }
 
 /// `swiglu(x · wᵀ)` on primitives, the choice of [`linear_swiglu`] without its checks.
@@ -168,8 +174,9 @@ fn linear_swiglu_unchecked<B: LayerBackend>(
 ) -> Result<FloatTensor<B>> {
     let x: Tensor<B, 2> = tensor(x);
     let [rows, k] = x.dims();
+    let tc = tensor_cores(x.dtype(), w.dims()[0] / 2, k);
     let x = float(x);
-    if !super::gemv_pays(rows, w.dims()[0], k) {
+    if !super::gemv_pays(rows, w.dims()[0], k, tc) {
         return B::layer_swiglu(linear_unchecked::<B>(x, w)?);
     }
     B::layer_gemv_swiglu(x, float(w.clone()))
@@ -382,9 +389,10 @@ pub fn swiglu<B: LayerBackend>(gate_up: Tensor<B, 2>) -> Result<Tensor<B, 2>> {
     Ok(tensor(B::layer_swiglu(float(gate_up))?))
 }
 
-/// `x · wᵀ` for `x` `[rows, k]` and a weight stored `[outputs, k]` (GGUF's `[out, in]`): the
-/// matrix-vector kernel ([`super::gemv`], one launch) where [`super::gemv_pays`] (decode
-/// steps), Burn's matmul on the transposed view otherwise (prefill).
+/// `x · wᵀ` for `x` `[rows, k]` and a weight stored `[outputs, k]` (GGUF's `[out, in]`):
+/// [`super::gemv`] (one launch: CUDA cores to 16 rows, tensor cores above) where
+/// [`super::gemv_pays`] (decode steps, prefill chunks of up to 32–512 rows by shape), Burn's
+/// matmul on the transposed view otherwise.
 pub fn linear<B: LayerBackend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Result<Tensor<B, 2>> {
     check_act("x", x.dtype())?;
     let k = x.dims()[1];
