@@ -280,7 +280,7 @@ fn gpu_gemv_matches_the_f64_definition() {
     // (rows, outputs, k, x row stride): SmolLM2's QKV, MLP down and LM head at batch 1, row
     // counts up to 16 (one cube row), past 16 (f32: groups of 16, a partial last one; f16 and
     // bf16: the tensor-core kernel, by row blocks of 64 with a partial last one, k split over
-    // 16, 12, 6 or 4 warps or 1), a k that takes 4-element loads, a strided x, and shapes the
+    // 8, 6 or 4 warps or 1), a k that takes 4-element loads, a strided x, and shapes the
     // tensor-core kernel does not take (outputs not a multiple of 16, a row stride not a
     // multiple of 4), which stay on CUDA cores.
     for (rows, outputs, k, stride) in [
@@ -359,7 +359,7 @@ fn gpu_gemv_swiglu_equals_the_definition_on_the_gemv_output() {
     };
     // (rows, ff, k, x row stride): SmolLM2's gate|up at batch 1, 16 rows, groups of 16 with a
     // partial one (tensor cores for f16 and bf16), an odd ff with a strided x, two row blocks
-    // of the tensor-core kernel with k over 16 warps.
+    // of the tensor-core kernel with k over 8 warps.
     for (rows, ff, k, stride) in [
         (1, 1536, 576, 576),
         (16, 1536, 576, 576),

@@ -207,29 +207,17 @@ pub(crate) fn launch_gemv<R: Runtime>(
     }
 }
 
-/// Warps splitting k in one tensor-core GEMM cube: the largest of 16, 12, 8, 6, 4, 3, 2 that
-/// divides the k-steps (`k / 16`), else 1 (576: 12 warps of 3 steps; 1536: 16 of 6). A
-/// function of k alone, so the fused gate|up launch and the unfused one add the same partial
-/// sums in the same order.
+/// Warps splitting k in one tensor-core GEMM cube: the largest of 8, 6, 4, 3, 2 that divides
+/// the k-steps (`k / 16`), else 1 (576: 6 warps of 6 steps; 1536: 8 of 12). A function of k
+/// alone, so the fused gate|up launch and the unfused one add the same partial sums in the same
+/// order. At most 256 threads a cube, so the kernel's registers (142 at most, ptxas) never
+/// limit the launch.
 pub(crate) fn tc_k_split(k: usize) -> usize {
     let steps = k / 16;
-    [16, 12, 8, 6, 4, 3, 2]
+    [8, 6, 4, 3, 2]
         .into_iter()
         .find(|d| steps.is_multiple_of(*d))
         .unwrap_or(1)
-}
-
-/// Row tiles per tensor-core GEMM cube: up to 8 (64 rows), halved while the grid would have
-/// fewer than two cubes per SM of an H100 (264), so narrow weights (SmolLM2's down and O
-/// projections: 36 tiles of 16 outputs) still fill the GPU; each extra row block reads the
-/// weight tile again, from L2. Any value gives the same sums (an output's k order does not
-/// depend on it).
-pub(crate) fn tc_row_tiles(rows: usize, weight_tiles: usize) -> usize {
-    let mut tiles = rows.div_ceil(8).min(TC_MAX_ROW_TILES as usize);
-    while tiles > 1 && weight_tiles * rows.div_ceil(8 * tiles) < 264 {
-        tiles /= 2;
-    }
-    tiles
 }
 
 /// [`super::gemv`] on tensor cores (`tc_applies` held): `outputs / 16` weight tiles by row
@@ -246,7 +234,7 @@ pub(crate) fn launch_gemm_tc<R: Runtime>(
         return;
     }
     let client = out.client().clone();
-    let row_tiles = tc_row_tiles(rows, outputs / 16);
+    let row_tiles = rows.div_ceil(8).min(TC_MAX_ROW_TILES as usize);
     let k_split = tc_k_split(k);
     let quads = |h: &cubecl::server::Handle| {
         // SAFETY: the length is the buffer's real size in u32 words.
