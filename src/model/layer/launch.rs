@@ -157,6 +157,17 @@ pub(crate) fn launch_rope<R: Runtime>(
     }
 }
 
+/// `(rows, k, outputs)` of a GEMV launch (`glu`: `w` holds gate and up rows), `None` when
+/// there is nothing to compute.
+fn gemv_dims<R: Runtime>(
+    x: &DeviceRows<R>,
+    w: &DeviceRows<R>,
+    glu: bool,
+) -> Option<(usize, usize, usize)> {
+    let outputs = if glu { w.rows() / 2 } else { w.rows() };
+    (x.rows() > 0 && outputs > 0).then_some((x.rows(), x.row_elems(), outputs))
+}
+
 /// [`super::gemv`] (`glu` false) and [`super::gemv_swiglu`] (`glu`: `w` holds `2 · outputs`
 /// rows): `vec` elements per load (dividing k, x's row stride and both buffers' offsets).
 pub(crate) fn launch_gemv<R: Runtime>(
@@ -166,11 +177,9 @@ pub(crate) fn launch_gemv<R: Runtime>(
     glu: bool,
     out: &mut DeviceRows<R>,
 ) {
-    let (rows, k) = (x.rows(), x.row_elems());
-    let outputs = if glu { w.rows() / 2 } else { w.rows() };
-    if rows == 0 || outputs == 0 {
+    let Some((rows, k, outputs)) = gemv_dims(x, w, glu) else {
         return;
-    }
+    };
     let client = out.client().clone();
     // Batches up to 16 rows compile their own row count (one cube row); more take groups of 16.
     let group = rows.min(GEMV_GROUP_ROWS as usize);
@@ -228,11 +237,9 @@ pub(crate) fn launch_gemm_tc<R: Runtime>(
     glu: bool,
     out: &mut DeviceRows<R>,
 ) {
-    let (rows, k) = (x.rows(), x.row_elems());
-    let outputs = if glu { w.rows() / 2 } else { w.rows() };
-    if rows == 0 || outputs == 0 {
+    let Some((rows, k, outputs)) = gemv_dims(x, w, glu) else {
         return;
-    }
+    };
     let client = out.client().clone();
     let row_tiles = rows.div_ceil(8).min(TC_MAX_ROW_TILES as usize);
     let k_split = tc_k_split(k);
