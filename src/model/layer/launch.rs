@@ -229,8 +229,8 @@ pub(crate) fn tc_k_split(k: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// [`super::gemv`] on tensor cores (`tc_applies` held): `outputs / 16` weight tiles by row
-/// blocks of up to 64 rows.
+/// [`super::gemv`] on tensor cores (the conditions `gemv_checked` tests held): `outputs / 16`
+/// weight tiles by row blocks of up to 64 rows.
 pub(crate) fn launch_gemm_tc<R: Runtime>(
     x: &DeviceRows<R>,
     w: &DeviceRows<R>,
@@ -250,7 +250,7 @@ pub(crate) fn launch_gemm_tc<R: Runtime>(
     // SAFETY: `mod.rs` checked x as `rows` rows of `k` at its stride, w as `outputs` rows of
     // `k` (with `glu`, `2 · outputs`) at its stride, out as `rows` contiguous rows of
     // `outputs`, one 16-bit dtype, below `u32::MAX` elements, `rows <= 64 · 65,535`, and
-    // (`tc_applies`) `outputs` a multiple of 16, `k` of 16, both strides and both buffers'
+    // (its tensor-core test) `outputs` a multiple of 16, `k` of 16, both strides and both buffers'
     // offsets of 4 elements; the kernel reads the pair of words at `row · stride/4 + q`,
     // `q < k/4`, of rows `< rows` of x and `< outputs` (`2 · outputs`) of w, and writes
     // `out[m · outputs + n]`, `m < rows`, `n < outputs`.

@@ -400,9 +400,9 @@ pub fn argmax_rows<R: Runtime>(
 }
 
 /// Launches every block-kernel instantiation the SmolLM2 model uses (hidden 576, MLP 1536,
-/// 9 / 3 heads of 64, GEMV at 1–16 rows and groups of 16, its tensor-core kernel at 33 and 64 rows, argmax), for each activation dtype, once on tiny valid
-/// inputs. Used by
-/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
+/// 9 / 3 heads of 64, GEMV at 1–16 rows and groups of 16, its tensor-core kernel at 33 and 64
+/// rows, argmax), for each activation dtype, once on tiny valid inputs. Used by `cargo xtask
+/// codegen`, whose client compiles instead of running (never read results back).
 #[doc(hidden)]
 #[cfg(feature = "internals")]
 pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
