@@ -6,7 +6,7 @@
 //! cargo run --release --example burn_paged_kv -- --cuda # burn_cuda::Cuda (fused), needs a GPU
 //! ```
 
-use burn_tensor::{DType, Distribution, Tensor};
+use burn_tensor::{DType, Distribution, ElementConversion, Tensor};
 use fp8kv::burn::{
     causal_attention, AttentionOptions, FlattenLayout, KvBatch, KvCacheConfig, PagedKvBackend,
 };
@@ -51,18 +51,27 @@ fn run<B: PagedKvBackend>(device: &B::Device, act: DType) -> fp8kv::Result<()> {
             random([27, KV_HEADS, HEAD_DIM]),
         );
         cache.fill(k, v, &step)?;
-        // Attend over what the cache now holds (the dequantized FP8 values decode reads too).
+        // Attend over what the cache now holds: the paged decode kernel takes any number of
+        // new tokens per sequence (causal among them), reading the FP8 pages in place.
+        let out = cache.decode(q.clone(), &step, &AttentionOptions::default())?;
+        println!("prefill: attention output {:?}", out.dims());
+        // The same through contiguous K/V: flatten (dequantized) and Burn's tensor ops.
         let (k_all, v_all) = cache.flatten(&step, FlattenLayout::Shd, act)?;
         let starts = step.kv_start_loc();
         for (b, q_range) in [(0, 0..20), (1, 20..27)] {
             let kv = starts[b]..starts[b + 1];
-            let out = causal_attention(
-                q.clone().slice(q_range),
+            let flat = causal_attention(
+                q.clone().slice(q_range.clone()),
                 k_all.clone().slice(kv.clone()),
                 v_all.clone().slice(kv),
                 None,
             )?;
-            println!("prefill seq {b}: attention output {:?}", out.dims());
+            let diff: f32 = (flat.cast(DType::F32) - out.clone().slice(q_range).cast(DType::F32))
+                .abs()
+                .max()
+                .into_scalar()
+                .elem();
+            println!("prefill seq {b}: flatten + causal_attention within {diff:.1e} of it");
         }
     }
 
