@@ -608,9 +608,10 @@ impl<B: PagedKvBackend> KvCache<B> {
     }
 
     /// Opt-in check on every [`Self::fill`]: counts what saturates ([`Self::saturation`]; a
-    /// device sync per fill, so off by default) and warns once on stderr, naming `label` (the
-    /// layer), when more than `fraction` of a side's values saturate at the current scale.
-    /// `None` turns it off.
+    /// device sync per fill, so off by default) and, the first time more than `fraction` of a
+    /// side's values saturate at the current scales, warns once through the `log` crate
+    /// (`log::warn!`, target `fp8kv`: your application's logger shows it) and sets
+    /// [`Self::saturation_warned`]. `None` turns it off.
     pub fn set_saturation_check(&mut self, fraction: Option<f64>) {
         self.saturation_check = fraction;
     }
@@ -660,8 +661,9 @@ impl<B: PagedKvBackend> KvCache<B> {
             let sat = self.saturation(&k_new, &v_new);
             if sat.fraction() > limit {
                 self.warned = true;
-                eprintln!(
-                    "fp8kv: warning: {} at scales k {} / v {} saturates {} of {} K and {} of {} V values (more than {:.3}%): calibrate the scales (KvCache::calibrate) or load them from the checkpoint",
+                log::warn!(
+                    target: "fp8kv",
+                    "{} at scales k {} / v {} saturates {} of {} K and {} of {} V values (more than {:.3}%): calibrate the scales (KvCache::calibrate) or load them from the checkpoint",
                     self.spec.policy,
                     self.spec.scales.k(),
                     self.spec.scales.v(),
