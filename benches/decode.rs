@@ -10,7 +10,7 @@
 //! same run (a vectorised copy kernel, bytes read + written).
 //!
 //! Run: `cargo bench --bench decode` (needs a CUDA device; without one it prints why and exits).
-//! Criterion drives the timed runs of every mode but `--burn` and `--shape` (`benches/common`):
+//! Criterion drives the timed runs of every mode but `--shape` (`benches/common`):
 //! its statistics, throughput in bytes and reports come with this bench's own lines.
 //! `-- --bench --models` runs a catalogue of real models' attention shapes instead (batch 32 ×
 //! 8192, SmolLM2 also 128 × 8192; e4m3 and bf16 caches).
@@ -23,10 +23,7 @@
 //! default path; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
 //! class of Auto's table (the tensor-core kernel, or CUDA cores at the MLA dims) and prints
 //! Auto's pick.
-//! `-- --bench --burn` compares decode through the Burn extension (`CubeBackend` and
-//! `Fusion<CubeBackend>`, what `burn_cuda::Cuda` is by default) with the direct entry point at
-//! batch 32 × 4096 (e4m3, bf16 queries): device time (the Burn path must add no device work)
-//! and the host's µs per call.
+//! Decode through the Burn extension is `cargo bench -p fp8kv-burn --bench burn_decode`.
 
 mod common;
 
@@ -34,10 +31,11 @@ use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::{
-    auto_path, key_major_applies_to, paged_decode_path, tensor_cores_apply_to, AttentionOptions,
-    KernelPath, SplitChoice,
+    auto_path, key_major_applies_to, paged_decode_path, tensor_cores_apply_to, KernelPath,
+    SplitChoice,
 };
 use fp8kv::testing::Rng;
+use fp8kv::AttentionOptions;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// The H100's L2 is 50 MB and the H200's 60 MB: rotated caches span at least 6 times that.
@@ -439,153 +437,6 @@ fn bench_ratio(
     }
 }
 
-/// Calls per timed run of `--burn` (queued back to back, then one device sync).
-const BURN_CALLS: usize = 200;
-
-/// `--burn` timing: `(wall µs per call, host µs per call)`, medians of [`RUNS`] runs of
-/// [`BURN_CALLS`] calls. The wall time runs from the first call to the end of a device sync:
-/// with the host ahead of the device, it is the device time per call. The host time is the
-/// time to issue the calls (a lazy backend's `drain` included). Wall-clock on purpose: a
-/// profile of CubeCL's cannot see work that Burn's fusion launches from its own queue.
-fn wall_host_us(f: &dyn Fn(usize), drain: &dyn Fn(), sync: &dyn Fn()) -> (f64, f64) {
-    for i in 0..5 {
-        f(i);
-    }
-    drain();
-    sync();
-    let mut wall = Vec::new();
-    let mut host = Vec::new();
-    for _ in 0..RUNS {
-        let t = std::time::Instant::now();
-        for i in 0..BURN_CALLS {
-            f(i);
-        }
-        drain();
-        host.push(t.elapsed().as_secs_f64() * 1e6 / BURN_CALLS as f64);
-        sync();
-        wall.push(t.elapsed().as_secs_f64() * 1e6 / BURN_CALLS as f64);
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[RUNS / 2]
-    };
-    (median(wall), median(host))
-}
-
-/// Decode through the Burn extension on backend `B` at shape `s`: `(wall, host)` µs per call
-/// ([`wall_host_us`]), caches rotated like [`bench_shape`]'s.
-fn bench_burn_backend<B: fp8kv::burn::PagedKvBackend<Device = cubecl::cuda::CudaDevice>>(
-    s: &Shape,
-    drain: &dyn Fn(),
-) -> Result<(f64, f64), String> {
-    use burn_tensor::{DType, Tensor, TensorData};
-    use fp8kv::burn::{KvBatch, KvCache, KvCacheConfig};
-    let e = |x: fp8kv::Fp8KvError| x.to_string();
-    let device = cubecl::cuda::CudaDevice::new(0);
-    let m = s.model;
-    let layout = s.layout().map_err(e)?;
-    let cfg = KvCacheConfig::new(&s.policy.to_string(), layout)
-        .map_err(e)?
-        .with_scales(KvScales::new(0.05, 0.02).map_err(e)?);
-    let copies = ROTATE_BYTES.div_ceil(cfg.size_bytes()).max(1);
-    let caches = (0..copies)
-        .map(|_| KvCache::<B>::new(&cfg, &device))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(e)?;
-    let meta = s.meta().map_err(e)?;
-    let batch = KvBatch::<B>::new(meta, &layout, s.batch, &device).map_err(e)?;
-    let q_vals: Vec<f32> = (0..s.batch * m.heads * m.head_dim_k)
-        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
-        .collect();
-    let q = Tensor::<B, 3>::from_data(
-        TensorData::new(q_vals, [s.batch, m.heads, m.head_dim_k]),
-        (&device, DType::BF16),
-    );
-    let opts = AttentionOptions::default();
-    let f = |i: usize| {
-        caches[i % copies]
-            .decode(q.clone(), &batch, &opts)
-            .expect("burn decode");
-    };
-    let sync = || B::sync(&device).expect("sync");
-    Ok(wall_host_us(&f, drain, &sync))
-}
-
-/// The direct entry point at shape `s`, timed as [`bench_burn_backend`] (a fresh output per
-/// call, as the Burn path allocates one).
-fn bench_burn_direct(client: &ComputeClient<Cuda>, s: &Shape) -> Result<(f64, f64), String> {
-    let e = |x: fp8kv::Fp8KvError| x.to_string();
-    let m = s.model;
-    let layout = s.layout().map_err(e)?;
-    let scales = KvScales::new(0.05, 0.02).map_err(e)?;
-    let copies = ROTATE_BYTES.div_ceil(layout.cache_bytes(s.policy)).max(1);
-    let caches = (0..copies)
-        .map(|_| PagedKvCache::new(client, layout, s.policy, Dtype::E4m3, scales))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(e)?;
-    let meta = s.meta().map_err(e)?;
-    let batch = DeviceBatch::new(client, meta, &layout, s.batch).map_err(e)?;
-    let (qw, ow) = (m.heads * m.head_dim_k, m.heads * m.head_dim_v);
-    let q_vals: Vec<f32> = (0..s.batch * qw)
-        .map(|i| ((i % 13) as f32 - 6.0) * 0.1)
-        .collect();
-    let q = DeviceRows::from_f32(client, &q_vals, Dtype::Bf16, s.batch, qw, qw).map_err(e)?;
-    let opts = AttentionOptions::default();
-    let f = |i: usize| {
-        let mut out = DeviceRows::empty(client, Dtype::Bf16, s.batch, ow, ow).expect("out");
-        paged_decode_path(
-            &q,
-            m.heads,
-            &caches[i % copies],
-            &batch,
-            &opts,
-            SplitChoice::Auto,
-            KernelPath::Auto,
-            &mut out,
-        )
-        .expect("decode");
-    };
-    let sync = || cubecl::future::block_on(client.sync()).expect("sync");
-    Ok(wall_host_us(&f, &|| (), &sync))
-}
-
-/// `--burn`: the Burn paths against the direct entry point, same shape, same run.
-fn bench_burn(client: &ComputeClient<Cuda>, copy: f64) {
-    use burn_cubecl::CubeBackend;
-    use burn_fusion::Fusion;
-    type Cube = CubeBackend<cubecl::cuda::CudaRuntime, half::bf16, i32, u8>;
-    type Fused = Fusion<Cube>;
-    let s = Shape::e4m3(32, 4096, 64);
-    if let Err(err) = bench_shape(client, &s, copy) {
-        return println!("  error: {err}");
-    }
-    let (direct, direct_host) = match bench_burn_direct(client, &s) {
-        Ok(t) => t,
-        Err(err) => return println!("  error: {err}"),
-    };
-    println!("direct entry point, b32 ctx 4096 e4m3, {BURN_CALLS} calls + sync: {direct:.1} µs/call wall, host {direct_host:.1} µs/call");
-    let device = cubecl::cuda::CudaDevice::new(0);
-    let drain = || burn_fusion::get_client::<Cube>(&device).sync(|| ());
-    let cube = || bench_burn_backend::<Cube>(&s, &|| ());
-    let fused = || bench_burn_backend::<Fused>(&s, &drain);
-    type Run<'a> = &'a dyn Fn() -> Result<(f64, f64), String>;
-    let runs: [(&str, Run); 2] = [
-        ("CubeBackend", &cube),
-        ("Fusion<CubeBackend> (burn_cuda::Cuda)", &fused),
-    ];
-    for (name, run) in runs {
-        match run() {
-            Ok((us, host)) => println!(
-                "burn decode b32 ctx 4096 e4m3 via {name}: {us:.1} µs/call wall ({:+.1}% vs direct: {}), host {host:.1} µs/call (extra {:+.1} µs/call)",
-                100.0 * (us / direct - 1.0),
-                if us <= direct * 1.03 { "within 3%" } else { "MORE THAN 3%" },
-                host - direct_host,
-            ),
-            Err(err) => println!("  {name}: error: {err}"),
-        }
-    }
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run only for the former.
     if !std::env::args().any(|a| a == "--bench") {
@@ -602,18 +453,11 @@ fn main() {
     let copy = copy_tbps(&client);
     println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
     let args: Vec<String> = std::env::args().collect();
-    let own = [
-        "--models",
-        "--ab",
-        "--paths",
-        "--key-major",
-        "--burn",
-        "--shape",
-    ];
+    let own = ["--models", "--ab", "--paths", "--key-major", "--shape"];
     let has = |flag: &str| args.iter().any(|a| a == flag);
-    // Criterion times every mode but `--burn` (wall clock to a sync) and `--shape` (a
+    // Criterion times every mode but `--shape` (a
     // profiler's run); it reads the command line only where none of this bench's flags is.
-    if !has("--burn") && !has("--shape") {
+    if !has("--shape") {
         common::start(!own.iter().any(|f| has(f)));
     }
     run_mode(&client, copy, &args);
@@ -667,10 +511,6 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         if let Err(err) = bench_shape(&client, &shape, copy) {
             println!("  error: {err}");
         }
-        return;
-    }
-    if std::env::args().any(|a| a == "--burn") {
-        bench_burn(&client, copy);
         return;
     }
     if std::env::args().any(|a| a == "--models") {

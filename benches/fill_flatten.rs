@@ -6,7 +6,8 @@
 //! and prints the median over repetitions, GB/s and the fraction of a device-to-device copy
 //! (`Vector<u32, 4>` per thread) measured in the same run. Without a device it prints why and
 //! exits 0. Criterion drives the timed repetitions (`benches/common`), so `cargo bench` also
-//! prints its statistics and throughput and keeps its reports.
+//! prints its statistics and throughput and keeps its reports. `-- --bench --fill-shape 256,4,1`
+//! (or `--flatten-shape`) runs with that streaming launch shape instead of the defaults.
 
 mod common;
 
@@ -16,10 +17,11 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::fill::{fill, fill_with_stats};
-use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
+use fp8kv::kernels::flatten::{flatten, output_rows};
 use fp8kv::kernels::stats::DeviceKvStats;
 use fp8kv::reference::HostKvCache;
 use fp8kv::testing::Rng;
+use fp8kv::FlattenLayout;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
 
 /// Plain copy: one 16-byte vector per thread. Grid 1-d over `src.len()` vectors (the
@@ -267,15 +269,42 @@ fn main() {
             return;
         }
     };
-    // `--bench` comes from cargo; any other argument filters cases by substring.
-    let filter: Vec<String> = std::env::args()
+    // `--fill-shape T,U,R` / `--flatten-shape T,U,R`: a tuning run's launch shape (threads per
+    // cube, vectors per thread, rounds) for the streaming path instead of the defaults.
+    let args: Vec<String> = std::env::args().collect();
+    for (flag, family) in [("--fill-shape", "FILL"), ("--flatten-shape", "FLATTEN")] {
+        if let Some(at) = args.iter().position(|a| a == flag) {
+            let parsed: Option<Vec<u32>> = args
+                .get(at + 1)
+                .map(|v| v.split(',').map(|x| x.parse().ok()).collect())
+                .unwrap_or(None);
+            match parsed.as_deref() {
+                Some(&[t, u, r]) => fp8kv::kernels::override_copy_shape(family, Some((t, u, r))),
+                _ => return println!("{flag} wants THREADS,UNROLL,ROUNDS, e.g. 256,4,1"),
+            }
+        }
+    }
+    // `--bench` comes from cargo; any other argument filters cases by substring (a shape
+    // flag's value aside).
+    let filter: Vec<String> = args
+        .iter()
+        .enumerate()
         .skip(1)
-        .filter(|a| !a.starts_with("--"))
+        .filter(|(i, a)| {
+            !a.starts_with("--")
+                && !matches!(args[i - 1].as_str(), "--fill-shape" | "--flatten-shape")
+        })
+        .map(|(_, a)| a.clone())
         .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let copy = copy_bandwidth(&client);
-    // Criterion drives the timing; its command line is cargo's `--bench` and the filter.
-    common::start(true);
+    // Criterion drives the timing; its command line is cargo's `--bench` and the filter, which
+    // it reads only where no shape flag is there.
+    common::start(
+        !args
+            .iter()
+            .any(|a| a == "--fill-shape" || a == "--flatten-shape"),
+    );
     println!("device-to-device copy (Vector<u32,4>/thread, 512 MiB, {SETS} buffers rotated): {copy:.1} GB/s");
     // Calibrated scales (0.15, 0.05) take the Markstein division; power-of-two scales (1.0,
     // the uncalibrated default) a single multiply.

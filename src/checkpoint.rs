@@ -16,8 +16,8 @@
 //!   layer and the tensor.
 //! - A layer without a K (or V) scale gets 1.0 (the default of vLLM and LMDeploy) and a
 //!   [`ScaleWarning::Missing`] naming the layer and the side. **The loader never prints**:
-//!   warnings are returned in [`LoadedScales::warnings`]; [`LoadedScales::eprint_warnings`]
-//!   prints each one to stderr with the `fp8kv:` prefix for callers that want that.
+//!   warnings are returned in [`LoadedScales::warnings`]; [`LoadedScales::log_warnings`]
+//!   hands each one to the `log` crate (target `fp8kv`) for callers that want that.
 //! - A file that cannot be opened or read, or is not a valid safetensors file, is
 //!   [`Fp8KvError::CheckpointFile`].
 //! - Sharded checkpoints: pass every shard; a scale tensor found in two shards is
@@ -78,11 +78,11 @@ pub struct LoadedScales {
 }
 
 impl LoadedScales {
-    /// Prints each warning once to stderr as `fp8kv: warning: <text>` (the loader itself
-    /// never prints).
-    pub fn eprint_warnings(&self) {
+    /// Hands each warning once to the `log` crate (`log::warn!`, target `fp8kv`: the
+    /// application's logger shows it). The loader itself never logs or prints.
+    pub fn log_warnings(&self) {
         for w in &self.warnings {
-            eprintln!("fp8kv: warning: {w}");
+            log::warn!(target: "fp8kv", "{w}");
         }
     }
 }

@@ -14,7 +14,7 @@
 //!   block_table[batch * max_pages_per_seq]`. `kv_start_loc` is the exclusive prefix sum of
 //!   `kv_seqlens` (with the total last), computed on the host during the upload: it is where each
 //!   sequence starts in a flattened `[.., total_kv_tokens, ..]` tensor
-//!   ([`crate::reference::flatten_start_loc`]).
+//!   ([`crate::contract::flatten_start_loc`]).
 //! - [`DeviceRows`]: activation rows (new K/V, queries, flatten outputs) of an activation dtype:
 //!   `rows` rows of `row_elems` elements, `row_stride` elements apart (a stride above
 //!   `row_elems` is a slice of a fused QKV projection).
@@ -32,6 +32,7 @@ use cubecl::ir::{ElemType, FloatKind, StorageType};
 use cubecl::server::Handle;
 use cubecl::Runtime;
 
+use crate::contract::CacheSpec;
 use crate::error::{checked_product, checked_rows_span, Fp8KvError, KvSide, Result};
 use crate::layout::{BatchMetadata, PagedKvLayout};
 use crate::policy::{Dtype, QuantPolicy};
@@ -131,10 +132,7 @@ fn alloc_len(bytes: usize) -> usize {
 /// elements are 1 byte (raw codes); f16/bf16 (the `none` policy) 2 bytes, little-endian.
 pub struct PagedKvCache<R: Runtime> {
     client: ComputeClient<R>,
-    layout: PagedKvLayout,
-    policy: QuantPolicy,
-    dtype: Dtype,
-    scales: KvScales,
+    spec: CacheSpec,
     k: Handle,
     v: Handle,
 }
@@ -149,13 +147,21 @@ impl<R: Runtime> PagedKvCache<R> {
         dtype: Dtype,
         scales: KvScales,
     ) -> Result<Self> {
-        // The checks first, so that a bad request allocates nothing; from_handles repeats them.
-        policy.check_cache_dtype(dtype)?;
-        check_dtype_support(client, dtype)?;
-        let es = dtype.size_bytes();
+        Self::with_spec(
+            client,
+            CacheSpec::from_parts(layout, policy, dtype, scales)?,
+        )
+    }
+
+    /// Allocates an (uninitialised) cache as `spec` describes; its dtype must be supported by
+    /// the device.
+    pub fn with_spec(client: &ComputeClient<R>, spec: CacheSpec) -> Result<Self> {
+        // The check first, so that a bad request allocates nothing; from_spec_handles repeats it.
+        check_dtype_support(client, spec.dtype())?;
+        let (layout, es) = (spec.layout(), spec.dtype().size_bytes());
         let k = client.empty(alloc_len(layout.cache_elems(KvSide::K) * es));
         let v = client.empty(alloc_len(layout.cache_elems(KvSide::V) * es));
-        Self::from_handles(client, layout, policy, dtype, scales, k, v)
+        Self::from_spec_handles(client, spec, k, v)
     }
 
     /// Wraps existing K and V buffers (e.g. the storage of Burn tensors) without copying them.
@@ -169,7 +175,18 @@ impl<R: Runtime> PagedKvCache<R> {
         k: Handle,
         v: Handle,
     ) -> Result<Self> {
-        policy.check_cache_dtype(dtype)?;
+        let spec = CacheSpec::from_parts(layout, policy, dtype, scales)?;
+        Self::from_spec_handles(client, spec, k, v)
+    }
+
+    /// [`Self::from_handles`] for a cache `spec`.
+    pub fn from_spec_handles(
+        client: &ComputeClient<R>,
+        spec: CacheSpec,
+        k: Handle,
+        v: Handle,
+    ) -> Result<Self> {
+        let (layout, dtype) = (spec.layout(), spec.dtype());
         check_dtype_support(client, dtype)?;
         for (what, side, handle) in [
             ("k cache buffer", KvSide::K, &k),
@@ -189,26 +206,23 @@ impl<R: Runtime> PagedKvCache<R> {
         }
         Ok(PagedKvCache {
             client: client.clone(),
-            layout,
-            policy,
-            dtype,
-            scales,
+            spec,
             k,
             v,
         })
     }
 
-    /// Uploads a host cache (its bytes, layout, policy and dtype) with `scales`. Its buffers
-    /// must pass [`HostKvCache::check_shape`] (a short one would let the kernels read past
-    /// the device buffer).
+    /// Uploads a host cache (its bytes, layout and dtype) with `scales`. Its buffers must pass
+    /// [`HostKvCache::check_shape`] (a short one would let the kernels read past the device
+    /// buffer).
     pub fn from_host(
         client: &ComputeClient<R>,
         host: &HostKvCache,
         scales: KvScales,
     ) -> Result<Self> {
         host.check_shape()?;
-        host.policy().check_cache_dtype(host.dtype())?;
-        check_dtype_support(client, host.dtype())?;
+        let spec = CacheSpec::new(*host.layout(), host.dtype(), scales)?;
+        check_dtype_support(client, spec.dtype())?;
         let upload = |b: &[u8]| {
             if b.is_empty() {
                 client.empty(alloc_len(0))
@@ -218,10 +232,7 @@ impl<R: Runtime> PagedKvCache<R> {
         };
         Ok(PagedKvCache {
             client: client.clone(),
-            layout: *host.layout(),
-            policy: host.policy(),
-            dtype: host.dtype(),
-            scales,
+            spec,
             k: upload(&host.k),
             v: upload(&host.v),
         })
@@ -229,7 +240,7 @@ impl<R: Runtime> PagedKvCache<R> {
 
     /// Downloads both caches into a host cache (waits for pending work).
     pub fn to_host(&self) -> Result<HostKvCache> {
-        let mut host = HostKvCache::new(self.layout, self.policy, self.dtype, 0)?;
+        let mut host = HostKvCache::new(*self.layout(), self.policy(), self.dtype(), 0)?;
         let (kn, vn) = (host.k.len(), host.v.len());
         host.k
             .copy_from_slice(&read_bytes(&self.client, &self.k)?[..kn]);
@@ -242,34 +253,38 @@ impl<R: Runtime> PagedKvCache<R> {
     pub fn client(&self) -> &ComputeClient<R> {
         &self.client
     }
+    /// What the cache is: layout, element type, scales.
+    pub fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
     /// The layout.
     pub fn layout(&self) -> &PagedKvLayout {
-        &self.layout
+        self.spec.layout()
     }
     /// The quantization policy.
     pub fn policy(&self) -> QuantPolicy {
-        self.policy
+        self.spec.policy()
     }
     /// The cache element type (`E4m3`, `E5m2`, or `F16`/`Bf16` for the `none` policy).
     pub fn dtype(&self) -> Dtype {
-        self.dtype
+        self.spec.dtype()
     }
     /// The layer's scales (ignored by the kernels for the `none` policy).
     pub fn scales(&self) -> KvScales {
-        self.scales
+        self.spec.scales()
     }
     /// Replaces the scales (e.g. after calibration); codes already stored are not rescaled.
     pub fn set_scales(&mut self, scales: KvScales) {
-        self.scales = scales;
+        self.spec.set_scales(scales);
     }
     /// Bytes of K plus V on the device.
     pub fn size_bytes(&self) -> usize {
-        (self.layout.cache_elems(KvSide::K) + self.layout.cache_elems(KvSide::V))
-            * self.dtype.size_bytes()
+        let layout = self.spec.layout();
+        (layout.cache_elems(KvSide::K) + layout.cache_elems(KvSide::V)) * self.dtype().size_bytes()
     }
     /// Elements of one side's tensor.
     pub fn elems(&self, side: KvSide) -> usize {
-        self.layout.cache_elems(side)
+        self.spec.layout().cache_elems(side)
     }
     /// The K cache buffer.
     pub fn k_handle(&self) -> &Handle {
@@ -431,7 +446,7 @@ impl<R: Runtime> DeviceBatch<R> {
         layout: &PagedKvLayout,
         num_tokens: Option<usize>,
     ) -> Self {
-        let kv_start_loc = crate::reference::flatten_start_loc(&meta);
+        let kv_start_loc = crate::contract::flatten_start_loc(&meta);
         let offsets = BatchOffsets::new(meta.batch(), meta.max_pages_per_seq());
         let mut buf: Vec<i32> = Vec::with_capacity(offsets.len);
         buf.extend_from_slice(meta.q_start_loc());

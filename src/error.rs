@@ -321,7 +321,7 @@ pub(crate) fn try_vec<T: Clone>(what: &'static str, n: usize, value: T) -> Resul
 }
 
 /// [`Fp8KvError::TooLarge`] unless `actual <= limit`.
-pub(crate) fn check_limit(
+pub fn check_limit(
     what: &'static str,
     actual: usize,
     limit: usize,

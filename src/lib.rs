@@ -5,10 +5,11 @@
 //! One layer's decode step on the GPU (the README's walk-through, compiled as a doc test):
 //!
 //! ```no_run
-//! use fp8kv::device::{cuda_client, DeviceBatch, DeviceRows, PagedKvCache};
-//! use fp8kv::kernels::{decode, fill, flatten};
-//! use fp8kv::reference::AttentionOptions;
-//! use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+//! use fp8kv::{
+//!     cuda_client, fill, flatten_new, paged_decode, AttentionOptions, BatchMetadata, DeviceBatch,
+//!     DeviceRows, Dtype, FlattenLayout, KvLayoutKind, KvScales, PagedKvCache, PagedKvLayout,
+//!     QuantPolicy,
+//! };
 //!
 //! # fn main() -> fp8kv::Result<()> {
 //! let policy: QuantPolicy = "fp8".parse()?;
@@ -27,16 +28,16 @@
 //! let kv_row = 8 * 128;
 //! let k_new = DeviceRows::from_f32(&client, &vec![0.5; 2 * kv_row], Dtype::Bf16, 2, kv_row, kv_row)?;
 //! let v_new = DeviceRows::from_f32(&client, &vec![0.25; 2 * kv_row], Dtype::Bf16, 2, kv_row, kv_row)?;
-//! fill::fill(&mut cache, &k_new, &v_new, &batch)?;
+//! fill(&mut cache, &k_new, &v_new, &batch)?;
 //!
 //! let q_row = num_heads * 128;
 //! let q = DeviceRows::from_f32(&client, &vec![0.1; 2 * q_row], Dtype::Bf16, 2, q_row, q_row)?;
 //! let mut out = DeviceRows::empty(&client, Dtype::Bf16, 2, q_row, q_row)?;
 //! let opts = AttentionOptions { window: Some(4096), ..Default::default() };
-//! decode::paged_decode(&q, num_heads, &cache, &batch, &opts, &mut out)?;
+//! paged_decode(&q, num_heads, &cache, &batch, &opts, &mut out)?;
 //!
 //! // Prefill attention reads contiguous, dequantized K/V instead.
-//! let (k, v) = flatten::flatten_new(&client, &cache, &batch, flatten::FlattenLayout::Hsd, Dtype::Bf16)?;
+//! let (k, v) = flatten_new(&client, &cache, &batch, FlattenLayout::Hsd, Dtype::Bf16)?;
 //! # let _ = (k, v, out.to_f32()?);
 //! # Ok(())
 //! # }
@@ -44,16 +45,14 @@
 
 #![warn(missing_docs)]
 
-#[cfg(feature = "burn")]
-pub mod burn;
 pub mod checkpoint;
+pub mod contract;
 pub mod device;
 pub mod error;
+pub mod extend;
 pub mod fp8;
 pub mod kernels;
 pub mod layout;
-#[cfg(feature = "model")]
-pub mod model;
 pub mod policy;
 pub mod reference;
 pub mod rope;
@@ -62,8 +61,15 @@ pub mod scales;
 pub mod testing;
 
 pub use checkpoint::{load_kv_scales, LoadedScales, ScaleWarning};
+pub use contract::{flatten_start_loc, AttentionOptions, CacheSpec, FlattenLayout};
+pub use device::{cuda_client, DeviceBatch, DeviceRows, PagedKvCache};
 pub use error::{Fp8KvError, KvSide, Result};
 pub use fp8::Fp8Format;
+// The entry points of the three kernel families, so that one `use fp8kv::{..}` line serves.
+pub use kernels::decode::paged_decode;
+pub use kernels::fill::{fill, fill_rope, fill_with_stats};
+pub use kernels::flatten::{flatten, flatten_new};
+pub use kernels::stats::{kv_stats, DeviceKvStats, KvStats};
 pub use layout::{BatchMetadata, CacheTensorLayout, KvLayoutKind, PagedKvLayout};
 pub use policy::{Dtype, QuantPolicy};
 pub use scales::KvScales;

@@ -170,6 +170,19 @@ impl QuantPolicy {
         })
     }
 
+    /// The policy a cache of `cache` elements stores: FP8 codes for `E4m3` / `E5m2`, values
+    /// for `F16` / `Bf16` (`none`); [`Fp8KvError::UnsupportedDtype`] for any other type.
+    pub fn of_cache_dtype(cache: Dtype) -> Result<QuantPolicy> {
+        match cache {
+            Dtype::E4m3 => Ok(QuantPolicy::Fp8E4m3),
+            Dtype::E5m2 => Ok(QuantPolicy::Fp8E5m2),
+            Dtype::F16 | Dtype::Bf16 => Ok(QuantPolicy::None),
+            other => Err(Fp8KvError::UnsupportedDtype(format!(
+                "{other} is not a cache element (e4m3, e5m2, f16 or bf16)"
+            ))),
+        }
+    }
+
     /// Checks that `cache` is a valid cache element for this policy.
     pub fn check_cache_dtype(self, cache: Dtype) -> Result<()> {
         let ok = match self {

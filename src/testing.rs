@@ -3,6 +3,11 @@
 //! the GPU tests, the benches and the demo alike, so each case means the same thing everywhere.
 
 use crate::error::Result;
+use std::io::Write;
+
+use cubecl::client::ComputeClient;
+
+use crate::device::{cuda_client, Cuda};
 use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
 use crate::policy::{Dtype, QuantPolicy};
 use crate::reference::{self, HostKvCache, HostRows};
@@ -474,5 +479,22 @@ impl Problem {
             &self.prefill_meta,
         )?;
         Ok(cache)
+    }
+}
+
+/// A CUDA client for a GPU test, or `None` after printing `SKIPPED <test>: <reason>` when there
+/// is no usable device. With `FP8KV_REQUIRE_GPU=1` a missing device fails the test instead.
+/// Shared by the GPU tests of every crate in the workspace.
+pub fn client_or_skip(test: &str) -> Option<ComputeClient<Cuda>> {
+    match cuda_client() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            if std::env::var("FP8KV_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: FP8KV_REQUIRE_GPU=1 but {e}");
+            }
+            // Straight to the stream: libtest captures print!/eprint! of passing tests.
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {e}");
+            None
+        }
     }
 }

@@ -186,8 +186,42 @@ fn missing_scales_fall_back_to_one_with_a_warning_naming_the_layer() {
     ] {
         assert!(text.contains(needle), "{needle:?} not in {text:?}");
     }
-    // Printing is the caller's choice; it must not panic.
-    loaded.eprint_warnings();
+    // Logging is the caller's choice: each warning reaches the application's logger once,
+    // under the library's target.
+    let logged = capture_logs(|| loaded.log_warnings());
+    assert_eq!(logged.len(), loaded.warnings.len(), "{logged:?}");
+    for (record, w) in logged.iter().zip(&loaded.warnings) {
+        assert_eq!(
+            record,
+            &(log::Level::Warn, "fp8kv".to_string(), w.to_string())
+        );
+    }
+}
+
+/// The records `f` logs on this thread, through a capturing logger installed once.
+fn capture_logs(f: impl FnOnce()) -> Vec<(log::Level, String, String)> {
+    use std::cell::RefCell;
+    thread_local! {
+        static RECORDS: RefCell<Vec<(log::Level, String, String)>> = const { RefCell::new(Vec::new()) };
+    }
+    struct Capture;
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, r: &log::Record) {
+            let rec = (r.level(), r.target().to_string(), r.args().to_string());
+            RECORDS.with(|v| v.borrow_mut().push(rec));
+        }
+        fn flush(&self) {}
+    }
+    static LOGGER: Capture = Capture;
+    // Another test may have installed it already; either way it is this logger.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
+    RECORDS.with(|v| v.borrow_mut().clear());
+    f();
+    RECORDS.with(|v| v.borrow_mut().drain(..).collect())
 }
 
 #[test]

@@ -4,8 +4,6 @@
 //! encoder that fill uses, must agree bit for bit. Also reports how CubeCL's own cast (after a
 //! clamp to ±MAX) compares, since DESIGN.md §3.7 asks for it.
 
-mod common;
-
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fp8kv::fp8::Fp8Format;
@@ -169,7 +167,7 @@ fn codes_against_codec(
 #[test]
 fn gpu_encoder_matches_software_codec_on_a_million_values() {
     let Some(client) =
-        common::gpu::client_or_skip("gpu_encoder_matches_software_codec_on_a_million_values")
+        fp8kv::testing::client_or_skip("gpu_encoder_matches_software_codec_on_a_million_values")
     else {
         return;
     };
@@ -196,7 +194,7 @@ fn gpu_encoder_matches_software_codec_on_a_million_values() {
 #[test]
 fn gpu_decode_of_all_256_codes_matches_software_codec() {
     let Some(client) =
-        common::gpu::client_or_skip("gpu_decode_of_all_256_codes_matches_software_codec")
+        fp8kv::testing::client_or_skip("gpu_decode_of_all_256_codes_matches_software_codec")
     else {
         return;
     };
@@ -240,7 +238,7 @@ fn gpu_decode_of_all_256_codes_matches_software_codec() {
 #[test]
 fn clamped_cubecl_cast_matches_software_codec_on_non_nan() {
     let Some(client) =
-        common::gpu::client_or_skip("clamped_cubecl_cast_matches_software_codec_on_non_nan")
+        fp8kv::testing::client_or_skip("clamped_cubecl_cast_matches_software_codec_on_non_nan")
     else {
         return;
     };
@@ -331,7 +329,7 @@ fn quantize_on_gpu(
 #[test]
 fn gpu_quantize_matches_reference_division_for_random_scales() {
     let Some(client) =
-        common::gpu::client_or_skip("gpu_quantize_matches_reference_division_for_random_scales")
+        fp8kv::testing::client_or_skip("gpu_quantize_matches_reference_division_for_random_scales")
     else {
         return;
     };

@@ -4,20 +4,19 @@
 //! the bound derived in [`error_bound`]. Outputs are poisoned with NaN before each launch.
 //! The quantization error (FP8 cache vs the unquantized bf16 cache) is printed separately.
 
-mod common;
-
 use cubecl::client::ComputeClient;
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::decode::plan::TILE_TOKENS;
 use fp8kv::kernels::decode::{
     auto_path, key_major_applies_to, paged_decode, paged_decode_path, tensor_cores_apply_to,
-    AttentionOptions, KernelPath, SplitChoice,
+    KernelPath, SplitChoice,
 };
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
 use fp8kv::{Dtype, Fp8KvError, KvSide, QuantPolicy};
 
-use common::gpu::client_or_skip;
+use fp8kv::testing::client_or_skip;
+use fp8kv::AttentionOptions;
 
 /// f32 unit roundoff.
 const U32: f64 = 1.0 / (1u64 << 24) as f64;

@@ -3,14 +3,13 @@
 //! byte (both caches start poisoned with 0xCD); flatten must be exact (bitwise on the stored
 //! output dtype, outputs poisoned with NaN first).
 
-mod common;
-
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::fill::{fill, fill_rope};
-use fp8kv::kernels::flatten::{flatten, output_rows, FlattenLayout};
+use fp8kv::kernels::flatten::{flatten, output_rows};
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::rope::{QkvHeads, RopeTable};
 use fp8kv::testing::{fill_cases, PagedCase, Problem};
+use fp8kv::FlattenLayout;
 use fp8kv::{Dtype, KvSide, QuantPolicy};
 
 use cubecl::client::ComputeClient;
@@ -99,7 +98,8 @@ fn fill_one(
 
 #[test]
 fn gpu_fill_matches_reference_bit_for_bit() {
-    let Some(client) = common::gpu::client_or_skip("gpu_fill_matches_reference_bit_for_bit") else {
+    let Some(client) = fp8kv::testing::client_or_skip("gpu_fill_matches_reference_bit_for_bit")
+    else {
         return;
     };
     let mut failures = Vec::new();
@@ -183,7 +183,7 @@ fn flatten_one(
 
 #[test]
 fn gpu_flatten_is_exact() {
-    let Some(client) = common::gpu::client_or_skip("gpu_flatten_is_exact") else {
+    let Some(client) = fp8kv::testing::client_or_skip("gpu_flatten_is_exact") else {
         return;
     };
     let mut failures = Vec::new();
@@ -214,7 +214,8 @@ fn gpu_flatten_is_exact() {
 
 #[test]
 fn fill_rejects_a_read_only_batch_and_wrong_rows() {
-    let Some(client) = common::gpu::client_or_skip("fill_rejects_a_read_only_batch_and_wrong_rows")
+    let Some(client) =
+        fp8kv::testing::client_or_skip("fill_rejects_a_read_only_batch_and_wrong_rows")
     else {
         return;
     };
@@ -261,7 +262,7 @@ fn fill_rejects_a_read_only_batch_and_wrong_rows() {
 #[test]
 fn gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer() {
     let Some(client) =
-        common::gpu::client_or_skip("gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer")
+        fp8kv::testing::client_or_skip("gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer")
     else {
         return;
     };
@@ -416,7 +417,8 @@ fn fill_rope_one(
 
 #[test]
 fn gpu_fill_rope_matches_reference_bit_for_bit() {
-    let Some(client) = common::gpu::client_or_skip("gpu_fill_rope_matches_reference_bit_for_bit")
+    let Some(client) =
+        fp8kv::testing::client_or_skip("gpu_fill_rope_matches_reference_bit_for_bit")
     else {
         return;
     };
@@ -451,9 +453,9 @@ fn gpu_fill_rope_matches_reference_bit_for_bit() {
 
 #[test]
 fn fill_rope_refuses_heads_tables_and_outputs_that_do_not_fit() {
-    let Some(client) =
-        common::gpu::client_or_skip("fill_rope_refuses_heads_tables_and_outputs_that_do_not_fit")
-    else {
+    let Some(client) = fp8kv::testing::client_or_skip(
+        "fill_rope_refuses_heads_tables_and_outputs_that_do_not_fit",
+    ) else {
         return;
     };
     let layout = fp8kv::PagedKvLayout::new(4, 16, 2, 64, 64, fp8kv::KvLayoutKind::Bshd).unwrap();

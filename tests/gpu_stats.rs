@@ -6,8 +6,6 @@
 //! fill, the same statistics as the CPU definition over the rows it wrote.
 //! The GPU tests skip visibly without CUDA (`FP8KV_REQUIRE_GPU=1` fails instead).
 
-mod common;
-
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::fill::fill_with_stats;
 use fp8kv::kernels::stats::{kv_stats, reference_stats, DeviceKvStats, KvStats};
@@ -73,7 +71,8 @@ fn rows_with_specials(
 
 #[test]
 fn gpu_kv_stats_equal_the_cpu_definition() {
-    let Some(client) = common::gpu::client_or_skip("gpu_kv_stats_equal_the_cpu_definition") else {
+    let Some(client) = fp8kv::testing::client_or_skip("gpu_kv_stats_equal_the_cpu_definition")
+    else {
         return;
     };
     // (rows, K width, V width, padding): Llama-3-8B rows strided as in a fused QKV output,
@@ -198,7 +197,7 @@ fn same_codes(dtype: Dtype, got: &[u8], want: &[u8]) -> bool {
 /// over data of large range (×1000: E4M3's 448 is exceeded, which the count must show).
 #[test]
 fn gpu_fill_with_stats_writes_the_same_codes_and_counts_what_it_clamped() {
-    let Some(client) = common::gpu::client_or_skip(
+    let Some(client) = fp8kv::testing::client_or_skip(
         "gpu_fill_with_stats_writes_the_same_codes_and_counts_what_it_clamped",
     ) else {
         return;

@@ -4,9 +4,8 @@
 //! (The device entry points' checks run on the offline runtime in `xtask`'s entry checks.)
 
 use fp8kv::device::check_batch_buffer_len;
-use fp8kv::reference::{
-    self, quantize_value, AttentionOptions, FlattenLayout, HostKvCache, HostRows,
-};
+use fp8kv::reference::{self, quantize_value, HostKvCache, HostRows};
+use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8Format, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy,
 };

@@ -22,8 +22,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use fp8kv::reference::{self, AttentionOptions, FlattenLayout, HostKvCache, HostRows};
+use fp8kv::reference::{self, HostKvCache, HostRows};
 use fp8kv::testing::Rng;
+use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy,
 };

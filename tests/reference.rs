@@ -1,9 +1,8 @@
 //! Properties of the CPU reference kernels on the shared case tables.
 
-use fp8kv::reference::{
-    self, flatten, flatten_start_loc, paged_decode, AttentionOptions, FlattenLayout, HostKvCache,
-};
+use fp8kv::reference::{self, flatten, paged_decode, HostKvCache};
 use fp8kv::testing::{decode_cases, fill_cases, PagedCase, Problem};
+use fp8kv::{flatten_start_loc, AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy,
 };

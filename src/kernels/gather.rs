@@ -43,7 +43,7 @@ fn gather_kernel<F: Float>(
 ///
 /// Errors: [`Fp8KvError::ShapeMismatch`] when the strides address past the buffer,
 /// [`Fp8KvError::TooLarge`] past 32-bit indices, [`Fp8KvError::UnsupportedDtype`].
-pub(crate) fn gather_rows<R: Runtime>(
+pub fn gather_rows<R: Runtime>(
     client: &ComputeClient<R>,
     src: cubecl::server::Handle,
     dtype: Dtype,

@@ -14,13 +14,12 @@ pub mod decode;
 pub mod fill;
 pub mod flatten;
 pub(crate) mod gather;
-pub(crate) mod meta;
+#[allow(missing_docs)]
+pub mod meta;
 pub mod stats;
 
 use crate::error::KvSide;
 use crate::layout::{KvLayoutKind, PagedKvLayout};
-#[cfg(feature = "internals")]
-use crate::policy::{Dtype, QuantPolicy};
 
 /// Comptime device twin of one cache tensor (K or V) of a [`PagedKvLayout`]: the kernels take
 /// this instead of loose stride arguments, and every stride below is a compile-time constant
@@ -91,7 +90,7 @@ pub(crate) fn vector_elems(elem_bytes: usize, dims: &[usize]) -> usize {
 
 /// [`vector_elems`] narrowed further until every buffer's byte offset (a slice of a fused QKV
 /// output, say) is aligned to one access too: the access width of a kernel's activations.
-pub(crate) fn access_elems(
+pub fn access_elems(
     elem_bytes: usize,
     dims: &[usize],
     handles: &[&cubecl::server::Handle],
@@ -118,35 +117,38 @@ pub(crate) fn handle_vec_len(handle: &cubecl::server::Handle, vec_bytes: usize) 
 /// The length `ArrayArg::from_raw_parts` expects for a buffer of `elem_bytes`-byte scalars
 /// (offsets accounted for), whatever the kernel's vector size: CubeCL divides it by the vector
 /// size to get the array's `len()`.
-pub(crate) fn array_len(handle: &cubecl::server::Handle, elem_bytes: usize) -> usize {
+pub fn array_len(handle: &cubecl::server::Handle, elem_bytes: usize) -> usize {
     handle.size_in_used() as usize / elem_bytes
 }
 
+/// Per-family overrides of the streaming launch shape, set by [`override_copy_shape`].
+static COPY_OVERRIDES: std::sync::Mutex<Vec<(&'static str, CopyShape)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `(threads per cube, vectors per thread, rounds)` of a streaming launch.
+type CopyShape = (u32, u32, u32);
+
+/// Tuning runs only (benches, under the `internals` feature): makes every later fill
+/// (`family` `"FILL"`) or flatten (`"FLATTEN"`) launch big enough for the streaming path use
+/// `(threads per cube, vectors per thread, rounds)` instead of the defaults (clamped to 1024,
+/// 16 and 16; `None` restores them). An explicit call, never an environment variable read
+/// inside the library.
+#[cfg(feature = "internals")]
+pub fn override_copy_shape(family: &'static str, shape: Option<(u32, u32, u32)>) {
+    let mut map = COPY_OVERRIDES.lock().unwrap_or_else(|e| e.into_inner());
+    map.retain(|(f, _)| *f != family);
+    if let Some((t, u, r)) = shape {
+        map.push((family, (t.clamp(1, 1024), u.clamp(1, 16), r.clamp(1, 16))));
+    }
+}
+
 /// `(threads per cube, vectors per thread, rounds)` of a kernel family's bandwidth path: the
-/// defaults, unless the environment variables `FP8KV_<FAMILY>_THREADS` / `_UNROLL` / `_ROUNDS`
-/// (read once per process) override them. The override exists for tuning runs on a device, so
-/// that one benchmark binary can try several shapes.
+/// defaults, unless a tuning run overrode them.
 pub(crate) fn tuning(family: &'static str, default: (u32, u32, u32)) -> (u32, u32, u32) {
-    use std::collections::HashMap;
-    use std::sync::{Mutex, OnceLock};
-    type Shapes = HashMap<&'static str, (u32, u32, u32)>;
-    static CACHE: OnceLock<Mutex<Shapes>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
-    *map.entry(family).or_insert_with(|| {
-        let read = |what: &str, d: u32| {
-            std::env::var(format!("FP8KV_{family}_{what}"))
-                .ok()
-                .and_then(|v| v.parse::<u32>().ok())
-                .filter(|&v| v > 0)
-                .unwrap_or(d)
-        };
-        (
-            read("THREADS", default.0).min(1024),
-            read("UNROLL", default.1).min(16),
-            read("ROUNDS", default.2).min(16),
-        )
-    })
+    let map = COPY_OVERRIDES.lock().unwrap_or_else(|e| e.into_inner());
+    map.iter()
+        .find(|(f, _)| *f == family)
+        .map_or(default, |&(_, shape)| shape)
 }
 
 /// The kernels index buffers in 32-bit vector units; a buffer of more vectors than that is
@@ -184,7 +186,7 @@ pub(crate) fn check_grid_batch(batch: usize) -> crate::error::Result<()> {
 pub(crate) const COPY_UNROLL_THRESHOLD_VECS: usize = 4096;
 
 /// `(threads, unroll, rounds)` of a fill or flatten launch over `items` vectors: `big` (or its
-/// `FP8KV_<FAMILY>_*` overrides, see [`tuning`]) from [`COPY_UNROLL_THRESHOLD_VECS`] on, else
+/// override, see [`tuning`]) from [`COPY_UNROLL_THRESHOLD_VECS`] on, else
 /// one vector per thread in a cube of a power of two between 32 and `big`'s threads.
 pub(crate) fn copy_cube_shape(
     family: &'static str,
@@ -212,78 +214,4 @@ pub(crate) fn check_copy_vectors(
         check_u32_vectors(what, elems, vec)?;
     }
     Ok(())
-}
-
-/// Every cache kind the kernels serve: both FP8 formats and the unquantized cache in both half
-/// types (the codegen sample hooks walk it).
-#[cfg(feature = "internals")]
-pub(crate) const CACHE_KINDS: [(QuantPolicy, Dtype); 4] = [
-    (QuantPolicy::Fp8E4m3, Dtype::E4m3),
-    (QuantPolicy::Fp8E5m2, Dtype::E5m2),
-    (QuantPolicy::None, Dtype::F16),
-    (QuantPolicy::None, Dtype::Bf16),
-];
-
-/// The activation dtypes the kernels take.
-#[cfg(feature = "internals")]
-pub(crate) const ACT_DTYPES: [Dtype; 3] = [Dtype::F16, Dtype::Bf16, Dtype::F32];
-
-/// One tiny launch the codegen hooks make: a cache kind, an activation dtype and a layout.
-#[cfg(feature = "internals")]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct CodegenSample {
-    /// Cache layout (4 pages of 16 tokens, 2 KV heads).
-    pub layout: PagedKvLayout,
-    /// Quant policy.
-    pub policy: QuantPolicy,
-    /// Cache element.
-    pub cache: Dtype,
-    /// Activation dtype (fill input, flatten output).
-    pub act: Dtype,
-}
-
-/// The instantiations worth compiling offline for a streaming kernel: every head-dim pair
-/// (e4m3, bf16), every (cache, activation) pair at head dim 128, and the Bhsd layout.
-#[cfg(feature = "internals")]
-pub(crate) fn codegen_samples() -> crate::Result<Vec<CodegenSample>> {
-    use crate::layout::SUPPORTED_HEAD_DIMS;
-    let e4m3 = (QuantPolicy::Fp8E4m3, Dtype::E4m3);
-    let mut combos = Vec::new();
-    for (dk, dv) in SUPPORTED_HEAD_DIMS {
-        combos.push((dk, dv, e4m3, Dtype::Bf16, KvLayoutKind::Bshd));
-    }
-    for kind in CACHE_KINDS {
-        for act in ACT_DTYPES {
-            combos.push((128, 128, kind, act, KvLayoutKind::Bshd));
-        }
-    }
-    combos.push((128, 128, e4m3, Dtype::Bf16, KvLayoutKind::Bhsd));
-    combos
-        .into_iter()
-        .map(|(dk, dv, (policy, cache), act, kind)| {
-            Ok(CodegenSample {
-                layout: PagedKvLayout::new(4, 16, 2, dk, dv, kind)?,
-                policy,
-                cache,
-                act,
-            })
-        })
-        .collect()
-}
-
-/// The Llama-like sample (head dim 128, e4m3 cache, bf16 activations, Bshd) that the hooks
-/// also launch with their extra settings.
-#[cfg(feature = "internals")]
-pub(crate) fn codegen_llama(samples: &[CodegenSample]) -> CodegenSample {
-    samples
-        .iter()
-        .copied()
-        .find(|s| s.layout.head_dim_k() == 128)
-        .expect("the head-dim list includes 128")
-}
-
-/// Batch metadata valid for every [`CodegenSample`] layout: 4 packed new tokens.
-#[cfg(feature = "internals")]
-pub(crate) fn codegen_batch() -> crate::Result<crate::layout::BatchMetadata> {
-    crate::layout::BatchMetadata::new(vec![0, 3], vec![3, 1], vec![20, 1], vec![0, 1, 2, -1], 2)
 }

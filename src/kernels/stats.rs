@@ -284,8 +284,7 @@ pub fn kv_stats<R: Runtime>(
 
 /// The CPU definition of [`kv_stats`] over f32 rows (`rows` rows of `row_elems` values,
 /// `row_stride` apart, for each side): the ground truth of its GPU test (a test helper: slices
-/// shorter than the shapes say panic).
-#[cfg(any(test, feature = "internals"))]
+/// shorter than the shapes say panic; the Burn extension's NdArray backend passes whole rows).
 #[allow(clippy::too_many_arguments)]
 pub fn reference_stats(
     k: &[f32],
@@ -320,22 +319,4 @@ pub fn reference_stats(
         k_saturated,
         v_saturated,
     }
-}
-
-/// Launches the instantiations worth compiling offline through [`kv_stats`]: each activation
-/// dtype at a Llama-like row (8 KV heads × 128) and at MLA's uneven 576 / 512 rows. Used by
-/// `cargo xtask codegen`, whose client compiles instead of running.
-#[doc(hidden)]
-#[cfg(feature = "internals")]
-pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
-    let scales = KvScales::new(0.5, 0.25)?;
-    for act in crate::kernels::ACT_DTYPES {
-        for (kw, vw) in [(1024, 1024), (576, 512)] {
-            let mut stats = DeviceKvStats::new(client);
-            let k = DeviceRows::empty(client, act, 4, kw, kw)?;
-            let v = DeviceRows::empty(client, act, 4, vw, vw)?;
-            kv_stats(&mut stats, &k, &v, &scales, QuantPolicy::Fp8E4m3)?;
-        }
-    }
-    Ok(())
 }

@@ -1,70 +1,10 @@
 //! Reference paged attention (decode and multi-token decode), f64 throughout.
 
 use super::HostKvCache;
+use crate::contract::AttentionOptions;
 use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
 use crate::scales::KvScales;
-
-/// Options of paged attention. `Default` is plain causal softmax attention with scale `1/√d`.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct AttentionOptions {
-    /// Softmax scale applied to `q · k`; `None` means `1 / sqrt(head_dim_k)`.
-    pub sm_scale: Option<f32>,
-    /// Sliding window: a query at position `p` sees keys `j` with `p - window < j ≤ p`
-    /// (the window counts the query's own position). `None`: no window. A window at least as
-    /// long as the sequence limits nothing (the GPU kernels clamp values past `i32::MAX`, which
-    /// every position is below).
-    pub window: Option<usize>,
-    /// Logit softcap `c`: scores become `c · tanh(s / c)` (Gemma-2 style). Must be > 0.
-    pub softcap: Option<f32>,
-    /// Attention sinks: one logit per query head that joins the softmax denominator only
-    /// (gpt-oss style).
-    pub sinks: Option<Vec<f32>>,
-    /// ALiBi slopes, one per query head: scores get `slope · (j - p)` added (after softcap).
-    pub alibi_slopes: Option<Vec<f32>>,
-}
-
-impl AttentionOptions {
-    /// Checks the options against the query head count: [`Fp8KvError::InvalidOption`] for a
-    /// non-finite or non-positive `sm_scale` or `softcap`, a window of 0 or non-finite sinks or
-    /// slopes; [`Fp8KvError::ShapeMismatch`] for sinks or slopes not one per query head.
-    pub fn validate(&self, num_heads: usize) -> Result<()> {
-        if let Some(s) = self.sm_scale {
-            if !s.is_finite() || s <= 0.0 {
-                return Err(Fp8KvError::InvalidOption(format!(
-                    "sm_scale must be finite and > 0, got {s}"
-                )));
-            }
-        }
-        if self.window == Some(0) {
-            return Err(Fp8KvError::InvalidOption(
-                "window must be >= 1 (it counts the query's own position)".into(),
-            ));
-        }
-        if let Some(c) = self.softcap {
-            if !c.is_finite() || c <= 0.0 {
-                return Err(Fp8KvError::InvalidOption(format!(
-                    "softcap must be finite and > 0, got {c}"
-                )));
-            }
-        }
-        for (what, v) in [("sinks", &self.sinks), ("alibi_slopes", &self.alibi_slopes)] {
-            if let Some(v) = v {
-                if v.len() != num_heads {
-                    return Err(Fp8KvError::ShapeMismatch {
-                        what,
-                        expected: format!("{num_heads} (one per query head)"),
-                        actual: format!("{}", v.len()),
-                    });
-                }
-                if v.iter().any(|x| !x.is_finite()) {
-                    return Err(Fp8KvError::InvalidOption(format!("{what} must be finite")));
-                }
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Attention of `q` (`[num_tokens, num_heads, head_dim_k]`, row-major, packed as `meta` says)
 /// over the paged cache. Query `i` of sequence `b` sits at position `p = kv_len - q_len + i`

@@ -1,33 +1,11 @@
 //! Reference flatten: paged cache to contiguous, dequantized K/V.
 
 use super::HostKvCache;
+use crate::contract::{flatten_start_loc, FlattenLayout};
 use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
 use crate::policy::Dtype;
 use crate::scales::KvScales;
-
-/// Order of a flattened output tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum FlattenLayout {
-    /// `[num_kv_heads, total_tokens, head_dim]` (LMDeploy's flatten output).
-    #[default]
-    Hsd,
-    /// `[total_tokens, num_kv_heads, head_dim]` (varlen flash-attention input).
-    Shd,
-}
-
-/// Where each sequence starts in the flattened token dimension: the exclusive prefix sum of
-/// `kv_seqlens`, plus the total as last element (`batch + 1` entries).
-pub fn flatten_start_loc(meta: &BatchMetadata) -> Vec<usize> {
-    let mut out = Vec::with_capacity(meta.batch() + 1);
-    let mut acc = 0usize;
-    out.push(0);
-    for &l in meta.kv_seqlens() {
-        acc += l.max(0) as usize;
-        out.push(acc);
-    }
-    out
-}
 
 /// Gathers every sequence's `kv_seqlens[b]` cached tokens into contiguous K and V tensors in
 /// `out_layout`, sequences concatenated in batch order (see [`flatten_start_loc`]), values

@@ -8,19 +8,21 @@ mod decode;
 mod fill;
 mod flatten;
 
-pub use decode::{paged_decode, AttentionOptions};
+pub use decode::paged_decode;
 pub use fill::{fill, fill_rope};
-pub use flatten::{flatten, flatten_start_loc, FlattenLayout};
+pub use flatten::flatten;
 
+use crate::contract::CacheSpec;
 use crate::error::{checked_rows_span, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::PagedKvLayout;
 use crate::policy::{Dtype, QuantPolicy};
+use crate::scales::KvScales;
 
 /// A paged K/V cache held in host memory, as raw element bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostKvCache {
     layout: PagedKvLayout,
-    policy: QuantPolicy,
+    // The policy follows from it (`CacheSpec::policy`): one field, no pairing to re-check.
     dtype: Dtype,
     /// K cache bytes, `layout.shape(K)` elements of `dtype`.
     pub k: Vec<u8>,
@@ -39,10 +41,9 @@ impl HostKvCache {
         dtype: Dtype,
         fill_byte: u8,
     ) -> Result<Self> {
-        policy.check_cache_dtype(dtype)?;
+        CacheSpec::from_parts(layout, policy, dtype, KvScales::default())?;
         Ok(HostKvCache {
             layout,
-            policy,
             dtype,
             k: try_vec(
                 "host k cache bytes",
@@ -94,7 +95,8 @@ impl HostKvCache {
     }
     /// The quant policy.
     pub fn policy(&self) -> QuantPolicy {
-        self.policy
+        // Valid by construction (`new` checked the pairing).
+        QuantPolicy::of_cache_dtype(self.dtype).unwrap_or(QuantPolicy::None)
     }
     /// The cache element type.
     pub fn dtype(&self) -> Dtype {
@@ -128,9 +130,9 @@ impl HostKvCache {
         let es = self.dtype.size_bytes();
         let off = (t.offset(page, slot, head) + d) * es;
         let raw = self.dtype.load(&self.bytes(side)[off..off + es]);
-        match self.policy {
-            QuantPolicy::None => raw,
-            _ => raw * scale,
+        match self.dtype.fp8_format() {
+            None => raw,
+            Some(_) => raw * scale,
         }
     }
 }

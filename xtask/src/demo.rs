@@ -13,8 +13,9 @@ use std::time::Instant;
 use cubecl::client::ComputeClient;
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::{decode, fill};
-use fp8kv::reference::{self, AttentionOptions, HostKvCache, HostRows};
+use fp8kv::reference::{self, HostKvCache, HostRows};
 use fp8kv::testing::{llm_like, Rng};
+use fp8kv::AttentionOptions;
 use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// The workload's shape.

@@ -22,7 +22,8 @@ use cubecl::Runtime;
 
 use crate::codegen::offline::{self, OfflineCuda};
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::{paged_decode_path, AttentionOptions, KernelPath, SplitChoice};
+use fp8kv::kernels::decode::{paged_decode_path, KernelPath, SplitChoice};
+use fp8kv::AttentionOptions;
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// One kernel instantiation to emulate.

@@ -68,7 +68,7 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Runs `cargo <cargo_args> --no-run --message-format=json -p fp8kv` and returns the
+/// Runs `cargo <cargo_args> --no-run --message-format=json` on the three library crates and returns the
 /// executables of the targets whose kind is in `kinds`.
 fn build(
     root: &Path,
@@ -85,6 +85,10 @@ fn build(
             "--message-format=json-render-diagnostics",
             "--package",
             "fp8kv",
+            "--package",
+            "fp8kv-burn",
+            "--package",
+            "fp8kv-llama",
         ])
         .current_dir(root)
         .stderr(Stdio::inherit())

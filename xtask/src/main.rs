@@ -14,13 +14,16 @@
 //!     included.
 //!   - `bash gpu-pack/run.sh all [FILTER]` runs the tests (8 threads), the demo and the benches
 //!     in one go, keeping their logs in `$OUT` (or `gpu-pack/logs`).
-//! - `cargo xtask codegen [--ptx] [--verbose] [--out DIR] [--nvrtc DIR]` compiles every kernel
+//! - `cargo xtask codegen [--ptx] [--verbose] [--out DIR] [--nvrtc DIR] [--against DIR]`
+//!   compiles every kernel
 //!   instantiation to CUDA C++ (into `target/codegen/`) without a GPU, through an offline cubecl
 //!   runtime that mimics an H100. With `--ptx` it also compiles each source to PTX for `sm_90a`
 //!   with NVRTC from PyPI (installed in `.nvrtc/` by
 //!   `pip install --target .nvrtc nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79`,
 //!   or `--nvrtc DIR` / `FP8KV_NVRTC_DIR`) and prints registers and spills per kernel. Exits
-//!   non-zero if any kernel fails to generate or compile.
+//!   non-zero if any kernel fails to generate or compile. `--against DIR` (with `--ptx`) then
+//!   compares each kernel's PTX instruction multiset and registers with an earlier run's
+//!   output folder and fails on any difference (for refactors that must not change kernels).
 //! - `cargo xtask emulate [--nvrtc DIR] [--out DIR]` runs the decode split kernels' generated
 //!   CUDA C++ on the CPU (host C++ with threads standing in for CUDA threads and warp
 //!   collectives) and checks every partial state against a double-precision reference; needs

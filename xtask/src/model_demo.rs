@@ -16,14 +16,15 @@
 use std::time::Instant;
 
 use burn_tensor::{DType, Distribution, Tensor};
-use fp8kv::burn::AttentionOptions;
-use fp8kv::model::engine::Engine;
-use fp8kv::model::fetch;
-use fp8kv::model::gguf::Gguf;
-use fp8kv::model::layer::LayerBackend;
-use fp8kv::model::llama::{Attend, KvStats, Llama};
-use fp8kv::model::tokenizer::Tokenizer;
+use fp8kv::AttentionOptions;
 use fp8kv::{KvScales, QuantPolicy};
+
+use fp8kv_llama::engine::Engine;
+use fp8kv_llama::fetch;
+use fp8kv_llama::gguf::Gguf;
+use fp8kv_llama::layer::LayerBackend;
+use fp8kv_llama::llama::{Attend, LayerKvStats, Llama};
+use fp8kv_llama::tokenizer::Tokenizer;
 
 type Cuda = burn_fusion::Fusion<burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>;
 type CubeOnly = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
@@ -170,7 +171,7 @@ fn run_on<B: LayerBackend>(
     device: &B::Device,
     gpu: bool,
 ) -> Result<(), String> {
-    let e = |x: fp8kv::model::ModelError| x.to_string();
+    let e = |x: fp8kv_llama::ModelError| x.to_string();
     let mut model = Some(load::<B>(gguf, act, device)?);
     let max_new = o.max_tokens.unwrap_or(if gpu { 64 } else { 12 });
     let mut prompts = vec![o.prompt.clone()];
@@ -301,7 +302,7 @@ fn argmax(row: &[f32]) -> usize {
 /// unquantized cache's greedy continuation of several prompts, one past 2k tokens on the GPU),
 /// and per layer the K/V amax and what saturates at scale 1.0.
 fn quality<B: LayerBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Result<(), String> {
-    let e = |x: fp8kv::model::ModelError| x.to_string();
+    let e = |x: fp8kv_llama::ModelError| x.to_string();
     let mut texts: Vec<String> = std::iter::once(DEFAULT_PROMPT.to_string())
         .chain(MORE_PROMPTS.iter().map(|s| s.to_string()))
         .collect();
@@ -335,9 +336,9 @@ fn quality<B: LayerBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Resu
     // The unquantized cache: the continuations, their logits, and the prefill's K/V statistics.
     let mut engine = Engine::new(model, "none", pages, PAGE).map_err(e)?;
     let mut seqs = Vec::new();
-    let mut stats: Vec<Vec<KvStats>> = Vec::new();
+    let mut stats: Vec<Vec<LayerKvStats>> = Vec::new();
     for p in &prompts {
-        engine.kv_stats = Some(vec![KvStats::default(); layers]);
+        engine.kv_stats = Some(vec![LayerKvStats::default(); layers]);
         let id = engine.add(p.clone()).map_err(e)?;
         while engine.sequence(id).map(|s| s.cached) != Some(p.len()) {
             engine.step(&[id]).map_err(e)?;
@@ -434,7 +435,7 @@ fn quality<B: LayerBackend>(model: Llama<B>, tok: &Tokenizer, gpu: bool) -> Resu
         "layer", "K amax", "V amax", "K>448", "V>448", "K>57344", "V>57344"
     );
     for l in 0..layers {
-        let mut t = KvStats::default();
+        let mut t = LayerKvStats::default();
         for s in &stats {
             let x = s[l];
             t.k_amax = t.k_amax.max(x.k_amax);
@@ -544,7 +545,7 @@ fn speed<B: LayerBackend>(
     counter: Option<&LaunchCounter>,
     shapes: &[String],
 ) -> Result<(), String> {
-    let e = |x: fp8kv::model::ModelError| x.to_string();
+    let e = |x: fp8kv_llama::ModelError| x.to_string();
     let mut model = Some(load::<B>(gguf, DType::BF16, device)?);
     let doc = include_str!("../../benches/PERFORMANCE.md").repeat(2);
     let long = tok.encode(&doc, false).map_err(e)?;
@@ -657,7 +658,7 @@ fn speed<B: LayerBackend>(
                     .map(|_| engine.add_synthetic(context, 13))
                     .collect::<Result<_, _>>()
                     .map_err(e)?;
-                let step = |engine: &mut Engine<B>| -> fp8kv::model::error::Result<f64> {
+                let step = |engine: &mut Engine<B>| -> fp8kv_llama::error::Result<f64> {
                     let t = Instant::now();
                     let (h, rows) = engine.step(&ids)?;
                     let host = t.elapsed().as_secs_f64();
@@ -733,7 +734,7 @@ fn attention_only<B: LayerBackend>(
     engine: &mut Engine<B>,
     ids: &[usize],
     device: &B::Device,
-) -> fp8kv::model::error::Result<f64> {
+) -> fp8kv_llama::error::Result<f64> {
     let c = engine.model.config().clone();
     let d = c.head_dim();
     // One more token each (the plan takes its pages), never stepped: timing only.
@@ -833,8 +834,8 @@ fn host_per_call<B: LayerBackend>(
     engine: &mut Engine<B>,
     device: &B::Device,
 ) -> Result<(), String> {
-    use fp8kv::model::layer::ops;
-    let e = |x: fp8kv::model::ModelError| x.to_string();
+    use fp8kv_llama::layer::ops;
+    let e = |x: fp8kv_llama::ModelError| x.to_string();
     let k = |x: fp8kv::Fp8KvError| x.to_string();
     let c = engine.model.config().clone();
     let (hidden, d) = (c.embedding_length, c.head_dim());
@@ -899,7 +900,7 @@ fn host_per_call<B: LayerBackend>(
     ));
     let qkv = rnd([1, (c.head_count + 2 * c.head_count_kv) * d]);
     let table = engine.model.rope_for(1100).map_err(e)?;
-    let heads = fp8kv::model::layer::QkvHeads {
+    let heads = fp8kv_llama::layer::QkvHeads {
         q_heads: c.head_count,
         kv_heads: c.head_count_kv,
         head_dim: d,

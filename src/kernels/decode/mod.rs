@@ -12,8 +12,21 @@
 //! workspace; `kernel::decode_combine_kernel()` merges them (`plan::SplitState::merge`).
 //! The split count comes from `plan::SplitPlan::new` (batch, heads, context, SM count).
 //! `mma::decode_split_mma_kernel()` is the tensor-core alternative to the split kernel (same
-//! workspace, same combine), chosen by [`KernelPath`].
+//! workspace, same combine), chosen by [`KernelPath`]; `wide::decode_split_wide_kernel()` the
+//! one for MLA's 576/512. What the split kernels share is written once: `common` (work range,
+//! split scalars, FP8 bit decode) for all of them, `fragments` (MMA configuration, fragment
+//! loads and conversions, softmax exchange, PV) for the two tensor-core ones.
 
+#[allow(missing_docs)]
+#[cfg(feature = "internals")]
+pub mod common;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod common;
+#[allow(missing_docs)]
+#[cfg(feature = "internals")]
+pub mod fragments;
+#[cfg(not(feature = "internals"))]
+pub(crate) mod fragments;
 #[allow(missing_docs)]
 #[cfg(feature = "internals")]
 pub mod kernel;
@@ -29,6 +42,7 @@ pub(crate) mod mma;
 pub mod plan;
 #[cfg(not(feature = "internals"))]
 pub(crate) mod plan;
+mod select;
 #[allow(missing_docs)]
 #[cfg(feature = "internals")]
 pub mod wide;
@@ -37,7 +51,7 @@ pub(crate) mod wide;
 
 use cubecl::Runtime;
 
-pub use crate::reference::AttentionOptions;
+use crate::contract::AttentionOptions;
 pub use plan::KernelPath;
 #[cfg(feature = "internals")]
 pub use plan::{SplitPlan, SplitState, WorkspaceShape};
@@ -166,7 +180,6 @@ pub fn paged_decode_path<R: Runtime>(
 ) -> Result<()> {
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
-    cache.policy().check_cache_dtype(cache.dtype())?;
     let kv_heads = layout.num_kv_heads();
     if num_heads == 0 || !num_heads.is_multiple_of(kv_heads) {
         return Err(Fp8KvError::HeadRatio {
@@ -298,7 +311,7 @@ pub fn tensor_cores_apply_to(
     if group == 0 {
         return false;
     }
-    launch::mma_config(
+    select::mma_config(
         cache_dtype,
         query_dtype,
         probe_geometry(head_dim_k),
@@ -333,7 +346,7 @@ pub fn key_major_applies_to(
         return true;
     }
     group > 0
-        && launch::wide_config(
+        && select::wide_config(
             cache_dtype,
             query_dtype,
             probe_geometry(head_dim_k),
@@ -361,7 +374,7 @@ pub fn auto_path<R: Runtime>(
     group: usize,
     max_q_len: usize,
 ) -> KernelPath {
-    let supported = plan::MMA_BY_DEFAULT && launch::mma_supported(client, cache_dtype);
+    let supported = plan::MMA_BY_DEFAULT && select::mma_supported(client, cache_dtype);
     auto_path_for(
         cache_dtype,
         query_dtype,
@@ -386,7 +399,7 @@ pub(crate) fn auto_path_for(
     if group == 0 {
         return KernelPath::CudaCores;
     }
-    match launch::auto_config(
+    match select::auto_config(
         cache_dtype,
         query_dtype,
         probe_geometry(head_dim_k),
@@ -400,151 +413,6 @@ pub(crate) fn auto_path_for(
         Some(c) if c.key_major => KernelPath::TensorCoresKeyMajor,
         Some(_) => KernelPath::TensorCores,
     }
-}
-
-/// Launches one decode per kernel configuration worth inspecting (Llama-3-8B decode with each
-/// cache dtype, the MLA dims with an e4m3 and a bf16 cache, 8 rows per cube, every option on;
-/// each on every split kernel that applies), on any runtime. Used by
-/// `cargo xtask codegen` to emit the generated CUDA without a GPU.
-pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
-    use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
-    use crate::policy::{Dtype, QuantPolicy};
-    use crate::scales::KvScales;
-    /// One sample: heads / KV heads, K / V head dims, page size, policy and cache dtype, new
-    /// tokens per sequence, every option on.
-    struct Sample(
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        QuantPolicy,
-        Dtype,
-        i32,
-        bool,
-    );
-    let samples = [
-        Sample(
-            32,
-            8,
-            128,
-            128,
-            64,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            1,
-            false,
-        ),
-        Sample(
-            32,
-            8,
-            128,
-            128,
-            64,
-            QuantPolicy::Fp8E5m2,
-            Dtype::E5m2,
-            1,
-            false,
-        ),
-        Sample(
-            32,
-            8,
-            128,
-            128,
-            64,
-            QuantPolicy::None,
-            Dtype::Bf16,
-            1,
-            false,
-        ),
-        Sample(
-            16,
-            8,
-            256,
-            256,
-            64,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            1,
-            false,
-        ),
-        Sample(
-            16,
-            1,
-            576,
-            512,
-            64,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            1,
-            false,
-        ),
-        Sample(
-            16,
-            1,
-            576,
-            512,
-            64,
-            QuantPolicy::None,
-            Dtype::Bf16,
-            1,
-            false,
-        ),
-        Sample(
-            32,
-            4,
-            128,
-            128,
-            16,
-            QuantPolicy::Fp8E4m3,
-            Dtype::E4m3,
-            1,
-            true,
-        ),
-    ];
-    for Sample(heads, kv_heads, dk, dv, page, policy, dtype, q_len, all_opts) in samples {
-        let layout = PagedKvLayout::new(4, page, kv_heads, dk, dv, KvLayoutKind::Bshd)?;
-        let cache = PagedKvCache::new(client, layout, policy, dtype, KvScales::default())?;
-        let meta = BatchMetadata::new(vec![0], vec![q_len], vec![2 * page as i32], vec![0, 1], 2)?;
-        let batch = DeviceBatch::new(client, meta, &layout, q_len as usize)?;
-        let q = DeviceRows::empty(client, Dtype::Bf16, q_len as usize, heads * dk, heads * dk)?;
-        let mut out =
-            DeviceRows::empty(client, Dtype::Bf16, q_len as usize, heads * dv, heads * dv)?;
-        let opts = if all_opts {
-            AttentionOptions {
-                sm_scale: Some(0.1),
-                window: Some(64),
-                softcap: Some(30.0),
-                sinks: Some(vec![0.0; heads]),
-                alibi_slopes: Some(vec![0.1; heads]),
-            }
-        } else {
-            AttentionOptions::default()
-        };
-        paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
-        // The tensor-core kernel of the same sample, where it applies.
-        let (group, rows) = (heads / kv_heads, q_len as usize);
-        let default_tc = tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, group, rows);
-        let key_major = key_major_applies_to(dtype, Dtype::Bf16, dk, dv, group, rows);
-        for (applies, path) in [
-            (default_tc, KernelPath::TensorCores),
-            (key_major, KernelPath::TensorCoresKeyMajor),
-        ] {
-            if applies {
-                paged_decode_path(
-                    &q,
-                    heads,
-                    &cache,
-                    &batch,
-                    &opts,
-                    SplitChoice::Auto,
-                    path,
-                    &mut out,
-                )?;
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -32,10 +32,10 @@ pub enum KernelPath {
     /// The CUDA-core kernel (every shape and option).
     CudaCores,
     /// The tensor-core kernel (`super::mma`); an error where it does not apply (see
-    /// `launch::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
+    /// `select::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
     TensorCores,
     /// The tensor-core kernel with the QK transposed as well (`S^T = K·Q^T`, see
-    /// `super::mma::MmaConfig::key_major`) where [`KernelPath::TensorCores`] applies, and the
+    /// `super::fragments::MmaConfig::key_major`) where [`KernelPath::TensorCores`] applies, and the
     /// wide-head kernel of `super::wide` for MLA's K 576 / V 512 (see
     /// `super::key_major_applies_to`). [`KernelPath::Auto`] picks it where it measured fastest.
     TensorCoresKeyMajor,

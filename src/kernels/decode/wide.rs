@@ -17,28 +17,14 @@
 
 use cubecl::prelude::*;
 
-use super::kernel::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
-use super::mma::{
+use super::common::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
+use super::fragments::{
     block_page, exchange_lanes, fp8_pair, key_major_slot_scales, km_qk_step, km_scores,
     km_softmax_exchange, load_piece, piece_pair, pow2_row_scale, pv_mma, query_fragments,
     query_values, score_slots, CacheBits, MmaConfig, MMA_BLOCK_TOKENS, MMA_TILE_ROWS, MMA_WARPS,
+    WIDE_BODY_DIMS,
 };
 use crate::kernels::CacheGeometry;
-
-/// Head dims of one warp's QK slice whose lane pieces are 32 contiguous elements (as in the
-/// head-dim-128 kernel); the rest of the slice goes 16 dims per k-step, 4 per lane.
-pub const WIDE_BODY_DIMS: u32 = 128;
-
-/// Whether the wide kernel serves these head dims: both split evenly over the warps into
-/// slices of whole k-steps, the K slice at least [`WIDE_BODY_DIMS`], the V slice exactly 128
-/// (the V pieces of the head-dim-128 kernel).
-pub const fn wide_dims(head_dim_k: u32, head_dim_v: u32) -> bool {
-    let (kw, vw) = (head_dim_k / MMA_WARPS, head_dim_v / MMA_WARPS);
-    head_dim_k.is_multiple_of(MMA_WARPS * 16)
-        && kw >= WIDE_BODY_DIMS
-        && head_dim_v == MMA_WARPS * 128
-        && vw == 128
-}
 
 /// Where token `t`'s row of KV head `g` starts in page `page` of a cache of `es`-byte
 /// elements, in units of `unit` bytes (every stride is a whole number of them: see

@@ -26,7 +26,7 @@ const THREADS: u32 = 256;
 /// 128 threads per cube as fast as 256, 512 slower (1.83). The kernel is limited by issue
 /// (about 21–24 instructions per element for the exact division and RNE encode, 65% issue
 /// active, 51 registers) rather than by bytes in flight, so pipelining does not pay; the knob
-/// stays for other shapes and devices (`FP8KV_FILL_ROUNDS`).
+/// stays for other shapes and devices (`--fill-shape` of the fill_flatten bench).
 const ROUNDS: u32 = 1;
 
 /// Launches fill for already validated inputs (see [`super::fill`]); with `stats`, the

@@ -253,7 +253,6 @@ fn check_write<R: Runtime>(
     })?;
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
-    cache.policy().check_cache_dtype(cache.dtype())?;
     crate::kernels::check_grid_batch(batch.batch())?;
     Ok((num_tokens, layout))
 }
@@ -286,55 +285,4 @@ fn validate<R: Runtime>(
         num_tokens,
         heads * layout.head_dim(KvSide::V),
     )
-}
-
-/// Launches the fill instantiations worth compiling offline, once each on tiny valid inputs,
-/// through [`fill`]: every head-dim pair (e4m3, bf16 in), every (cache, activation) dtype pair
-/// at head dim 128, both cache layouts, and each exact scale-division mode; and
-/// [`fill_with_stats`] on the bf16-activation samples. Used by
-/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
-#[doc(hidden)]
-#[cfg(feature = "internals")]
-pub fn launch_codegen_samples<R: Runtime>(client: &cubecl::client::ComputeClient<R>) -> Result<()> {
-    use crate::policy::Dtype;
-    use crate::scales::KvScales;
-    let samples = super::codegen_samples()?;
-    // The shared samples at a Markstein-division scale, then the other two division modes.
-    let mut launches: Vec<_> = samples.iter().map(|s| (*s, 0.15)).collect();
-    launches.extend([1.0, 1e-30].map(|scale| (super::codegen_llama(&samples), scale)));
-    for (s, scale) in launches {
-        let scales = KvScales::new(scale, scale)?;
-        let mut cache = PagedKvCache::new(client, s.layout, s.policy, s.cache, scales)?;
-        let batch = DeviceBatch::new(client, super::codegen_batch()?, &s.layout, 4)?;
-        let row = |side| s.layout.num_kv_heads() * s.layout.head_dim(side);
-        let k = DeviceRows::empty(client, s.act, 4, row(KvSide::K), row(KvSide::K))?;
-        let v = DeviceRows::empty(client, s.act, 4, row(KvSide::V), row(KvSide::V))?;
-        fill(&mut cache, &k, &v, &batch)?;
-        // The statistics variant of the bf16-activation samples (every head dim and cache).
-        if s.act == Dtype::Bf16 && scale == 0.15 {
-            let mut stats = DeviceKvStats::new(client);
-            fill_with_stats(&mut cache, &k, &v, &batch, &mut stats)?;
-        }
-    }
-    // The RoPE fill at SmolLM2's shape (9 / 3 heads of 64, page 16), bf16 in, each cache.
-    let heads = crate::rope::QkvHeads {
-        q_heads: 9,
-        kv_heads: 3,
-        head_dim: 64,
-    };
-    let layout = crate::layout::PagedKvLayout::new(4, 16, 3, 64, 64, crate::KvLayoutKind::Bshd)?;
-    let meta = crate::layout::BatchMetadata::decode(vec![3, 5], vec![0, 1, 2, 3], 2)?;
-    let batch = DeviceBatch::new(client, meta, &layout, 2)?;
-    let table = DeviceRows::empty(client, Dtype::F32, 8, 64, 64)?;
-    for (policy, dtype) in [
-        (crate::QuantPolicy::Fp8E4m3, Dtype::E4m3),
-        (crate::QuantPolicy::Fp8E5m2, Dtype::E5m2),
-        (crate::QuantPolicy::None, Dtype::Bf16),
-    ] {
-        let mut cache = PagedKvCache::new(client, layout, policy, dtype, KvScales::default())?;
-        let qkv = DeviceRows::empty(client, Dtype::Bf16, 2, heads.row_elems(), heads.row_elems())?;
-        let mut q = DeviceRows::empty(client, Dtype::Bf16, 2, 576, 576)?;
-        fill_rope(&mut cache, &qkv, &batch, &table, heads, 64, &mut q)?;
-    }
-    Ok(())
 }

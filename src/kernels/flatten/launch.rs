@@ -9,10 +9,10 @@ use cubecl::prelude::*;
 
 use super::kernel::flatten_kernel;
 use super::FlattenConfig;
+use crate::contract::FlattenLayout;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
 use crate::kernels::{access_elems, array_len, check_copy_vectors, copy_cube_shape, CacheGeometry};
-use crate::reference::FlattenLayout;
 
 /// Vectors per thread on the big path (from `COPY_UNROLL_THRESHOLD_VECS` vectors on) (measured on an H100, 8×4096 e4m3 → bf16 hsd: unroll 4
 /// 2.55–2.62 TB/s, 8 2.53, 16 2.47).

@@ -12,7 +12,7 @@ mod launch;
 use cubecl::client::ComputeClient;
 use cubecl::Runtime;
 
-pub use crate::reference::FlattenLayout;
+use crate::contract::FlattenLayout;
 
 use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -70,7 +70,6 @@ pub fn flatten<R: Runtime>(
 ) -> Result<()> {
     let layout = *cache.layout();
     batch.check_layout(&layout)?;
-    cache.policy().check_cache_dtype(cache.dtype())?;
     crate::kernels::check_grid_batch(batch.batch())?;
     crate::error::check_limit(
         "cached tokens of the batch",
@@ -133,30 +132,4 @@ pub fn flatten_new<R: Runtime>(
     let (mut k, mut v) = (mk(KvSide::K)?, mk(KvSide::V)?);
     flatten(cache, batch, out_layout, &mut k, &mut v)?;
     Ok((k, v))
-}
-
-/// Launches the flatten instantiations worth compiling offline, once each on tiny valid
-/// inputs, through [`flatten_new`]: every head-dim pair (e4m3 → bf16 hsd), every (cache,
-/// output) dtype pair at head dim 128, both output and both cache layouts. Used by
-/// `cargo xtask codegen`, whose client compiles instead of running (never read results back).
-#[doc(hidden)]
-#[cfg(feature = "internals")]
-pub fn launch_codegen_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
-    use crate::scales::KvScales;
-    let samples = super::codegen_samples()?;
-    // Every shared sample into hsd, and the first (d128 e4m3 → bf16) into shd as well.
-    let mut launches: Vec<_> = samples.iter().map(|s| (*s, FlattenLayout::Hsd)).collect();
-    launches.push((super::codegen_llama(&samples), FlattenLayout::Shd));
-    for (s, out_layout) in launches {
-        let cache = PagedKvCache::new(
-            client,
-            s.layout,
-            s.policy,
-            s.cache,
-            KvScales::new(0.5, 0.25)?,
-        )?;
-        let batch = DeviceBatch::for_reads(client, super::codegen_batch()?, &s.layout)?;
-        flatten_new(client, &cache, &batch, out_layout, s.act)?;
-    }
-    Ok(())
 }

@@ -6,7 +6,8 @@
 use cubecl::Runtime;
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::{decode, fill, flatten, stats};
-use fp8kv::reference::AttentionOptions;
+
+use fp8kv::AttentionOptions;
 use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 use super::offline::OfflineCuda;
@@ -172,7 +173,7 @@ fn flatten_rejects_bad_input_and_accepts_good() {
     let c = client();
     let cache = cache(&c);
     let batch = DeviceBatch::for_reads(&c, meta(), &layout()).unwrap();
-    let hsd = flatten::FlattenLayout::Hsd;
+    let hsd = fp8kv::FlattenLayout::Hsd;
     flatten::flatten_new(&c, &cache, &batch, hsd, Dtype::Bf16).unwrap();
     let e = flatten::flatten_new(&c, &cache, &batch, hsd, Dtype::E5m2)
         .err()
@@ -350,7 +351,7 @@ fn entry_points_refuse_grids_past_cuda_limits() {
     let k = rows(&c, Dtype::Bf16, 4, 128);
     too_many(fill::fill(&mut cache, &k, &k, &batch).unwrap_err());
     too_many(
-        flatten::flatten_new(&c, &cache, &batch, flatten::FlattenLayout::Hsd, Dtype::Bf16)
+        flatten::flatten_new(&c, &cache, &batch, fp8kv::FlattenLayout::Hsd, Dtype::Bf16)
             .err()
             .unwrap(),
     );

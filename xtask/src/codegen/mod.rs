@@ -1,13 +1,15 @@
 //! `cargo xtask codegen [--ptx]`: every kernel instantiation to CUDA C++ (and PTX) without a GPU.
 //!
-//! Each kernel family exposes a hook that launches all of its instantiations on a client of any
-//! runtime. Here that client belongs to [`offline::OfflineCuda`], whose server compiles instead
-//! of running, so the captured source is exactly what the family's real launch path would JIT on
-//! an H100. With `--ptx` the source then goes through NVRTC from the PyPI wheels in `.nvrtc/`
+//! `samples.rs` has, per kernel family, a hook that launches all of its instantiations through
+//! the public entry points on a client of any runtime. Here that client belongs to
+//! [`offline::OfflineCuda`], whose server compiles instead of running, so the captured source
+//! is exactly what the family's real launch path would JIT on an H100. With `--ptx` the source then goes through NVRTC from the PyPI wheels in `.nvrtc/`
 //! (`sm_90a`, `--ptxas-options=-v`), which also reports registers and spills per kernel.
 
+mod compare;
 pub mod nvrtc;
 pub mod offline;
+mod samples;
 
 #[cfg(test)]
 mod entry_checks;
@@ -40,23 +42,23 @@ fn families() -> Vec<Family> {
     vec![
         Family {
             name: "fill",
-            launch: |c| hook(fp8kv::kernels::fill::launch_codegen_samples(c)),
+            launch: |c| hook(samples::fill_samples(c)),
         },
         Family {
             name: "flatten",
-            launch: |c| hook(fp8kv::kernels::flatten::launch_codegen_samples(c)),
+            launch: |c| hook(samples::flatten_samples(c)),
         },
         Family {
             name: "stats",
-            launch: |c| hook(fp8kv::kernels::stats::launch_codegen_samples(c)),
+            launch: |c| hook(samples::stats_samples(c)),
         },
         Family {
             name: "decode",
-            launch: |c| hook(fp8kv::kernels::decode::launch_codegen_samples(c)),
+            launch: |c| hook(samples::decode_samples(c)),
         },
         Family {
             name: "layer",
-            launch: |c| hook(fp8kv::model::layer::launch_codegen_samples(c)),
+            launch: |c| hook(samples::layer_samples(c)),
         },
     ]
 }
@@ -67,6 +69,7 @@ struct Options {
     out_dir: PathBuf,
     nvrtc_dir: PathBuf,
     verbose: bool,
+    against: Option<PathBuf>,
 }
 
 fn parse(args: &[String], root: &Path) -> Result<Options, String> {
@@ -77,6 +80,7 @@ fn parse(args: &[String], root: &Path) -> Result<Options, String> {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join(".nvrtc")),
         verbose: false,
+        against: None,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -85,6 +89,7 @@ fn parse(args: &[String], root: &Path) -> Result<Options, String> {
             "--verbose" | "-v" => o.verbose = true,
             "--out" => o.out_dir = it.next().ok_or("--out needs a folder")?.into(),
             "--nvrtc" => o.nvrtc_dir = it.next().ok_or("--nvrtc needs a folder")?.into(),
+            "--against" => o.against = Some(it.next().ok_or("--against needs a folder")?.into()),
             other => return Err(format!("codegen: unknown argument `{other}`")),
         }
     }
@@ -170,6 +175,16 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     }
     print_table(&rows, opts.ptx);
     println!("sources written to {}", opts.out_dir.display());
+    if opts.ptx {
+        let regs: String = rows
+            .iter()
+            .map(|r| {
+                let regs = r.regs.map_or("-".into(), |v| v.to_string());
+                format!("{}__{}\t{regs}\n", r.family, r.name)
+            })
+            .collect();
+        write(&opts.out_dir.join(compare::REGISTERS_FILE), &regs)?;
+    }
 
     let failed: Vec<_> = rows.iter().filter(|r| r.error.is_some()).collect();
     for r in &failed {
@@ -185,7 +200,11 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     }
     if failed.is_empty() && family_errors.is_empty() {
         println!("codegen: {} kernels ok", rows.len());
-        Ok(())
+        match (&opts.against, opts.ptx) {
+            (Some(old), true) => compare::compare(old, &opts.out_dir),
+            (Some(_), false) => Err("--against compares PTX: add --ptx".into()),
+            (None, _) => Ok(()),
+        }
     } else {
         Err(format!(
             "codegen: {} kernel(s) and {} famil(y/ies) failed",
