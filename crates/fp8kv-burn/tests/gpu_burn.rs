@@ -636,7 +636,7 @@ fn gpu_burn_policy_none_and_fp8_caches_report_their_dtype_and_size() {
 /// Burn's CUDA allocator gives a new `[n, heads, dim]` tensor rows padded to a power-of-two
 /// pitch of at most 256 bytes: at d80 f16, 160 bytes of values in each 256-byte row. The
 /// adapter's kernels need each token's `[heads, dim]` block packed, so it copies such a tensor
-/// with Burn's `into_contiguous` first (`src/burn/cube.rs`). This pins both facts with no fp8kv
+/// with Burn's `into_contiguous` first (`crates/fp8kv-burn/src/cube.rs`). This pins both facts with no fp8kv
 /// code involved: the strides are pitched, and Burn's copy is exact. Run alone under
 /// compute-sanitizer's initcheck, it is the reproducer of the finding in `tests/README.md`:
 /// CubeCL's checked reads clamp an out-of-range index to the buffer's last element, which lies
