@@ -38,6 +38,7 @@ mod demo;
 mod emulate;
 mod gpu_pack;
 mod model_demo;
+mod model_speed;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -6,6 +6,8 @@
 //! exactly before a kernel reads them. Skips visibly without CUDA (`FP8KV_REQUIRE_GPU=1`
 //! fails instead).
 
+mod common;
+
 use burn_cubecl::CubeBackend;
 use burn_fusion::Fusion;
 use burn_tensor::{DType, Tensor, TensorData};
@@ -17,6 +19,8 @@ use fp8kv::testing::{decode_cases, fill_cases, PagedCase, Problem};
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
 use fp8kv_burn::{KvBatch, KvCache, KvCacheConfig, PagedKvBackend};
+
+use common::{par_map, trace};
 
 type Cube = CubeBackend<CudaRuntime, f32, i32, u8>;
 type Fused = Fusion<Cube>;
@@ -68,59 +72,6 @@ const FUSED_CASES: [&str; 6] = [
 /// caches with bf16 activations.
 fn fused(case: &PagedCase, policy: &str, act: Dtype) -> bool {
     FUSED_CASES.contains(&case.name) && act == Dtype::Bf16 && policy != "fp8_e5m2"
-}
-
-/// Runs `job` on every item from a few threads (each its own CUDA stream), collecting
-/// `(label, result)`s. The GPU suite would otherwise spend minutes on one thread's host work.
-fn par_map<T: Sync>(
-    items: &[T],
-    job: impl Fn(&T) -> Vec<(String, Result<(), String>)> + Sync,
-) -> Tally {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results = std::sync::Mutex::new(Vec::new());
-    // FP8KV_BURN_THREADS overrides the worker count (1 to find a slow or stuck run).
-    let workers = std::env::var("FP8KV_BURN_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4usize);
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let t0 = std::time::Instant::now();
-                let r = job(item);
-                let failed = r.iter().filter(|(_, r)| r.is_err()).count();
-                trace(|| {
-                    let first = r.first().map_or("", |(l, _)| l.as_str());
-                    let secs = t0.elapsed().as_secs_f64();
-                    format!(
-                        "item {i} ({first}..): {} runs, {failed} failed, {secs:.1} s",
-                        r.len()
-                    )
-                });
-                results.lock().unwrap().extend(r);
-            });
-        }
-    });
-    let mut tally = Tally::new();
-    for (what, r) in results.into_inner().unwrap() {
-        tally.check(what, r);
-    }
-    tally
-}
-
-/// With FP8KV_BURN_TRACE=1, a line per step (thread, seconds since start): where a slow or
-/// stuck run spends its time.
-fn trace(what: impl FnOnce() -> String) {
-    static START: std::sync::OnceLock<Option<std::time::Instant>> = std::sync::OnceLock::new();
-    let start = START.get_or_init(|| {
-        (std::env::var("FP8KV_BURN_TRACE").as_deref() == Ok("1")).then(std::time::Instant::now)
-    });
-    if let Some(t) = start {
-        let id = std::thread::current().id();
-        eprintln!("[{:8.2}] {id:?} {}", t.elapsed().as_secs_f64(), what());
-    }
 }
 
 fn burn_dtype(d: Dtype) -> DType {
@@ -271,40 +222,6 @@ fn burn_fill<B: PagedKvBackend<Device = CudaDevice>>(
     );
     cache.fill(k, v, &batch)?;
     Ok(cache)
-}
-
-struct Tally {
-    runs: usize,
-    failures: Vec<String>,
-}
-
-impl Tally {
-    fn new() -> Self {
-        Tally {
-            runs: 0,
-            failures: Vec::new(),
-        }
-    }
-    fn check(&mut self, what: String, r: Result<(), String>) {
-        self.runs += 1;
-        if let Err(e) = r {
-            self.failures.push(format!("{what}: {e}"));
-        }
-    }
-    fn finish(self, op: &str) {
-        println!(
-            "burn {op}: {} runs, {} failed",
-            self.runs,
-            self.failures.len()
-        );
-        assert!(
-            self.failures.is_empty(),
-            "{} of {} burn {op} runs differ:\n{}",
-            self.failures.len(),
-            self.runs,
-            self.failures.join("\n")
-        );
-    }
 }
 
 fn fill_case<B: PagedKvBackend<Device = CudaDevice>>(
