@@ -18,9 +18,8 @@
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one and `--model NAME`
 //! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`).
-//! `--key-major` runs every tensor-core shape of any mode on the experimental key-major kernel
-//! (`KernelPath::TensorCoresKeyMajor`, which includes the wide MLA kernel) instead of the
-//! default path; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
+//! `--key-major` runs every tensor-core shape of any mode on the key-major kernel
+//! (`DecodeStrategy::KeyMajor`, the wide kernel at the MLA dims) instead of Auto's pick; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
 //! class of Auto's table (the tensor-core kernel, or CUDA cores at the MLA dims) and prints
 //! Auto's pick.
 //! Decode through the Burn extension is `cargo bench -p fp8kv-burn --bench burn_decode`.
@@ -30,12 +29,9 @@ mod common;
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::{
-    auto_path, key_major_applies_to, paged_decode_path, tensor_cores_apply_to, KernelPath,
-    SplitChoice,
-};
 use fp8kv::testing::Rng;
 use fp8kv::AttentionOptions;
+use fp8kv::{auto_strategy, paged_decode, DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// The H100's L2 is 50 MB and the H200's 60 MB: rotated caches span at least 6 times that.
@@ -141,6 +137,20 @@ struct Model {
     head_dim_v: usize,
 }
 
+impl Model {
+    /// The decode shape of one new token per sequence, bf16 queries, on a `cache` cache.
+    fn shape(&self, cache: Dtype) -> DecodeShape {
+        DecodeShape {
+            cache,
+            query: Dtype::Bf16,
+            head_dim_k: self.head_dim_k,
+            head_dim_v: self.head_dim_v,
+            group: self.heads / self.kv_heads,
+            max_q_len: 1,
+        }
+    }
+}
+
 /// Llama-3-8B: the shape of the targets.
 const LLAMA3_8B: Model = Model {
     name: "Llama-3-8B",
@@ -206,8 +216,8 @@ struct Shape {
     page_size: usize,
     policy: QuantPolicy,
     target_us: Option<f64>,
-    /// Which split kernel (`Auto` in the default table).
-    path: KernelPath,
+    /// Which split kernel (`None`, Auto's pick, in the default table).
+    path: Option<DecodeStrategy>,
     /// Cache layout (`bshd`, vLLM's and LMDeploy's default, unless a line says otherwise).
     kind: KvLayoutKind,
     /// Split plan (`Auto` except under `--split-tokens`).
@@ -225,11 +235,9 @@ impl Shape {
             page_size,
             policy: QuantPolicy::Fp8E4m3,
             target_us: None,
-            path: if std::env::args().any(|a| a == "--key-major") {
-                KernelPath::TensorCoresKeyMajor
-            } else {
-                KernelPath::Auto
-            },
+            path: std::env::args()
+                .any(|a| a == "--key-major")
+                .then_some(DecodeStrategy::KeyMajor),
             kind: KvLayoutKind::Bshd,
             split: SplitChoice::Auto,
         }
@@ -271,7 +279,8 @@ fn random_host_cache(
     dtype: Dtype,
     scales: KvScales,
 ) -> fp8kv::Result<fp8kv::reference::HostKvCache> {
-    let mut host = fp8kv::reference::HostKvCache::new(layout, policy, dtype, 0)?;
+    let spec = fp8kv::CacheSpec::from_parts(layout, policy, dtype, scales)?;
+    let mut host = fp8kv::reference::HostKvCache::new(spec, 0)?;
     let es = dtype.size_bytes();
     let mut rng = Rng::new(0x5eed);
     for (bytes, scale) in [(&mut host.k, scales.k()), (&mut host.v, scales.v())] {
@@ -294,28 +303,21 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let m = s.model;
     let layout = s.layout().map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
-    // The key-major kernel covers what the tensor-core kernel does; other shapes (MLA) keep
-    // their default kernel under `--key-major`.
-    let group = m.heads / m.kv_heads;
-    let path = if s.path == KernelPath::TensorCoresKeyMajor
-        && !key_major_applies_to(
-            cache_dtype,
-            Dtype::Bf16,
-            m.head_dim_k,
-            m.head_dim_v,
-            group,
-            1,
-        ) {
-        KernelPath::Auto
-    } else {
-        s.path
+    // The key-major kernel covers what the tensor-core kernel does; at the MLA dims its
+    // family is the wide kernel, and other shapes keep Auto's pick under `--key-major`.
+    let shape = m.shape(cache_dtype);
+    let path = match s.path {
+        Some(DecodeStrategy::KeyMajor) if !DecodeStrategy::KeyMajor.applies(&shape) => {
+            Some(DecodeStrategy::Wide).filter(|w| w.applies(&shape))
+        }
+        p => p,
     };
     let cache_bytes = layout.cache_bytes(s.policy);
     let copies = ROTATE_BYTES.div_ceil(cache_bytes).max(1);
     let scales = KvScales::new(0.05, 0.02).map_err(e)?;
     let host = random_host_cache(layout, s.policy, cache_dtype, scales).map_err(e)?;
     let caches = (0..copies)
-        .map(|_| PagedKvCache::from_host(client, &host, scales))
+        .map(|_| PagedKvCache::from_host(client, &host))
         .collect::<Result<Vec<_>, _>>()
         .map_err(e)?;
     drop(host);
@@ -330,20 +332,14 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let out = std::sync::Mutex::new(
         DeviceRows::empty(client, Dtype::Bf16, s.batch, out_width, out_width).map_err(e)?,
     );
-    let opts = AttentionOptions::default();
+    let opts = DecodeOptions {
+        attention: AttentionOptions::default(),
+        strategy: path,
+        split: s.split,
+    };
     let f = |i: usize| {
         let mut o = out.lock().unwrap();
-        paged_decode_path(
-            &q,
-            m.heads,
-            &caches[i % copies],
-            &batch,
-            &opts,
-            s.split,
-            path,
-            &mut o,
-        )
-        .expect("decode");
+        paged_decode(&q, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
     };
     // Bytes of K and V the sequences' contexts occupy.
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
@@ -385,12 +381,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         KvLayoutKind::Bshd => "",
         KvLayoutKind::Bhsd => " [bhsd]",
     };
-    let path = match path {
-        KernelPath::Auto => "",
-        KernelPath::CudaCores => " [cuda cores]",
-        KernelPath::TensorCores => " [tensor cores]",
-        KernelPath::TensorCoresKeyMajor => " [key-major]",
-    };
+    let path = path.map_or(String::new(), |p| format!(" [{p}]"));
     // The host's cost per call, where it is at least half the device time: near or above it,
     // the device time includes waits for the host.
     let host = if host_us * 2.0 >= us {
@@ -545,21 +536,24 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         // applies, CUDA cores otherwise), same shapes, same run, and which one Auto picks.
         let ab = |s: Shape| {
             let m = s.model;
-            let (dk, dv, group) = (m.head_dim_k, m.head_dim_v, m.heads / m.kv_heads);
             let Ok(cache) = s.policy.cache_dtype(Dtype::Bf16) else {
                 return;
             };
-            let other = if tensor_cores_apply_to(cache, Dtype::Bf16, dk, dv, group, 1) {
-                KernelPath::TensorCores
+            let shape = m.shape(cache);
+            let other = if DecodeStrategy::TensorCores.applies(&shape) {
+                DecodeStrategy::TensorCores
             } else {
-                KernelPath::CudaCores
+                DecodeStrategy::CudaCores
             };
-            let auto = auto_path(&client, cache, Dtype::Bf16, dk, dv, group, 1);
+            let auto = auto_strategy(&client, &shape);
             let a = Shape {
-                path: KernelPath::TensorCoresKeyMajor,
+                path: Some(DecodeStrategy::KeyMajor),
                 ..s
             };
-            let b = Shape { path: other, ..a };
+            let b = Shape {
+                path: Some(other),
+                ..a
+            };
             // A B A B: read the second pair (the first measurement in a process can run
             // slow; the first pair shows what order effect is left).
             bench_ratio(&client, copy, &a, &b, "key-major / other (first pass)", "");
@@ -569,7 +563,7 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
                 &a,
                 &b,
                 "key-major / other",
-                &format!("  (Auto picks {auto:?})"),
+                &format!("  (Auto picks {auto})"),
             );
         };
         // 128 × 32768 is the class of 32 × 32768 (its bf16 cache alone is 17 GB of host
@@ -601,13 +595,13 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         for (batch, context) in [(1, 32768), (32, 4096), (32, 32768)] {
             for policy in [QuantPolicy::Fp8E4m3, QuantPolicy::None] {
                 for path in [
-                    KernelPath::CudaCores,
-                    KernelPath::TensorCores,
-                    KernelPath::TensorCoresKeyMajor,
+                    DecodeStrategy::CudaCores,
+                    DecodeStrategy::TensorCores,
+                    DecodeStrategy::KeyMajor,
                 ] {
                     let shape = Shape {
                         policy,
-                        path,
+                        path: Some(path),
                         ..Shape::e4m3(batch, context, 64)
                     };
                     if let Err(err) = bench_shape(&client, &shape, copy) {

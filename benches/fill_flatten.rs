@@ -22,7 +22,9 @@ use fp8kv::kernels::stats::DeviceKvStats;
 use fp8kv::reference::HostKvCache;
 use fp8kv::testing::Rng;
 use fp8kv::FlattenLayout;
-use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy};
+use fp8kv::{
+    BatchMetadata, CacheSpec, Dtype, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy,
+};
 
 /// Plain copy: one 16-byte vector per thread. Grid 1-d over `src.len()` vectors (the
 /// `ArrayArg` lengths are in `u32` scalars; CubeCL divides them by the vector size).
@@ -232,13 +234,14 @@ fn bench_flatten(
     let (layout, meta, _) = problem(batch, 0, kv_len, page);
     let scales = KvScales::new(0.15, 0.05).unwrap();
     // Random codes (NaN codes masked out), so the reads are of real data.
-    let mut host = HostKvCache::new(layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let spec = CacheSpec::from_parts(layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales).unwrap();
+    let mut host = HostKvCache::new(spec, 0).unwrap();
     let mut rng = Rng::new(3);
     for b in host.k.iter_mut().chain(host.v.iter_mut()) {
         *b = (rng.next_u64() as u8) & 0xF7;
     }
     let caches: Vec<PagedKvCache<Cuda>> = (0..SETS)
-        .map(|_| PagedKvCache::from_host(client, &host, scales).unwrap())
+        .map(|_| PagedKvCache::from_host(client, &host).unwrap())
         .collect();
     let dbatch = DeviceBatch::for_reads(client, meta, &layout).unwrap();
     let total = dbatch.total_kv_tokens();
@@ -279,7 +282,7 @@ fn main() {
                 .map(|v| v.split(',').map(|x| x.parse().ok()).collect())
                 .unwrap_or(None);
             match parsed.as_deref() {
-                Some(&[t, u, r]) => fp8kv::kernels::override_copy_shape(family, Some((t, u, r))),
+                Some(&[t, u, r]) => fp8kv::internals::override_copy_shape(family, Some((t, u, r))),
                 _ => return println!("{flag} wants THREADS,UNROLL,ROUNDS, e.g. 256,4,1"),
             }
         }

@@ -10,8 +10,9 @@ use crate::scales::KvScales;
 
 /// What one layer's cache is, whoever holds it: its layout, its element type (from which the
 /// policy follows: E4M3 / E5M2 codes, or f16 / bf16 values for `none`) and its scales.
-/// Validated once when built, so every holder ([`crate::device::PagedKvCache`], the Burn
-/// extension's `KvCache`) can rely on the pairing.
+/// Validated once when built, so every holder ([`crate::device::PagedKvCache`], the
+/// reference's [`crate::reference::HostKvCache`], the Burn extension's `KvCache`) can rely on
+/// the pairing.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CacheSpec {
     layout: PagedKvLayout,

@@ -212,16 +212,12 @@ impl<R: Runtime> PagedKvCache<R> {
         })
     }
 
-    /// Uploads a host cache (its bytes, layout and dtype) with `scales`. Its buffers must pass
-    /// [`HostKvCache::check_shape`] (a short one would let the kernels read past the device
-    /// buffer).
-    pub fn from_host(
-        client: &ComputeClient<R>,
-        host: &HostKvCache,
-        scales: KvScales,
-    ) -> Result<Self> {
+    /// Uploads a host cache: its bytes and its spec (layout, dtype, scales). Its buffers must
+    /// pass [`HostKvCache::check_shape`] (a short one would let the kernels read past the
+    /// device buffer).
+    pub fn from_host(client: &ComputeClient<R>, host: &HostKvCache) -> Result<Self> {
         host.check_shape()?;
-        let spec = CacheSpec::new(*host.layout(), host.dtype(), scales)?;
+        let spec = *host.spec();
         check_dtype_support(client, spec.dtype())?;
         let upload = |b: &[u8]| {
             if b.is_empty() {
@@ -238,9 +234,9 @@ impl<R: Runtime> PagedKvCache<R> {
         })
     }
 
-    /// Downloads both caches into a host cache (waits for pending work).
+    /// Downloads both caches into a host cache with the same spec (waits for pending work).
     pub fn to_host(&self) -> Result<HostKvCache> {
-        let mut host = HostKvCache::new(*self.layout(), self.policy(), self.dtype(), 0)?;
+        let mut host = HostKvCache::new(self.spec, 0)?;
         let (kn, vn) = (host.k.len(), host.v.len());
         host.k
             .copy_from_slice(&read_bytes(&self.client, &self.k)?[..kn]);

@@ -6,9 +6,9 @@
 //!
 //! ```no_run
 //! use fp8kv::{
-//!     cuda_client, fill, flatten_new, paged_decode, AttentionOptions, BatchMetadata, DeviceBatch,
-//!     DeviceRows, Dtype, FlattenLayout, KvLayoutKind, KvScales, PagedKvCache, PagedKvLayout,
-//!     QuantPolicy,
+//!     cuda_client, decode_plan, fill, flatten_new, paged_decode, AttentionOptions, BatchMetadata,
+//!     DecodeOptions, DeviceBatch, DeviceRows, Dtype, FlattenLayout, KvLayoutKind, KvScales,
+//!     PagedKvCache, PagedKvLayout, QuantPolicy,
 //! };
 //!
 //! # fn main() -> fp8kv::Result<()> {
@@ -33,8 +33,12 @@
 //! let q_row = num_heads * 128;
 //! let q = DeviceRows::from_f32(&client, &vec![0.1; 2 * q_row], Dtype::Bf16, 2, q_row, q_row)?;
 //! let mut out = DeviceRows::empty(&client, Dtype::Bf16, 2, q_row, q_row)?;
-//! let opts = AttentionOptions { window: Some(4096), ..Default::default() };
-//! paged_decode(&q, num_heads, &cache, &batch, &opts, &mut out)?;
+//! // The head count is q's row length over the cache's head dim; the split kernel is Auto's
+//! // pick unless `DecodeOptions::strategy` forces one, and `decode_plan` says which it is.
+//! let opts = DecodeOptions::new(AttentionOptions { window: Some(4096), ..Default::default() });
+//! paged_decode(&q, &cache, &batch, &opts, &mut out)?;
+//! let plan = decode_plan(&cache, &batch, Dtype::Bf16, num_heads, &opts)?;
+//! println!("{} kernel, {} splits of {} tokens", plan.strategy, plan.num_splits, plan.split_tokens);
 //!
 //! // Prefill attention reads contiguous, dequantized K/V instead.
 //! let (k, v) = flatten_new(&client, &cache, &batch, FlattenLayout::Hsd, Dtype::Bf16)?;
@@ -51,6 +55,8 @@ pub mod device;
 pub mod error;
 pub mod extend;
 pub mod fp8;
+#[cfg(feature = "internals")]
+pub mod internals;
 pub mod kernels;
 pub mod layout;
 pub mod policy;
@@ -66,7 +72,10 @@ pub use device::{cuda_client, DeviceBatch, DeviceRows, PagedKvCache};
 pub use error::{Fp8KvError, KvSide, Result};
 pub use fp8::Fp8Format;
 // The entry points of the three kernel families, so that one `use fp8kv::{..}` line serves.
-pub use kernels::decode::paged_decode;
+pub use kernels::decode::{
+    auto_strategy, decode_plan, paged_decode, DecodeOptions, DecodePlanInfo, DecodeShape,
+    DecodeStrategy, SplitChoice,
+};
 pub use kernels::fill::{fill, fill_rope, fill_with_stats};
 pub use kernels::flatten::{flatten, flatten_new};
 pub use kernels::stats::{kv_stats, DeviceKvStats, KvStats};

@@ -7,6 +7,7 @@ use std::io::Write;
 
 use cubecl::client::ComputeClient;
 
+use crate::contract::CacheSpec;
 use crate::device::{cuda_client, Cuda};
 use crate::layout::{BatchMetadata, KvLayoutKind, PagedKvLayout};
 use crate::policy::{Dtype, QuantPolicy};
@@ -452,8 +453,9 @@ impl Problem {
         }
     }
 
-    /// A cache (every byte `poison`) with every position of every sequence written by the
-    /// reference fill: the state decode and flatten read.
+    /// A cache (every byte `poison`, spec from `policy`, `cache_dtype` and `scales`) with every
+    /// position of every sequence written by the reference fill: the state decode and flatten
+    /// read.
     pub fn full_cache(
         &self,
         policy: QuantPolicy,
@@ -461,7 +463,8 @@ impl Problem {
         scales: &KvScales,
         poison: u8,
     ) -> Result<HostKvCache> {
-        let mut cache = HostKvCache::new(self.layout, policy, cache_dtype, poison)?;
+        let spec = CacheSpec::from_parts(self.layout, policy, cache_dtype, *scales)?;
+        let mut cache = HostKvCache::new(spec, poison)?;
         let k = HostRows {
             data: &self.hist_k,
             row_stride: self.layout.num_kv_heads() * self.layout.head_dim_k(),
@@ -470,14 +473,7 @@ impl Problem {
             data: &self.hist_v,
             row_stride: self.layout.num_kv_heads() * self.layout.head_dim_v(),
         };
-        reference::fill(
-            &mut cache,
-            scales,
-            k,
-            v,
-            self.total_kv_tokens(),
-            &self.prefill_meta,
-        )?;
+        reference::fill(&mut cache, k, v, self.total_kv_tokens(), &self.prefill_meta)?;
         Ok(cache)
     }
 }

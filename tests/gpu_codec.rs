@@ -7,7 +7,7 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fp8kv::fp8::Fp8Format;
-use fp8kv::kernels::codec::{fp8_encode, fp8_quantize, ScaleDiv, FAST_DIV_SCALE_RANGE};
+use fp8kv::internals::{fp8_encode, fp8_quantize, ScaleDiv, FAST_DIV_SCALE_RANGE};
 use fp8kv::testing::Rng;
 
 /// Encodes each input with the integer encoder. Grid 1-d over `input.len()`.

@@ -6,13 +6,10 @@
 
 use cubecl::client::ComputeClient;
 use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::plan::TILE_TOKENS;
-use fp8kv::kernels::decode::{
-    auto_path, key_major_applies_to, paged_decode, paged_decode_path, tensor_cores_apply_to,
-    KernelPath, SplitChoice,
-};
+use fp8kv::internals::TILE_TOKENS;
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
+use fp8kv::{auto_strategy, paged_decode, DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
 use fp8kv::{Dtype, Fp8KvError, KvSide, QuantPolicy};
 
 use fp8kv::testing::client_or_skip;
@@ -33,8 +30,9 @@ struct Run<'a> {
     act: Dtype,
     opts: AttentionOptions,
     split: SplitChoice,
-    /// Which split kernel ([`both_paths`] makes one run per kernel that applies).
-    path: KernelPath,
+    /// Which split kernel, `None` for Auto's ([`both_paths`] makes one run per kernel that
+    /// applies).
+    path: Option<DecodeStrategy>,
     /// Power of two the generated queries are multiplied by (exact in every query dtype).
     q_gain: f32,
 }
@@ -104,7 +102,7 @@ fn col_max(
     for j in 0..kv_len {
         let (page, slot) = p.meta.locate(b, j, layout.page_size());
         for (dd, mx) in m.iter_mut().enumerate() {
-            let x = cache.dequant(side, 1.0, page, slot, g, dd) as f64 * scale;
+            let x = cache.raw(side, page, slot, g, dd) as f64 * scale;
             *mx = mx.max(x.abs());
         }
     }
@@ -124,19 +122,21 @@ fn run_one(client: &ComputeClient<Cuda>, run: &Run) -> Result<Outcome, String> {
         .map_err(e)?;
     let (dk, dv) = (p.layout.head_dim_k(), p.layout.head_dim_v());
     let h = c.num_heads;
-    let want = reference::paged_decode(&p.q, h, &host, &scales, &p.meta, p.num_tokens, &run.opts)
-        .map_err(e)?;
+    let want =
+        reference::paged_decode(&p.q, h, &host, &p.meta, p.num_tokens, &run.opts).map_err(e)?;
 
-    let cache = PagedKvCache::from_host(client, &host, scales).map_err(e)?;
+    let cache = PagedKvCache::from_host(client, &host).map_err(e)?;
     let batch = DeviceBatch::new(client, p.meta.clone(), &p.layout, p.num_tokens).map_err(e)?;
     let q = DeviceRows::from_f32(client, &p.q, run.act, p.num_tokens, h * dk, h * dk).map_err(e)?;
     let poison = vec![f32::NAN; p.num_tokens * h * dv];
     let mut out =
         DeviceRows::from_f32(client, &poison, run.act, p.num_tokens, h * dv, h * dv).map_err(e)?;
-    paged_decode_path(
-        &q, h, &cache, &batch, &run.opts, run.split, run.path, &mut out,
-    )
-    .map_err(e)?;
+    let opts = DecodeOptions {
+        attention: run.opts.clone(),
+        strategy: run.path,
+        split: run.split,
+    };
+    paged_decode(&q, &cache, &batch, &opts, &mut out).map_err(e)?;
     let got = out.to_f32().map_err(e)?;
 
     let fp8 = run.policy != QuantPolicy::None;
@@ -234,12 +234,7 @@ fn describe(run: &Run) -> String {
         SplitChoice::Auto => "auto".to_string(),
         SplitChoice::Tokens(n) => format!("{n}-token splits"),
     };
-    let path = match run.path {
-        KernelPath::Auto => "auto",
-        KernelPath::CudaCores => "cuda cores",
-        KernelPath::TensorCores => "tensor cores",
-        KernelPath::TensorCoresKeyMajor => "tensor cores, key-major",
-    };
+    let path = run.path.map_or("auto", DecodeStrategy::name);
     if run.q_gain != 1.0 {
         opts.push(format!("q×2^{}", run.q_gain.log2()));
     }
@@ -321,46 +316,43 @@ fn plain(case: &PagedCase, policy: QuantPolicy, cache_dtype: Dtype, act: Dtype) 
         act,
         opts: AttentionOptions::default(),
         split: SplitChoice::Auto,
-        path: KernelPath::Auto,
+        path: None,
         q_gain: 1.0,
     }
 }
 
-/// Each run once per split kernel: the CUDA-core kernel always, the tensor-core kernel and its
-/// key-major variant where they apply. `FP8KV_DECODE_TEST_PATHS=cuda`, `=tensor` or
-/// `=key-major` keeps one of them (device time).
+/// Each run once per split kernel: the CUDA-core kernel always, each tensor-core kernel
+/// (query-major, key-major, wide) where it applies. `FP8KV_DECODE_TEST_PATHS` keeps those it
+/// names, comma-separated (`cuda`, `tensor`, `key-major`, `wide`; device time).
 fn both_paths(runs: Vec<Run<'_>>) -> Vec<Run<'_>> {
     let only = std::env::var("FP8KV_DECODE_TEST_PATHS").unwrap_or_default();
-    let keep = |name: &str| only.is_empty() || only == name;
+    let keep = |name: &str| only.is_empty() || only.split(',').any(|n| n.trim() == name);
     let mut out = Vec::new();
     for run in runs {
         let c = run.case;
-        let group = c.num_heads / c.num_kv_heads;
-        let max_q_len = c.seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
-        let (dk, dv) = (c.head_dim_k, c.head_dim_v);
-        let (act, cache) = (run.act, run.cache_dtype);
-        for (name, path, applies) in [
-            (
-                "tensor",
-                KernelPath::TensorCores,
-                tensor_cores_apply_to(cache, act, dk, dv, group, max_q_len),
-            ),
-            (
-                "key-major",
-                KernelPath::TensorCoresKeyMajor,
-                key_major_applies_to(cache, act, dk, dv, group, max_q_len),
-            ),
+        let shape = DecodeShape {
+            cache: run.cache_dtype,
+            query: run.act,
+            head_dim_k: c.head_dim_k,
+            head_dim_v: c.head_dim_v,
+            group: c.num_heads / c.num_kv_heads,
+            max_q_len: c.seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
+        };
+        for (name, strategy) in [
+            ("tensor", DecodeStrategy::TensorCores),
+            ("key-major", DecodeStrategy::KeyMajor),
+            ("wide", DecodeStrategy::Wide),
         ] {
-            if applies && keep(name) {
+            if strategy.applies(&shape) && keep(name) {
                 out.push(Run {
-                    path,
+                    path: Some(strategy),
                     ..run.clone()
                 });
             }
         }
         if keep("cuda") {
             out.push(Run {
-                path: KernelPath::CudaCores,
+                path: Some(DecodeStrategy::CudaCores),
                 ..run
             });
         }
@@ -586,16 +578,8 @@ fn gpu_decode_reports_quantization_error() {
             .full_cache(QuantPolicy::None, Dtype::Bf16, &Default::default(), 0)
             .unwrap();
         let opts = AttentionOptions::default();
-        let exact = reference::paged_decode(
-            &p.q,
-            c.num_heads,
-            &none,
-            &Default::default(),
-            &p.meta,
-            p.num_tokens,
-            &opts,
-        )
-        .unwrap();
+        let exact = reference::paged_decode(&p.q, c.num_heads, &none, &p.meta, p.num_tokens, &opts)
+            .unwrap();
         let rms_ref = (exact.iter().map(|x| x * x).sum::<f64>() / exact.len().max(1) as f64).sqrt();
         for (policy, dt) in [
             (QuantPolicy::Fp8E4m3, Dtype::E4m3),
@@ -631,37 +615,50 @@ fn gpu_decode_rejects_bad_input() {
     let host = p
         .full_cache(QuantPolicy::Fp8E4m3, Dtype::E4m3, &scales, 0)
         .unwrap();
-    let cache = PagedKvCache::from_host(&client, &host, scales).unwrap();
+    let cache = PagedKvCache::from_host(&client, &host).unwrap();
     let batch = DeviceBatch::new(&client, p.meta.clone(), &p.layout, p.num_tokens).unwrap();
     let (dk, dv, h) = (p.layout.head_dim_k(), p.layout.head_dim_v(), c.num_heads);
     let q = DeviceRows::from_f32(&client, &p.q, Dtype::Bf16, p.num_tokens, h * dk, h * dk).unwrap();
     let mut out = DeviceRows::empty(&client, Dtype::Bf16, p.num_tokens, h * dv, h * dv).unwrap();
-    let opts = AttentionOptions::default();
+    let opts = DecodeOptions::default();
+    // One head more than the cache's KV heads divide: the head count is the row length / dk.
+    let wide_q: Vec<f32> = (0..p.num_tokens * (h + 1) * dk)
+        .map(|i| p.q[i % p.q.len()])
+        .collect();
+    let q_bad = DeviceRows::from_f32(
+        &client,
+        &wide_q,
+        Dtype::Bf16,
+        p.num_tokens,
+        (h + 1) * dk,
+        (h + 1) * dk,
+    )
+    .unwrap();
     assert!(matches!(
-        paged_decode(&q, h + 1, &cache, &batch, &opts, &mut out),
+        paged_decode(&q_bad, &cache, &batch, &opts, &mut out),
         Err(Fp8KvError::HeadRatio { .. })
     ));
-    let bad = AttentionOptions {
+    let bad = DecodeOptions::new(AttentionOptions {
         softcap: Some(-1.0),
         ..Default::default()
-    };
+    });
     assert!(matches!(
-        paged_decode(&q, h, &cache, &batch, &bad, &mut out),
+        paged_decode(&q, &cache, &batch, &bad, &mut out),
         Err(Fp8KvError::InvalidOption(_))
     ));
     let mut wrong_out =
         DeviceRows::empty(&client, Dtype::F16, p.num_tokens, h * dv, h * dv).unwrap();
     assert!(matches!(
-        paged_decode(&q, h, &cache, &batch, &opts, &mut wrong_out),
+        paged_decode(&q, &cache, &batch, &opts, &mut wrong_out),
         Err(Fp8KvError::UnsupportedDtype(_))
     ));
     let short_q =
         DeviceRows::from_f32(&client, &p.q, Dtype::Bf16, p.num_tokens - 1, h * dk, h * dk).unwrap();
     assert!(matches!(
-        paged_decode(&short_q, h, &cache, &batch, &opts, &mut out),
+        paged_decode(&short_q, &cache, &batch, &opts, &mut out),
         Err(Fp8KvError::ShapeMismatch { .. })
     ));
-    paged_decode(&q, h, &cache, &batch, &opts, &mut out).unwrap();
+    paged_decode(&q, &cache, &batch, &opts, &mut out).unwrap();
 }
 
 /// Reports which split kernel the default path picks on this device (the tensor-core kernel
@@ -672,38 +669,51 @@ fn gpu_decode_reports_the_default_kernel_path() {
     let Some(client) = client_or_skip("gpu_decode_reports_the_default_kernel_path") else {
         return;
     };
+    let shape = |cache, dk: usize, dv: usize, group| DecodeShape {
+        cache,
+        query: Dtype::Bf16,
+        head_dim_k: dk,
+        head_dim_v: dv,
+        group,
+        max_q_len: 1,
+    };
     for dt in [Dtype::E4m3, Dtype::E5m2, Dtype::Bf16, Dtype::F16] {
         println!(
-            "default split kernel, {dt} cache, bf16 queries, decode: d128 group 4 {:?}; \
-             d64 group 3 {:?}; d64 group 4 {:?}; 576/512 group 16 {:?}",
-            auto_path(&client, dt, Dtype::Bf16, 128, 128, 4, 1),
-            auto_path(&client, dt, Dtype::Bf16, 64, 64, 3, 1),
-            auto_path(&client, dt, Dtype::Bf16, 64, 64, 4, 1),
-            auto_path(&client, dt, Dtype::Bf16, 576, 512, 16, 1)
+            "default split kernel, {dt} cache, bf16 queries, decode: d128 group 4 {}; \
+             d64 group 3 {}; d64 group 4 {}; 576/512 group 16 {}",
+            auto_strategy(&client, &shape(dt, 128, 128, 4)),
+            auto_strategy(&client, &shape(dt, 64, 64, 3)),
+            auto_strategy(&client, &shape(dt, 64, 64, 4)),
+            auto_strategy(&client, &shape(dt, 576, 512, 16))
         );
     }
-    // The H200 has the MMA: the measured winner of the Llama-3-8B class is key-major.
+    // Hopper has the MMA: the measured winner of the Llama-3-8B class is key-major, of MLA
+    // the wide kernel.
     assert_eq!(
-        auto_path(&client, Dtype::E4m3, Dtype::Bf16, 128, 128, 4, 1),
-        KernelPath::TensorCoresKeyMajor
+        auto_strategy(&client, &shape(Dtype::E4m3, 128, 128, 4)),
+        DecodeStrategy::KeyMajor
+    );
+    assert_eq!(
+        auto_strategy(&client, &shape(Dtype::E4m3, 576, 512, 16)),
+        DecodeStrategy::Wide
     );
     let cases = decode_cases();
     let c = case(&cases, "mla_576_512");
     let run = Run {
-        path: KernelPath::TensorCores,
+        path: Some(DecodeStrategy::TensorCores),
         ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::Bf16)
     };
     let err = run_one(&client, &run)
         .err()
         .expect("the default tensor-core kernel does not apply to 576/512");
     assert!(err.contains("does not apply"), "{err}");
-    // The key-major path covers 576/512 with the wide kernel, but not with f32 queries.
+    // The wide kernel covers 576/512, but not with f32 queries.
     let run = Run {
-        path: KernelPath::TensorCoresKeyMajor,
+        path: Some(DecodeStrategy::Wide),
         ..plain(c, QuantPolicy::Fp8E4m3, Dtype::E4m3, Dtype::F32)
     };
     let err = run_one(&client, &run)
         .err()
-        .expect("no key-major kernel for f32 queries at 576/512");
+        .expect("no wide kernel for f32 queries at 576/512");
     assert!(err.contains("does not apply"), "{err}");
 }

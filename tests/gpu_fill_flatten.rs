@@ -9,6 +9,7 @@ use fp8kv::kernels::flatten::{flatten, output_rows};
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::rope::{QkvHeads, RopeTable};
 use fp8kv::testing::{fill_cases, PagedCase, Problem};
+use fp8kv::CacheSpec;
 use fp8kv::FlattenLayout;
 use fp8kv::{Dtype, KvSide, QuantPolicy};
 
@@ -46,21 +47,15 @@ fn fill_one(
 ) -> Result<(), String> {
     let p = Problem::generate(case, act).map_err(|e| e.to_string())?;
     let scales = case.kv_scales(policy).map_err(|e| e.to_string())?;
-    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).map_err(|e| e.to_string())?;
+    let poisoned = CacheSpec::from_parts(p.layout, policy, dtype, scales)
+        .and_then(|spec| HostKvCache::new(spec, POISON))
+        .map_err(|e| e.to_string())?;
     let mut want = poisoned.clone();
-    reference::fill(
-        &mut want,
-        &scales,
-        p.k_rows(),
-        p.v_rows(),
-        p.num_tokens,
-        &p.meta,
-    )
-    .map_err(|e| e.to_string())?;
+    reference::fill(&mut want, p.k_rows(), p.v_rows(), p.num_tokens, &p.meta)
+        .map_err(|e| e.to_string())?;
 
     let heads = p.layout.num_kv_heads();
-    let mut cache =
-        PagedKvCache::from_host(client, &poisoned, scales).map_err(|e| e.to_string())?;
+    let mut cache = PagedKvCache::from_host(client, &poisoned).map_err(|e| e.to_string())?;
     let k = DeviceRows::from_f32(
         client,
         &p.k_new,
@@ -139,8 +134,8 @@ fn flatten_one(
     let scales = case.kv_scales(policy).map_err(e)?;
     let host = p.full_cache(policy, dtype, &scales, POISON).map_err(e)?;
     let (want_k, want_v) =
-        reference::flatten(&host, &scales, &p.prefill_meta, out_layout, out).map_err(e)?;
-    let cache = PagedKvCache::from_host(client, &host, scales).map_err(e)?;
+        reference::flatten(&host, &p.prefill_meta, out_layout, out).map_err(e)?;
+    let cache = PagedKvCache::from_host(client, &host).map_err(e)?;
     let batch = DeviceBatch::for_reads(client, p.prefill_meta.clone(), &p.layout).map_err(e)?;
     let total = batch.total_kv_tokens();
     let heads = p.layout.num_kv_heads();
@@ -292,22 +287,25 @@ fn gpu_fill_reads_k_and_v_from_a_fused_qkv_buffer() {
     let (k, v) = (slice(q_row), slice(q_row + kv_row));
     let policy = QuantPolicy::Fp8E4m3;
     let scales = case.kv_scales(policy).unwrap();
-    let mut want = HostKvCache::new(p.layout, policy, Dtype::E4m3, POISON).unwrap();
+    let mut want = CacheSpec::from_parts(p.layout, policy, Dtype::E4m3, scales)
+        .and_then(|spec| HostKvCache::new(spec, POISON))
+        .unwrap();
     let rows = |off: usize| reference::HostRows {
         data: &fused[off..],
         row_stride: stride,
     };
     reference::fill(
         &mut want,
-        &scales,
         rows(q_row),
         rows(q_row + kv_row),
         p.num_tokens,
         &p.meta,
     )
     .unwrap();
-    let poisoned = HostKvCache::new(p.layout, policy, Dtype::E4m3, POISON).unwrap();
-    let mut cache = PagedKvCache::from_host(&client, &poisoned, scales).unwrap();
+    let poisoned = CacheSpec::from_parts(p.layout, policy, Dtype::E4m3, scales)
+        .and_then(|spec| HostKvCache::new(spec, POISON))
+        .unwrap();
+    let mut cache = PagedKvCache::from_host(&client, &poisoned).unwrap();
     let batch = DeviceBatch::new(&client, p.meta.clone(), &p.layout, p.num_tokens).unwrap();
     fill(&mut cache, &k, &v, &batch).unwrap();
     let got = cache.to_host().unwrap();
@@ -350,11 +348,12 @@ fn fill_rope_one(
     }
     let positions = p.meta.max_kv_len() + 3;
     let table = RopeTable::new(10_000.0, d, rope_dims, positions).map_err(e)?;
-    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).map_err(e)?;
+    let poisoned = CacheSpec::from_parts(p.layout, policy, dtype, scales)
+        .and_then(|spec| HostKvCache::new(spec, POISON))
+        .map_err(e)?;
     let mut want = poisoned.clone();
     let want_q = reference::fill_rope(
         &mut want,
-        &scales,
         reference::HostRows {
             data: &qkv,
             row_stride: stride,
@@ -367,7 +366,7 @@ fn fill_rope_one(
     )
     .map_err(e)?;
 
-    let mut cache = PagedKvCache::from_host(client, &poisoned, scales).map_err(e)?;
+    let mut cache = PagedKvCache::from_host(client, &poisoned).map_err(e)?;
     let rows = DeviceRows::from_f32(client, &qkv, act, p.num_tokens, heads.row_elems(), stride)
         .map_err(e)?;
     let table_dev =

@@ -11,6 +11,7 @@ use fp8kv::kernels::fill::fill_with_stats;
 use fp8kv::kernels::stats::{kv_stats, reference_stats, DeviceKvStats, KvStats};
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{fill_cases, llm_like, Problem, Rng};
+use fp8kv::CacheSpec;
 use fp8kv::{Dtype, KvScales, KvSide, QuantPolicy};
 
 #[test]
@@ -234,20 +235,15 @@ fn gpu_fill_with_stats_writes_the_same_codes_and_counts_what_it_clamped() {
                         p.k_new[s0 * p.k_row_stride + i] = *x;
                         p.v_new[s0 * p.v_row_stride + 2 * i] = *x;
                     }
-                    let poisoned = HostKvCache::new(p.layout, policy, dtype, POISON).unwrap();
+                    let poisoned = CacheSpec::from_parts(p.layout, policy, dtype, scales)
+                        .and_then(|spec| HostKvCache::new(spec, POISON))
+                        .unwrap();
                     let mut want = poisoned.clone();
-                    reference::fill(
-                        &mut want,
-                        &scales,
-                        p.k_rows(),
-                        p.v_rows(),
-                        p.num_tokens,
-                        &p.meta,
-                    )
-                    .unwrap();
+                    reference::fill(&mut want, p.k_rows(), p.v_rows(), p.num_tokens, &p.meta)
+                        .unwrap();
                     let heads = p.layout.num_kv_heads();
                     let (kw, vw) = (heads * p.layout.head_dim_k(), heads * p.layout.head_dim_v());
-                    let mut cache = PagedKvCache::from_host(&client, &poisoned, scales).unwrap();
+                    let mut cache = PagedKvCache::from_host(&client, &poisoned).unwrap();
                     let k = DeviceRows::from_f32(
                         &client,
                         &p.k_new,

@@ -5,6 +5,7 @@
 
 use fp8kv::device::check_batch_buffer_len;
 use fp8kv::reference::{self, quantize_value, HostKvCache, HostRows};
+use fp8kv::CacheSpec;
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8Format, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy,
@@ -92,20 +93,16 @@ fn host_rows_whose_span_overflows_are_too_large() {
     // rows, and fill then indexed row 1 of it and panicked.
     let l = layout(1, 16, 1, 64);
     let meta = BatchMetadata::new(vec![1], vec![1], vec![1], vec![0], 1).unwrap();
-    let mut cache = HostKvCache::new(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let mut cache =
+        CacheSpec::from_parts(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, KvScales::default())
+            .and_then(|spec| HostKvCache::new(spec, 0))
+            .unwrap();
     let data = [0.5f32; 64];
     let rows = HostRows {
         data: &data,
         row_stride: 64,
     };
-    let r = reference::fill(
-        &mut cache,
-        &KvScales::default(),
-        rows,
-        rows,
-        (1 << 58) + 1,
-        &meta,
-    );
+    let r = reference::fill(&mut cache, rows, rows, (1 << 58) + 1, &meta);
     too_large(r, "host rows span");
 }
 
@@ -114,17 +111,11 @@ fn decode_whose_query_size_overflows_is_too_large() {
     // 2^58 tokens x 1 head x 64 wrapped to 0, so an empty q passed the length check and the
     // query rows were then read out of it.
     let l = layout(1, 16, 1, 64);
-    let cache = HostKvCache::new(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let cache = CacheSpec::from_parts(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, KvScales::default())
+        .and_then(|spec| HostKvCache::new(spec, 0))
+        .unwrap();
     let meta = BatchMetadata::new(vec![0], vec![1], vec![1], vec![0], 1).unwrap();
-    let r = reference::paged_decode(
-        &[],
-        1,
-        &cache,
-        &KvScales::default(),
-        &meta,
-        1 << 58,
-        &AttentionOptions::default(),
-    );
+    let r = reference::paged_decode(&[], 1, &cache, &meta, 1 << 58, &AttentionOptions::default());
     too_large(r, "q elements");
 }
 
@@ -133,7 +124,8 @@ fn host_cache_the_host_cannot_allocate_is_too_large() {
     // 2^59 bytes per side: a valid layout (its sizes fit usize) but not an allocation.
     let l = layout(1 << 44, 16, 8, 128);
     too_large(
-        HostKvCache::new(l, QuantPolicy::None, Dtype::Bf16, 0),
+        CacheSpec::from_parts(l, QuantPolicy::None, Dtype::Bf16, KvScales::default())
+            .and_then(|spec| HostKvCache::new(spec, 0)),
         "host k cache bytes",
     );
 }
@@ -161,7 +153,7 @@ fn batch_buffers_past_32_bit_indices_are_too_large() {
 
 #[test]
 fn split_plans_are_total_for_any_input() {
-    use fp8kv::kernels::decode::{plan::TILE_TOKENS, SplitPlan};
+    use fp8kv::internals::{SplitPlan, TILE_TOKENS};
     // Rounding usize::MAX up to whole tiles wrapped to 0 and then divided by it.
     let p = SplitPlan::with_split_tokens(usize::MAX, 100).unwrap();
     assert_eq!((p.num_splits, p.split_tokens), (1, 128));
@@ -195,7 +187,9 @@ fn host_cache_with_resized_buffers_is_a_shape_mismatch() {
         row_stride: 64,
     };
     for (short_k, what) in [(true, "host k cache bytes"), (false, "host v cache bytes")] {
-        let mut cache = HostKvCache::new(l, QuantPolicy::Fp8E5m2, Dtype::E5m2, 0).unwrap();
+        let mut cache = CacheSpec::from_parts(l, QuantPolicy::Fp8E5m2, Dtype::E5m2, scales)
+            .and_then(|spec| HostKvCache::new(spec, 0))
+            .unwrap();
         if short_k {
             cache.k.pop();
         } else {
@@ -206,21 +200,9 @@ fn host_cache_with_resized_buffers_is_a_shape_mismatch() {
             other => panic!("{what}: {other:?}"),
         };
         shape(cache.check_shape());
-        shape(reference::fill(
-            &mut cache.clone(),
-            &scales,
-            rows,
-            rows,
-            1,
-            &meta,
-        ));
-        shape(
-            reference::flatten(&cache, &scales, &meta, FlattenLayout::Shd, Dtype::F32).map(|_| ()),
-        );
-        shape(
-            reference::paged_decode(&data, 1, &cache, &scales, &meta, 1, &Default::default())
-                .map(|_| ()),
-        );
+        shape(reference::fill(&mut cache.clone(), rows, rows, 1, &meta));
+        shape(reference::flatten(&cache, &meta, FlattenLayout::Shd, Dtype::F32).map(|_| ()));
+        shape(reference::paged_decode(&data, 1, &cache, &meta, 1, &Default::default()).map(|_| ()));
     }
 }
 
@@ -238,9 +220,11 @@ fn query_spans_need_not_be_in_batch_order() {
         data: &data,
         row_stride: 64,
     };
-    let mut cache = HostKvCache::new(l, QuantPolicy::None, Dtype::F16, 0).unwrap();
     let scales = KvScales::default();
-    reference::fill(&mut cache, &scales, rows, rows, 4, &meta).unwrap();
+    let mut cache = CacheSpec::from_parts(l, QuantPolicy::None, Dtype::F16, scales)
+        .and_then(|spec| HostKvCache::new(spec, 0))
+        .unwrap();
+    reference::fill(&mut cache, rows, rows, 4, &meta).unwrap();
     // Sequence 0, position 1 (page 0, slot 1) holds row 3 (value 4.0); sequence 1's
     // positions 0..3 (page 1) hold rows 0..3 (1.0, 2.0, 3.0). f16 bits: 4.0 = 0x4400.
     let f16_at = |page: usize, slot: usize| {
@@ -290,15 +274,17 @@ fn special_row() -> [f32; 8] {
 fn fill_one_row(policy: QuantPolicy, dtype: Dtype, k: &[f32], v: &[f32]) -> HostKvCache {
     let l = layout(1, 16, 1, 64);
     let meta = BatchMetadata::new(vec![0], vec![1], vec![1], vec![0], 1).unwrap();
-    let mut cache = HostKvCache::new(l, policy, dtype, 0x55).unwrap();
+    let scales = KvScales::new(0.5, 0.25).unwrap();
+    let mut cache = CacheSpec::from_parts(l, policy, dtype, scales)
+        .and_then(|spec| HostKvCache::new(spec, 0x55))
+        .unwrap();
     let pad = |x: &[f32]| {
         let mut r = x.to_vec();
         r.resize(64, 0.0);
         r
     };
     let (k, v) = (pad(k), pad(v));
-    let scales = KvScales::new(0.5, 0.25).unwrap();
-    reference::fill(&mut cache, &scales, rows(&k, 64), rows(&v, 64), 1, &meta).unwrap();
+    reference::fill(&mut cache, rows(&k, 64), rows(&v, 64), 1, &meta).unwrap();
     cache
 }
 
@@ -345,9 +331,8 @@ fn nan_stores_the_nan_code_and_inf_saturates_to_max() {
         }
         // Flatten: NaN · scale is NaN, the saturated codes are ±MAX · scale.
         let meta = BatchMetadata::new(vec![0], vec![1], vec![1], vec![0], 1).unwrap();
-        let scales = KvScales::new(0.5, 0.25).unwrap();
-        let (k, _) =
-            reference::flatten(&cache, &scales, &meta, FlattenLayout::Shd, Dtype::F32).unwrap();
+        // `fill_one_row` built the cache with scales 0.5 / 0.25.
+        let (k, _) = reference::flatten(&cache, &meta, FlattenLayout::Shd, Dtype::F32).unwrap();
         let max = format.max_finite() * 0.5;
         assert!(k[0].is_nan() && k[1].is_nan(), "{dtype}");
         assert_eq!(&k[2..6], &[max, -max, max, -max], "{dtype}");
@@ -405,11 +390,12 @@ fn decode_with_token1(
     }
     let prefill = BatchMetadata::new(vec![0], vec![5], vec![5], vec![0], 1).unwrap();
     let scales = KvScales::default();
-    let mut cache = HostKvCache::new(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let mut cache = CacheSpec::from_parts(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales)
+        .and_then(|spec| HostKvCache::new(spec, 0))
+        .unwrap();
     let stride = kv_heads * d;
     reference::fill(
         &mut cache,
-        &scales,
         rows(&hist_k, stride),
         rows(&hist_v, stride),
         tokens,
@@ -422,7 +408,7 @@ fn decode_with_token1(
         window,
         ..Default::default()
     };
-    reference::paged_decode(&q, 4, &cache, &scales, &step, 1, &opts).unwrap()
+    reference::paged_decode(&q, 4, &cache, &step, 1, &opts).unwrap()
 }
 
 #[test]

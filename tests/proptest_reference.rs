@@ -6,6 +6,7 @@ mod proptest_support;
 
 use fp8kv::reference::{self, HostKvCache, HostRows};
 use fp8kv::testing::Rng;
+use fp8kv::CacheSpec;
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{Dtype, Fp8KvError, KvLayoutKind, KvScales, KvSide, QuantPolicy};
 use proptest::prelude::*;
@@ -138,7 +139,9 @@ fn reference_kernels_match_an_independent_recomputation() {
             let fail = |e: Fp8KvError| TestCaseError::fail(e.to_string());
 
             // A cache whose every element holds a random value (the history), written here.
-            let mut cache = HostKvCache::new(l, policy, dtype, 0).map_err(fail)?;
+            let mut cache = CacheSpec::from_parts(l, policy, dtype, scales)
+                .and_then(|spec| HostKvCache::new(spec, 0))
+                .map_err(fail)?;
             let elems = l.cache_elems(KvSide::K);
             for e in 0..elems {
                 put(
@@ -193,8 +196,7 @@ fn reference_kernels_match_an_independent_recomputation() {
                     row_stride: stride,
                 },
             );
-            reference::fill(&mut cache, &scales, k_rows, v_rows, c.num_tokens, &meta)
-                .map_err(fail)?;
+            reference::fill(&mut cache, k_rows, v_rows, c.num_tokens, &meta).map_err(fail)?;
             check(cache == want, || {
                 "fill wrote other bytes than expected".into()
             })?;
@@ -208,7 +210,7 @@ fn reference_kernels_match_an_independent_recomputation() {
                 FlattenLayout::Shd
             };
             let (fk, fv) =
-                reference::flatten(&cache, &scales, &meta, out_layout, out_dtype).map_err(fail)?;
+                reference::flatten(&cache, &meta, out_layout, out_dtype).map_err(fail)?;
             let total: usize = c.kv.iter().map(|&k| k as usize).sum();
             check(
                 fk.len() == heads * total * d && fv.len() == fk.len(),
@@ -251,9 +253,8 @@ fn reference_kernels_match_an_independent_recomputation() {
                 sinks: (rng.below(2) == 0).then(|| vec![0.5; num_heads]),
                 alibi_slopes: (rng.below(2) == 0).then(|| vec![0.05; num_heads]),
             };
-            let got =
-                reference::paged_decode(&q, num_heads, &cache, &scales, &meta, c.num_tokens, &opts)
-                    .map_err(fail)?;
+            let got = reference::paged_decode(&q, num_heads, &cache, &meta, c.num_tokens, &opts)
+                .map_err(fail)?;
             let sm = opts.sm_scale.map_or(1.0 / 8.0, f64::from);
             let deq =
                 |bytes: &[u8], e: usize, s: f32| decode(dtype, get(bytes, es, e)) as f64 * s as f64;

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fp8kv::reference::{self, HostKvCache, HostRows};
 use fp8kv::testing::Rng;
+use fp8kv::CacheSpec;
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy,
@@ -416,16 +417,20 @@ fn corrupted_metadata_is_rejected_with_its_own_error() {
             let row = l.num_kv_heads() * l.head_dim_k().max(l.head_dim_v());
             let cache_bytes = l.cache_bytes(QuantPolicy::Fp8E4m3);
             if cache_bytes <= 1 << 16 && c.num_tokens * row <= zeros().len() {
-                let mut cache = HostKvCache::new(l, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0)
-                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let mut cache = CacheSpec::from_parts(
+                    l,
+                    QuantPolicy::Fp8E4m3,
+                    Dtype::E4m3,
+                    KvScales::default(),
+                )
+                .and_then(|spec| HostKvCache::new(spec, 0))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let rows = |d| HostRows {
                     data: zeros(),
                     row_stride: l.num_kv_heads() * d,
                 };
-                let scales = KvScales::default();
                 let fill = reference::fill(
                     &mut cache,
-                    &scales,
                     rows(l.head_dim_k()),
                     rows(l.head_dim_v()),
                     c.num_tokens,
@@ -433,8 +438,7 @@ fn corrupted_metadata_is_rejected_with_its_own_error() {
                 );
                 check(fill == got, || format!("kind {kind}: fill {fill:?}"))?;
                 let flat =
-                    reference::flatten(&cache, &scales, &meta, FlattenLayout::Hsd, Dtype::F32)
-                        .map(|_| ());
+                    reference::flatten(&cache, &meta, FlattenLayout::Hsd, Dtype::F32).map(|_| ());
                 check(flat == reads, || format!("kind {kind}: flatten {flat:?}"))?;
             }
             Ok(())
@@ -492,7 +496,8 @@ fn malformed_constructor_inputs_are_rejected() {
                 }
                 4 => {
                     // batch × max_pages past usize (the table can then never match).
-                    mp = usize::MAX / batch + 1 + rng.below(1000);
+                    // Saturating: with batch 1 the sum would overflow (mp is reset to 0 below).
+                    mp = (usize::MAX / batch).saturating_add(1 + rng.below(1000));
                     if batch == 1 {
                         mp = 0;
                         "max_pages_per_seq"

@@ -2,6 +2,7 @@
 
 use fp8kv::reference::{self, flatten, paged_decode, HostKvCache};
 use fp8kv::testing::{decode_cases, fill_cases, PagedCase, Problem};
+use fp8kv::CacheSpec;
 use fp8kv::{flatten_start_loc, AttentionOptions, FlattenLayout};
 use fp8kv::{
     BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, KvSide, PagedKvLayout, QuantPolicy,
@@ -42,8 +43,7 @@ fn fill_then_flatten_equals_input_rounded_through_codec() {
             let scales = case.kv_scales(policy).unwrap();
             let cache = p.full_cache(policy, dtype, &scales, POISON).unwrap();
             for out_layout in [FlattenLayout::Hsd, FlattenLayout::Shd] {
-                let (k, v) =
-                    flatten(&cache, &scales, &p.prefill_meta, out_layout, Dtype::F32).unwrap();
+                let (k, v) = flatten(&cache, &p.prefill_meta, out_layout, Dtype::F32).unwrap();
                 let total = p.total_kv_tokens();
                 let heads = case.num_kv_heads;
                 for (side, out, src, scale) in [
@@ -88,16 +88,10 @@ fn fill_touches_only_the_new_tokens_slots() {
         for (policy, dtype) in cache_dtypes() {
             let p = Problem::generate(&case, act_for(dtype)).unwrap();
             let scales = case.kv_scales(policy).unwrap();
-            let mut cache = HostKvCache::new(p.layout, policy, dtype, POISON).unwrap();
-            reference::fill(
-                &mut cache,
-                &scales,
-                p.k_rows(),
-                p.v_rows(),
-                p.num_tokens,
-                &p.meta,
-            )
-            .unwrap();
+            let mut cache = CacheSpec::from_parts(p.layout, policy, dtype, scales)
+                .and_then(|spec| HostKvCache::new(spec, POISON))
+                .unwrap();
+            reference::fill(&mut cache, p.k_rows(), p.v_rows(), p.num_tokens, &p.meta).unwrap();
             let es = dtype.size_bytes();
             for side in [KvSide::K, KvSide::V] {
                 let t = p.layout.tensor(side);
@@ -132,20 +126,15 @@ fn fill_rejects_bad_input_with_typed_errors() {
     let case = &fill_cases()[1];
     let p = Problem::generate(case, Dtype::Bf16).unwrap();
     let scales = KvScales::default();
-    let mut cache = HostKvCache::new(p.layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let mut cache = CacheSpec::from_parts(p.layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales)
+        .and_then(|spec| HostKvCache::new(spec, 0))
+        .unwrap();
     let short = fp8kv::reference::HostRows {
         data: &p.k_new[..10],
         row_stride: p.k_row_stride,
     };
     assert!(matches!(
-        reference::fill(
-            &mut cache,
-            &scales,
-            short,
-            p.v_rows(),
-            p.num_tokens,
-            &p.meta
-        ),
+        reference::fill(&mut cache, short, p.v_rows(), p.num_tokens, &p.meta),
         Err(Fp8KvError::ShapeMismatch { what: "k", .. })
     ));
     let narrow = fp8kv::reference::HostRows {
@@ -153,20 +142,12 @@ fn fill_rejects_bad_input_with_typed_errors() {
         row_stride: 7,
     };
     assert!(matches!(
-        reference::fill(
-            &mut cache,
-            &scales,
-            narrow,
-            p.v_rows(),
-            p.num_tokens,
-            &p.meta
-        ),
+        reference::fill(&mut cache, narrow, p.v_rows(), p.num_tokens, &p.meta),
         Err(Fp8KvError::RowStride { what: "k", .. })
     ));
     assert!(matches!(
         reference::fill(
             &mut cache,
-            &scales,
             p.k_rows(),
             p.v_rows(),
             p.num_tokens - 1,
@@ -175,7 +156,13 @@ fn fill_rejects_bad_input_with_typed_errors() {
         Err(Fp8KvError::ShapeMismatch { .. }) | Err(Fp8KvError::QueryOutOfRange { .. })
     ));
     assert!(matches!(
-        HostKvCache::new(p.layout, QuantPolicy::Fp8E4m3, Dtype::Bf16, 0),
+        CacheSpec::from_parts(
+            p.layout,
+            QuantPolicy::Fp8E4m3,
+            Dtype::Bf16,
+            KvScales::default()
+        )
+        .and_then(|spec| HostKvCache::new(spec, 0)),
         Err(Fp8KvError::UnsupportedDtype(_))
     ));
 }
@@ -190,14 +177,7 @@ fn saturating_case_saturates_to_max_not_nan() {
         let p = Problem::generate(&case, Dtype::Bf16).unwrap();
         let scales = case.kv_scales(policy).unwrap();
         let cache = p.full_cache(policy, dtype, &scales, 0).unwrap();
-        let (k, _) = flatten(
-            &cache,
-            &scales,
-            &p.prefill_meta,
-            FlattenLayout::Shd,
-            Dtype::F32,
-        )
-        .unwrap();
+        let (k, _) = flatten(&cache, &p.prefill_meta, FlattenLayout::Shd, Dtype::F32).unwrap();
         let max = policy.fp8_max().unwrap() * scales.k();
         let saturated = k.iter().filter(|x| x.abs() == max).count();
         assert!(
@@ -325,14 +305,7 @@ fn decode_over_fp8_cache_equals_attention_over_flattened_dequantized_cache() {
             let p = Problem::generate(&case, Dtype::Bf16).unwrap();
             let scales = case.kv_scales(policy).unwrap();
             let cache = p.full_cache(policy, dtype, &scales, POISON).unwrap();
-            let (k, v) = flatten(
-                &cache,
-                &scales,
-                &p.prefill_meta,
-                FlattenLayout::Shd,
-                Dtype::F32,
-            )
-            .unwrap();
+            let (k, v) = flatten(&cache, &p.prefill_meta, FlattenLayout::Shd, Dtype::F32).unwrap();
             let starts = flatten_start_loc(&p.prefill_meta);
             let (dk, dv, kvh, nh) = (
                 case.head_dim_k,
@@ -345,8 +318,7 @@ fn decode_over_fp8_cache_equals_attention_over_flattened_dequantized_cache() {
                 .into_iter()
                 .filter(|(n, _)| policy == QuantPolicy::Fp8E4m3 || *n == "plain");
             for (opt_name, opts) in sets {
-                let got =
-                    paged_decode(&p.q, nh, &cache, &scales, &p.meta, p.num_tokens, &opts).unwrap();
+                let got = paged_decode(&p.q, nh, &cache, &p.meta, p.num_tokens, &opts).unwrap();
                 for (b, s) in case.seqs.iter().enumerate() {
                     if s.q_len == 0 {
                         continue;
@@ -410,7 +382,9 @@ fn one_page_per_sequence(
         1,
     )
     .unwrap();
-    let mut cache = HostKvCache::new(layout, policy, dtype, POISON).unwrap();
+    let mut cache = CacheSpec::from_parts(layout, policy, dtype, *scales)
+        .and_then(|spec| HostKvCache::new(spec, POISON))
+        .unwrap();
     let rows_k = reference::HostRows {
         data: &p.hist_k,
         row_stride: case.num_kv_heads * case.head_dim_k,
@@ -419,15 +393,7 @@ fn one_page_per_sequence(
         data: &p.hist_v,
         row_stride: case.num_kv_heads * case.head_dim_v,
     };
-    reference::fill(
-        &mut cache,
-        scales,
-        rows_k,
-        rows_v,
-        p.total_kv_tokens(),
-        &prefill,
-    )
-    .unwrap();
+    reference::fill(&mut cache, rows_k, rows_v, p.total_kv_tokens(), &prefill).unwrap();
     let step = BatchMetadata::new(
         p.meta.q_start_loc().to_vec(),
         p.meta.q_seq_length().to_vec(),
@@ -454,26 +420,10 @@ fn decode_with_one_page_equals_decode_over_shuffled_pages() {
                 window: Some(40),
                 ..Default::default()
             };
-            let a = paged_decode(
-                &p.q,
-                case.num_heads,
-                &paged,
-                &scales,
-                &p.meta,
-                p.num_tokens,
-                &opts,
-            )
-            .unwrap();
-            let b = paged_decode(
-                &p.q,
-                case.num_heads,
-                &single,
-                &scales,
-                &step,
-                p.num_tokens,
-                &opts,
-            )
-            .unwrap();
+            let a =
+                paged_decode(&p.q, case.num_heads, &paged, &p.meta, p.num_tokens, &opts).unwrap();
+            let b =
+                paged_decode(&p.q, case.num_heads, &single, &step, p.num_tokens, &opts).unwrap();
             assert_eq!(a, b, "{} {policy}: paging changed the result", case.name);
         }
     }
@@ -488,7 +438,7 @@ fn decode_rejects_bad_input_with_typed_errors() {
         .full_cache(QuantPolicy::Fp8E4m3, Dtype::E4m3, &scales, 0)
         .unwrap();
     let run = |nh: usize, q: &[f32], opts: AttentionOptions| {
-        paged_decode(q, nh, &cache, &scales, &p.meta, p.num_tokens, &opts)
+        paged_decode(q, nh, &cache, &p.meta, p.num_tokens, &opts)
     };
     assert!(matches!(
         run(30, &p.q, Default::default()),

@@ -6,9 +6,6 @@
 //! modules holding public `#[cube]` functions allow `missing_docs`; their items are documented.
 
 #[allow(missing_docs)]
-#[cfg(feature = "internals")]
-pub mod codec;
-#[cfg(not(feature = "internals"))]
 pub(crate) mod codec;
 pub mod decode;
 pub mod fill;
@@ -26,7 +23,6 @@ use crate::layout::{KvLayoutKind, PagedKvLayout};
 /// of the generated kernel. `num_pages` is not part of it (runtime: only buffer lengths).
 ///
 /// Comptime (part of the JIT key): page size, KV heads, head dim, Bshd/Bhsd.
-#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct CacheGeometry {
     /// Tokens per page.
@@ -122,25 +118,11 @@ pub fn array_len(handle: &cubecl::server::Handle, elem_bytes: usize) -> usize {
 }
 
 /// Per-family overrides of the streaming launch shape, set by [`override_copy_shape`].
-static COPY_OVERRIDES: std::sync::Mutex<Vec<(&'static str, CopyShape)>> =
+pub(crate) static COPY_OVERRIDES: std::sync::Mutex<Vec<(&'static str, CopyShape)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// `(threads per cube, vectors per thread, rounds)` of a streaming launch.
-type CopyShape = (u32, u32, u32);
-
-/// Tuning runs only (benches, under the `internals` feature): makes every later fill
-/// (`family` `"FILL"`) or flatten (`"FLATTEN"`) launch big enough for the streaming path use
-/// `(threads per cube, vectors per thread, rounds)` instead of the defaults (clamped to 1024,
-/// 16 and 16; `None` restores them). An explicit call, never an environment variable read
-/// inside the library.
-#[cfg(feature = "internals")]
-pub fn override_copy_shape(family: &'static str, shape: Option<(u32, u32, u32)>) {
-    let mut map = COPY_OVERRIDES.lock().unwrap_or_else(|e| e.into_inner());
-    map.retain(|(f, _)| *f != family);
-    if let Some((t, u, r)) = shape {
-        map.push((family, (t.clamp(1, 1024), u.clamp(1, 16), r.clamp(1, 16))));
-    }
-}
+pub(crate) type CopyShape = (u32, u32, u32);
 
 /// `(threads per cube, vectors per thread, rounds)` of a kernel family's bandwidth path: the
 /// defaults, unless a tuning run overrode them.

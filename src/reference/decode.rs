@@ -4,7 +4,6 @@ use super::HostKvCache;
 use crate::contract::AttentionOptions;
 use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
-use crate::scales::KvScales;
 
 /// Attention of `q` (`[num_tokens, num_heads, head_dim_k]`, row-major, packed as `meta` says)
 /// over the paged cache. Query `i` of sequence `b` sits at position `p = kv_len - q_len + i`
@@ -12,7 +11,8 @@ use crate::scales::KvScales;
 /// reads KV head `h / (num_heads / num_kv_heads)`.
 ///
 /// `s_j = (q · f32(K_j)) · k_scale · sm_scale`, then softcap, then ALiBi; `p = softmax(s)`
-/// with the sink in the denominator; `o = Σ_j (p_j · v_scale) · f32(V_j)`. Returns
+/// with the sink in the denominator; `o = Σ_j (p_j · v_scale) · f32(V_j)`, with the scales of
+/// the cache's [`HostKvCache::scales`] (1 for the unquantized cache, whose scales are ignored). Returns
 /// `[num_tokens, num_heads, head_dim_v]` in f64; rows that belong to no sequence stay 0, and a
 /// query that sees no key gets 0.
 ///
@@ -33,7 +33,6 @@ pub fn paged_decode(
     q: &[f32],
     num_heads: usize,
     cache: &HostKvCache,
-    scales: &KvScales,
     meta: &BatchMetadata,
     num_tokens: usize,
     opts: &AttentionOptions,
@@ -61,11 +60,15 @@ pub fn paged_decode(
     meta.validate(&layout, num_tokens)?;
     let group = num_heads / kv_heads;
     let sm_scale = opts.sm_scale.map_or(1.0 / (dk as f64).sqrt(), f64::from);
-    // Unquantized caches ignore the scales (see HostKvCache::dequant); pass 1 for the raw value.
-    let raw = |side, page, slot, h, d| cache.dequant(side, 1.0, page, slot, h, d) as f64;
+    // Unquantized caches ignore the scales (see HostKvCache::dequant); FP8 scales are applied
+    // in f64 to the unscaled codes.
+    let raw = |side, page, slot, h, d| cache.raw(side, page, slot, h, d) as f64;
     let (k_scale, v_scale) = match cache.policy() {
         crate::policy::QuantPolicy::None => (1.0, 1.0),
-        _ => (scales.k() as f64, scales.v() as f64),
+        _ => {
+            let scales = cache.scales();
+            (scales.k() as f64, scales.v() as f64)
+        }
     };
     let page_size = layout.page_size();
     // Attention of query `i` of sequence `b`, all heads: `[num_heads, dv]`.

@@ -3,12 +3,12 @@
 use super::{quantize_value, HostKvCache, HostRows};
 use crate::error::{KvSide, Result};
 use crate::layout::BatchMetadata;
-use crate::scales::KvScales;
 
 /// Writes each sequence's `q_seq_length` new tokens (rows `q_start_loc..+q_len` of `k_new` and
 /// `v_new`, each row `[num_kv_heads, head_dim]`) into cache positions `[kv_len - q_len,
-/// kv_len)`, quantizing FP8 as `clamp(x / scale, ±MAX)` with round-to-nearest-even. Touches no
-/// other slot. Validates `meta` against the cache layout first.
+/// kv_len)`, quantizing FP8 as `clamp(x / scale, ±MAX)` with round-to-nearest-even, `scale` the
+/// side's scale from [`HostKvCache::scales`] (the unquantized cache ignores the scales). Touches
+/// no other slot. Validates `meta` against the cache layout first.
 ///
 /// Non-finite inputs ([`crate::kernels::fill`] documents the same for the GPU): NaN is stored
 /// as the format's NaN code with the input's sign (E4M3 `0x7F`/`0xFF`, E5M2 `0x7E`/`0xFE`);
@@ -21,7 +21,6 @@ use crate::scales::KvScales;
 /// of [`BatchMetadata::validate`].
 pub fn fill(
     cache: &mut HostKvCache,
-    scales: &KvScales,
     k_new: HostRows<'_>,
     v_new: HostRows<'_>,
     num_tokens: usize,
@@ -33,7 +32,7 @@ pub fn fill(
     k_new.check("k", num_tokens, heads * layout.head_dim_k())?;
     v_new.check("v", num_tokens, heads * layout.head_dim_v())?;
     meta.validate(&layout, num_tokens)?;
-    let dtype = cache.dtype();
+    let (dtype, scales) = (cache.dtype(), cache.scales());
     let es = dtype.size_bytes();
     for (side, rows, scale) in [
         (KvSide::K, k_new, scales.k()),
@@ -69,15 +68,14 @@ pub fn fill(
 /// a fused QKV projection `[q_heads + 2 kv_heads, head_dim]` (Q, then K, then V): pairs `(2i,
 /// 2i + 1)` of each Q and K head with `i < table.rope_dims() / 2` rotate by the angle of the
 /// token's position (`kv_seqlens − q_seq_length + i`): `(x₀ c − x₁ s, x₀ s + x₁ c)` in f64,
-/// rounded to f32 once; K (rotated) and V then go through [`fill`], and Q is returned rounded
-/// to `act`, `[num_tokens, q_heads · head_dim]`, NaN in the rows of no sequence.
+/// rounded to f32 once; K (rotated) and V then go through [`fill`] (with the cache's scales),
+/// and Q is returned rounded to `act`, `[num_tokens, q_heads · head_dim]`, NaN in the rows of
+/// no sequence.
 ///
 /// Errors: [`crate::Fp8KvError::ShapeMismatch`] for heads that do not match the cache's
 /// layout or the table, or a table too short for the batch's positions; those of [`fill`].
-#[allow(clippy::too_many_arguments)]
 pub fn fill_rope(
     cache: &mut HostKvCache,
-    scales: &KvScales,
     qkv: HostRows<'_>,
     num_tokens: usize,
     meta: &BatchMetadata,
@@ -149,6 +147,6 @@ pub fn fill_rope(
         data,
         row_stride: kvd,
     };
-    fill(cache, scales, rows(&k), rows(&v), num_tokens, meta)?;
+    fill(cache, rows(&k), rows(&v), num_tokens, meta)?;
     Ok(q)
 }

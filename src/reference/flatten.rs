@@ -5,18 +5,17 @@ use crate::contract::{flatten_start_loc, FlattenLayout};
 use crate::error::{checked_product, try_vec, Fp8KvError, KvSide, Result};
 use crate::layout::BatchMetadata;
 use crate::policy::Dtype;
-use crate::scales::KvScales;
 
 /// Gathers every sequence's `kv_seqlens[b]` cached tokens into contiguous K and V tensors in
 /// `out_layout`, sequences concatenated in batch order (see [`flatten_start_loc`]), values
-/// `f32(q) * scale` rounded to `out_dtype`. Returns `(k, v)` as f32 values of `out_dtype`.
+/// [`HostKvCache::dequant`] (`f32(q) * scale` with the cache's scales; the stored value for the
+/// unquantized cache) rounded to `out_dtype`. Returns `(k, v)` as f32 values of `out_dtype`.
 ///
 /// Errors: [`Fp8KvError::UnsupportedDtype`] (an FP8 output), a cache whose buffers fail
 /// [`HostKvCache::check_shape`], every error of [`BatchMetadata::validate_reads`], and
 /// [`Fp8KvError::TooLarge`] for an output the host cannot hold.
 pub fn flatten(
     cache: &HostKvCache,
-    scales: &KvScales,
     meta: &BatchMetadata,
     out_layout: FlattenLayout,
     out_dtype: Dtype,
@@ -33,7 +32,7 @@ pub fn flatten(
     let total = starts[meta.batch()];
     let heads = layout.num_kv_heads();
     let mut out = Vec::with_capacity(2);
-    for (side, scale) in [(KvSide::K, scales.k()), (KvSide::V, scales.v())] {
+    for side in [KvSide::K, KvSide::V] {
         let d_len = layout.head_dim(side);
         let elems = checked_product("flatten output elements", &[heads, total, d_len])?;
         let mut o = try_vec("flatten output elements", elems, 0f32)?;
@@ -47,7 +46,7 @@ pub fn flatten(
                         FlattenLayout::Shd => tok * heads + h,
                     };
                     for d in 0..d_len {
-                        let x = cache.dequant(side, scale, page, slot, h, d);
+                        let x = cache.dequant(side, page, slot, h, d);
                         o[row * d_len + d] = out_dtype.round_trip(x);
                     }
                 }

@@ -1,8 +1,9 @@
 //! CPU reference kernels: naive, f64 accumulation, walking the block table token by token,
 //! FP8 through the software codec in [`crate::fp8`]. The ground truth of every GPU test.
 //!
-//! Host buffers: the cache is raw bytes in its [`Dtype`] (little-endian), activations are f32
-//! values (already rounded to their activation dtype by the caller).
+//! Host buffers: the cache is raw bytes in its [`Dtype`] (little-endian) together with its
+//! [`CacheSpec`], whose scales every kernel here reads (none takes them separately);
+//! activations are f32 values (already rounded to their activation dtype by the caller).
 
 mod decode;
 mod fill;
@@ -18,43 +19,37 @@ use crate::layout::PagedKvLayout;
 use crate::policy::{Dtype, QuantPolicy};
 use crate::scales::KvScales;
 
-/// A paged K/V cache held in host memory, as raw element bytes.
+/// A paged K/V cache held in host memory, as raw element bytes, with the [`CacheSpec`] that
+/// describes it (layout, element type, scales): the reference kernels read the scales from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostKvCache {
-    layout: PagedKvLayout,
-    // The policy follows from it (`CacheSpec::policy`): one field, no pairing to re-check.
-    dtype: Dtype,
-    /// K cache bytes, `layout.shape(K)` elements of `dtype`.
+    // Layout, dtype (the policy follows from it) and scales; validated when it was built.
+    spec: CacheSpec,
+    /// K cache bytes, `layout.shape(K)` elements of the cache dtype.
     pub k: Vec<u8>,
-    /// V cache bytes, `layout.shape(V)` elements of `dtype`.
+    /// V cache bytes, `layout.shape(V)` elements of the cache dtype.
     pub v: Vec<u8>,
 }
 
 impl HostKvCache {
-    /// A cache whose every byte is `fill_byte` (use a poison byte to catch stray writes).
+    /// A cache described by `spec` whose every byte is `fill_byte` (use a poison byte to catch
+    /// stray writes).
     ///
-    /// Errors: [`Fp8KvError::UnsupportedDtype`] (a dtype the policy does not store),
-    /// [`Fp8KvError::TooLarge`] (the host cannot allocate it).
-    pub fn new(
-        layout: PagedKvLayout,
-        policy: QuantPolicy,
-        dtype: Dtype,
-        fill_byte: u8,
-    ) -> Result<Self> {
-        CacheSpec::from_parts(layout, policy, dtype, KvScales::default())?;
+    /// Errors: [`Fp8KvError::TooLarge`] (the host cannot allocate it).
+    pub fn new(spec: CacheSpec, fill_byte: u8) -> Result<Self> {
+        let (layout, dtype) = (spec.layout(), spec.dtype());
         Ok(HostKvCache {
-            layout,
-            dtype,
             k: try_vec(
                 "host k cache bytes",
-                Self::side_bytes(&layout, dtype, KvSide::K),
+                Self::side_bytes(layout, dtype, KvSide::K),
                 fill_byte,
             )?,
             v: try_vec(
                 "host v cache bytes",
-                Self::side_bytes(&layout, dtype, KvSide::V),
+                Self::side_bytes(layout, dtype, KvSide::V),
                 fill_byte,
             )?,
+            spec,
         })
     }
 
@@ -69,19 +64,16 @@ impl HostKvCache {
     /// reference kernel and [`crate::device::PagedKvCache::from_host`] call this first, so a
     /// short buffer is an error instead of an out-of-bounds index.
     pub fn check_shape(&self) -> Result<()> {
+        let (layout, dtype) = (self.layout(), self.dtype());
         for (what, side, bytes) in [
             ("host k cache bytes", KvSide::K, &self.k),
             ("host v cache bytes", KvSide::V, &self.v),
         ] {
-            let need = Self::side_bytes(&self.layout, self.dtype, side);
+            let need = Self::side_bytes(layout, dtype, side);
             if bytes.len() != need {
                 return Err(Fp8KvError::ShapeMismatch {
                     what,
-                    expected: format!(
-                        "{need} bytes ({:?} of {})",
-                        self.layout.shape(side),
-                        self.dtype
-                    ),
+                    expected: format!("{need} bytes ({:?} of {dtype})", layout.shape(side)),
                     actual: format!("{} bytes", bytes.len()),
                 });
             }
@@ -89,18 +81,25 @@ impl HostKvCache {
         Ok(())
     }
 
+    /// What the cache is: layout, element type, scales.
+    pub fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
     /// The layout.
     pub fn layout(&self) -> &PagedKvLayout {
-        &self.layout
+        self.spec.layout()
     }
     /// The quant policy.
     pub fn policy(&self) -> QuantPolicy {
-        // Valid by construction (`new` checked the pairing).
-        QuantPolicy::of_cache_dtype(self.dtype).unwrap_or(QuantPolicy::None)
+        self.spec.policy()
     }
     /// The cache element type.
     pub fn dtype(&self) -> Dtype {
-        self.dtype
+        self.spec.dtype()
+    }
+    /// The scales the reference kernels quantize and dequantize with (ignored by `none`).
+    pub fn scales(&self) -> KvScales {
+        self.spec.scales()
     }
 
     /// Bytes of one side.
@@ -111,28 +110,36 @@ impl HostKvCache {
         }
     }
 
-    /// Dequantized value of element `(page, slot, head, d)` of one side: `f32(q) * scale` for
-    /// FP8, the stored value for the unquantized cache (whose scales are not applied).
+    /// Stored value of element `(page, slot, head, d)` of one side, unscaled: `f32(q)` for FP8,
+    /// the stored value for the unquantized cache.
     ///
     /// # Panics
     ///
     /// If the element is outside the layout or the buffers fail [`Self::check_shape`].
-    pub fn dequant(
-        &self,
-        side: KvSide,
-        scale: f32,
-        page: usize,
-        slot: usize,
-        head: usize,
-        d: usize,
-    ) -> f32 {
-        let t = self.layout.tensor(side);
-        let es = self.dtype.size_bytes();
+    pub fn raw(&self, side: KvSide, page: usize, slot: usize, head: usize, d: usize) -> f32 {
+        let dtype = self.dtype();
+        let t = self.layout().tensor(side);
+        let es = dtype.size_bytes();
         let off = (t.offset(page, slot, head) + d) * es;
-        let raw = self.dtype.load(&self.bytes(side)[off..off + es]);
-        match self.dtype.fp8_format() {
-            None => raw,
-            Some(_) => raw * scale,
+        dtype.load(&self.bytes(side)[off..off + es])
+    }
+
+    /// Dequantized value of element `(page, slot, head, d)` of one side: `f32(q) * scale` with
+    /// the side's scale from [`Self::scales`] for FP8, the stored value for the unquantized
+    /// cache (whose scales are not applied).
+    ///
+    /// # Panics
+    ///
+    /// If the element is outside the layout or the buffers fail [`Self::check_shape`].
+    pub fn dequant(&self, side: KvSide, page: usize, slot: usize, head: usize, d: usize) -> f32 {
+        let raw = self.raw(side, page, slot, head, d);
+        if self.dtype().fp8_format().is_none() {
+            return raw;
+        }
+        let scales = self.scales();
+        raw * match side {
+            KvSide::K => scales.k(),
+            KvSide::V => scales.v(),
         }
     }
 }

@@ -16,7 +16,9 @@ use fp8kv::kernels::{decode, fill};
 use fp8kv::reference::{self, HostKvCache, HostRows};
 use fp8kv::testing::{llm_like, Rng};
 use fp8kv::AttentionOptions;
-use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+use fp8kv::{
+    BatchMetadata, CacheSpec, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy,
+};
 
 /// The workload's shape.
 struct Workload {
@@ -217,12 +219,11 @@ fn step_queries<'a>(w: &Workload, d: &'a LayerData, step: usize) -> &'a [f32] {
 fn run_cpu(w: &Workload, data: &[LayerData], plan: &Plan) -> Result<Vec<f64>, String> {
     let mut outputs = Vec::new();
     for (d, scales) in data.iter().zip(&plan.scales) {
-        let mut cache =
-            HostKvCache::new(plan.layout, plan.policy, plan.cache_dtype, 0).map_err(err)?;
+        let spec = CacheSpec::from_parts(plan.layout, plan.policy, plan.cache_dtype, *scales);
+        let mut cache = HostKvCache::new(spec.map_err(err)?, 0).map_err(err)?;
         let (pk, pv) = (prefill_rows(w, &d.k), prefill_rows(w, &d.v));
         reference::fill(
             &mut cache,
-            scales,
             hr(w, &pk),
             hr(w, &pv),
             w.prefill_tokens * w.batch,
@@ -231,11 +232,10 @@ fn run_cpu(w: &Workload, data: &[LayerData], plan: &Plan) -> Result<Vec<f64>, St
         .map_err(err)?;
         for (step, meta) in plan.steps.iter().enumerate() {
             let (k, v) = (step_rows(w, &d.k, step), step_rows(w, &d.v, step));
-            reference::fill(&mut cache, scales, hr(w, &k), hr(w, &v), w.batch, meta)
-                .map_err(err)?;
+            reference::fill(&mut cache, hr(w, &k), hr(w, &v), w.batch, meta).map_err(err)?;
             let q = step_queries(w, d, step);
             let opts = AttentionOptions::default();
-            let o = reference::paged_decode(q, w.num_heads, &cache, scales, meta, w.batch, &opts)
+            let o = reference::paged_decode(q, w.num_heads, &cache, meta, w.batch, &opts)
                 .map_err(err)?;
             outputs.extend(o);
         }
@@ -293,8 +293,7 @@ fn run_gpu(
     {
         let batch = DeviceBatch::new(client, meta.clone(), &plan.layout, w.batch).map_err(err)?;
         fill::fill(cache, k, v, &batch).map_err(err)?;
-        let opts = AttentionOptions::default();
-        decode::paged_decode(q, w.num_heads, cache, &batch, &opts, out).map_err(err)?;
+        decode::paged_decode(q, cache, &batch, &Default::default(), out).map_err(err)?;
     }
     cubecl::future::block_on(client.sync()).map_err(|e| format!("device sync: {e:?}"))?;
     let start = Instant::now();
@@ -304,15 +303,7 @@ fn run_gpu(
         for cache in caches.iter_mut() {
             let (k, v, q, out) = it.next().ok_or("missing step inputs")?;
             fill::fill(cache, k, v, &batch).map_err(err)?;
-            decode::paged_decode(
-                q,
-                w.num_heads,
-                cache,
-                &batch,
-                &AttentionOptions::default(),
-                out,
-            )
-            .map_err(err)?;
+            decode::paged_decode(q, cache, &batch, &Default::default(), out).map_err(err)?;
         }
     }
     cubecl::future::block_on(client.sync()).map_err(|e| format!("device sync: {e:?}"))?;

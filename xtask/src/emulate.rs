@@ -2,7 +2,7 @@
 //! CUDA C++ (CUDA-core, tensor-core and key-major) on the CPU, without a GPU, and checks what
 //! they compute.
 //!
-//! For each case below the launch goes through the real entry (`paged_decode_path`) on the
+//! For each case below the launch goes through the real entry (`paged_decode` with a forced `DecodeStrategy`) on the
 //! offline runtime of `codegen`, which captures the split kernel's source exactly as the CUDA
 //! runtime would JIT it. That source is compiled with the host C++ compiler against
 //! `xtask/emu/emu.h` (threads for CUDA threads, barriers for `__syncthreads` and the warp
@@ -22,8 +22,7 @@ use cubecl::Runtime;
 
 use crate::codegen::offline::{self, OfflineCuda};
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::{paged_decode_path, KernelPath, SplitChoice};
-use fp8kv::AttentionOptions;
+use fp8kv::{paged_decode, AttentionOptions, DecodeOptions, DecodeStrategy};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// One kernel instantiation to emulate.
@@ -39,7 +38,7 @@ struct Case {
     q_len: usize,
     /// Softcap, ALiBi and a window on.
     opts: bool,
-    path: KernelPath,
+    path: DecodeStrategy,
 }
 
 fn cases() -> Vec<Case> {
@@ -53,14 +52,14 @@ fn cases() -> Vec<Case> {
         cache: Dtype::E4m3,
         q_len: 1,
         opts: false,
-        path: KernelPath::TensorCores,
+        path: DecodeStrategy::TensorCores,
     };
     // The CUDA-core kernel, the tensor-core one and its key-major variant.
     let both = |name: &'static str, c: Case| {
         [
-            KernelPath::CudaCores,
-            KernelPath::TensorCores,
-            KernelPath::TensorCoresKeyMajor,
+            DecodeStrategy::CudaCores,
+            DecodeStrategy::TensorCores,
+            DecodeStrategy::KeyMajor,
         ]
         .map(|path| Case { name, path, ..c })
     };
@@ -104,7 +103,7 @@ fn cases() -> Vec<Case> {
         kv_heads: 1,
         dk: 576,
         dv: 512,
-        path: KernelPath::TensorCoresKeyMajor,
+        path: DecodeStrategy::Wide,
         ..base
     };
     out.push(Case {
@@ -113,7 +112,7 @@ fn cases() -> Vec<Case> {
     });
     out.push(Case {
         name: "mla_e4m3",
-        path: KernelPath::CudaCores,
+        path: DecodeStrategy::CudaCores,
         ..mla
     });
     out.push(Case {
@@ -176,17 +175,8 @@ fn capture(c: &Case) -> Result<(String, String, u32), String> {
         AttentionOptions::default()
     };
     offline::drain_captured();
-    paged_decode_path(
-        &q,
-        c.heads,
-        &cache,
-        &batch,
-        &opts,
-        SplitChoice::Auto,
-        c.path,
-        &mut out,
-    )
-    .map_err(e)?;
+    let opts = DecodeOptions::new(opts).with_strategy(c.path);
+    paged_decode(&q, &cache, &batch, &opts, &mut out).map_err(e)?;
     let _ = cubecl::future::block_on(client.sync());
     let k = offline::drain_captured()
         .into_iter()
@@ -227,12 +217,8 @@ fn host_source(cuda: &str, tensor_cores: bool) -> Result<String, String> {
     Ok(s)
 }
 
-fn path_name(path: KernelPath) -> &'static str {
-    match path {
-        KernelPath::CudaCores => "cuda-cores",
-        KernelPath::TensorCoresKeyMajor => "key-major",
-        _ => "tensor-cores",
-    }
+fn path_name(path: DecodeStrategy) -> &'static str {
+    path.name()
 }
 
 /// Options of the subcommand.
@@ -284,7 +270,7 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     for c in cases() {
         let label = format!("{} ({})", c.name, path_name(c.path));
         // The self-check swaps an MMA fragment layout: the first tensor-core case carries it.
-        let self_check = !self_check_done && c.path != KernelPath::CudaCores;
+        let self_check = !self_check_done && c.path != DecodeStrategy::CudaCores;
         self_check_done |= self_check;
         let result = emulate_case(&c, &label, &emu, &includes, &o.out_dir, self_check);
         if let Err(e) = result {
@@ -317,13 +303,13 @@ fn emulate_case(
     let (entry, cuda, threads) = capture(c)?;
     let stem = format!("{}_{}", c.name, path_name(c.path));
     let inc = out_dir.join(format!("{stem}.inc"));
-    let tensor_cores = c.path != KernelPath::CudaCores;
+    let tensor_cores = c.path != DecodeStrategy::CudaCores;
     std::fs::write(&inc, host_source(&cuda, tensor_cores)?)
         .map_err(|e| format!("{}: {e}", inc.display()))?;
     // Rows per cube as the launcher picks them for this launch's group × new tokens.
     let max_rows = c.heads / c.kv_heads * c.q_len;
     let rows = if !tensor_cores {
-        max_rows.clamp(1, fp8kv::kernels::decode::MAX_ROWS_PER_CUBE)
+        max_rows.clamp(1, fp8kv::internals::MAX_ROWS_PER_CUBE)
     } else if max_rows <= 8 {
         8
     } else {
@@ -371,7 +357,7 @@ fn emulate_case(
     let bin = out_dir.join(&stem);
     build(&bin, &[])?;
     // Two seeds for the experimental key-major kernels, one for the GPU-verified ones.
-    let seeds: &[&str] = if c.path == KernelPath::TensorCoresKeyMajor {
+    let seeds: &[&str] = if matches!(c.path, DecodeStrategy::KeyMajor | DecodeStrategy::Wide) {
         &["1", "2"]
     } else {
         &["1"]

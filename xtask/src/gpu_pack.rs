@@ -266,12 +266,12 @@ all)
   [ "$t" -eq 0 ] && [ "$d" -eq 0 ] && [ "$b" -eq 0 ]
   ;;
 key-major)
-  # One device call that checks the key-major kernels (KernelPath::TensorCoresKeyMajor, the
-  # MLA wide kernel included) against the CPU reference and, only if they pass, measures them
+  # One device call that checks the key-major kernels (DecodeStrategy::KeyMajor and the
+  # MLA wide kernel) against the CPU reference and, only if they pass, measures them
   # against the default kernels.
   logs="${OUT:-$pack/logs}"
   mkdir -p "$logs"
-  FP8KV_DECODE_TEST_PATHS=key-major FP8KV_TEST_THREADS="${FP8KV_TEST_THREADS:-16}" \
+  FP8KV_DECODE_TEST_PATHS=key-major,wide FP8KV_TEST_THREADS="${FP8KV_TEST_THREADS:-16}" \
     bash "$pack/run.sh" tests 2>&1 | tee "$logs/key-major-tests.log"
   t=${PIPESTATUS[0]}
   grep -h "^GPU suite:" "$logs/key-major-tests.log"
@@ -311,7 +311,7 @@ suite)
   for b in "${bins[@]}"; do
     if [ "$b" = gpu_decode ] && [ -z "${FP8KV_DECODE_TEST_PATHS:-}" ]; then
       jobs+=("gpu_decode.cuda|gpu_decode|cuda|" "gpu_decode.tensor|gpu_decode|tensor|$per_path"
-        "gpu_decode.key-major|gpu_decode|key-major|$per_path")
+        "gpu_decode.key-major|gpu_decode|key-major,wide|$per_path")
     else
       jobs+=("$b|$b|${FP8KV_DECODE_TEST_PATHS:-}|")
     fi

@@ -14,7 +14,7 @@ use burn_tensor::{DType, Tensor, TensorData};
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::kernels::decode::paged_decode;
+use fp8kv::{paged_decode, DecodeOptions};
 
 use fp8kv::testing::Rng;
 use fp8kv::AttentionOptions;
@@ -121,10 +121,10 @@ fn bench_direct(client: &ComputeClient<Cuda>) -> fp8kv::Result<(f64, f64)> {
     let batch = DeviceBatch::new(client, meta()?, &layout, BATCH)?;
     let w = HEADS * DIM;
     let q = DeviceRows::from_f32(client, &q_values(), Dtype::Bf16, BATCH, w, w)?;
-    let opts = AttentionOptions::default();
+    let opts = DecodeOptions::default();
     let f = |i: usize| {
         let mut out = DeviceRows::empty(client, Dtype::Bf16, BATCH, w, w).expect("out");
-        paged_decode(&q, HEADS, &caches[i % copies], &batch, &opts, &mut out).expect("decode");
+        paged_decode(&q, &caches[i % copies], &batch, &opts, &mut out).expect("decode");
     };
     let sync = || cubecl::future::block_on(client.sync()).expect("sync");
     Ok(wall_host_us(&f, &|| (), &sync))

@@ -532,15 +532,11 @@ impl<B: PagedKvBackend> KvCache<B> {
         Ok(())
     }
 
-    /// Reads the cache back into host memory (waits for pending work): for inspection and
-    /// tests. The unquantized cache comes back in its dtype's bytes on every backend.
+    /// Reads the cache back into host memory, with this cache's spec (scales included; waits
+    /// for pending work): for inspection and tests. The unquantized cache comes back in its
+    /// dtype's bytes on every backend.
     pub fn to_host(&self) -> Result<HostKvCache> {
-        let mut host = HostKvCache::new(
-            *self.spec.layout(),
-            self.spec.policy(),
-            self.spec.dtype(),
-            0,
-        )?;
+        let mut host = HostKvCache::new(self.spec, 0)?;
         let s = self.storage();
         host.k = read_storage::<B>(&s.k, self.spec.dtype())?;
         host.v = read_storage::<B>(&s.v, self.spec.dtype())?;

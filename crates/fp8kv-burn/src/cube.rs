@@ -201,7 +201,7 @@ impl<F: FloatElement, I: IntElement, BT: BoolElement> PagedKvBackend for Cube<F,
         let q = rows(q)?;
         let dv = spec.layout().head_dim_v();
         let mut out = DeviceRows::empty(&client, q.dtype(), n, num_heads * dv, num_heads * dv)?;
-        decode::paged_decode(&q, num_heads, &lib, batch, opts, &mut out)?;
+        decode::paged_decode(&q, &lib, batch, &opts.clone().into(), &mut out)?;
         to_tensor(out, &client, &device, [n, num_heads, dv])
     }
 

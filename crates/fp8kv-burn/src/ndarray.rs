@@ -58,7 +58,7 @@ fn written(batch: &HostBatch, op: &str) -> Result<usize> {
 type Nd<E, I, Q> = NdArray<E, I, Q>;
 
 fn host_cache<B: Backend>(cache: &KvCachePrimitive<B>, spec: &CacheSpec) -> Result<HostKvCache> {
-    let mut host = HostKvCache::new(*spec.layout(), spec.policy(), spec.dtype(), 0)?;
+    let mut host = HostKvCache::new(*spec, 0)?;
     host.k = read_storage::<B>(&cache.k, spec.dtype())?;
     host.v = read_storage::<B>(&cache.v, spec.dtype())?;
     Ok(host)
@@ -128,7 +128,7 @@ where
     }
 
     fn kv_cache_empty(spec: &CacheSpec, device: &Self::Device) -> Result<KvCachePrimitive<Self>> {
-        let host = HostKvCache::new(*spec.layout(), spec.policy(), spec.dtype(), 0)?;
+        let host = HostKvCache::new(*spec, 0)?;
         Ok(host_to_storage::<Self>(&host, spec, device))
     }
 
@@ -146,7 +146,6 @@ where
         let mut host = host_cache::<Self>(cache, spec)?;
         reference::fill(
             &mut host,
-            &spec.scales(),
             HostRows {
                 data: &k,
                 row_stride: heads * layout.head_dim_k(),
@@ -180,7 +179,6 @@ where
         let mut host = host_cache::<Self>(cache, spec)?;
         let q = reference::fill_rope(
             &mut host,
-            &spec.scales(),
             HostRows {
                 data: &qkv,
                 row_stride: heads.row_elems(),
@@ -239,7 +237,7 @@ where
         dtype: Dtype,
     ) -> Result<(NdArrayTensor, NdArrayTensor)> {
         let host = host_cache::<Self>(cache, spec)?;
-        let (k, v) = reference::flatten(&host, &spec.scales(), &batch.meta, layout, dtype)?;
+        let (k, v) = reference::flatten(&host, &batch.meta, layout, dtype)?;
         let shape = |side| flatten_shape(spec.layout(), side, total, layout);
         let (dt, device) = (burn_dtype(dtype)?, Default::default());
         Ok((
@@ -261,15 +259,7 @@ where
         let act = super::activation_dtype("q", dtype)?;
         let q = values::<Self>(q)?;
         let host = host_cache::<Self>(cache, spec)?;
-        let out = reference::paged_decode(
-            &q,
-            num_heads,
-            &host,
-            &spec.scales(),
-            &batch.meta,
-            num_tokens,
-            opts,
-        )?;
+        let out = reference::paged_decode(&q, num_heads, &host, &batch.meta, num_tokens, opts)?;
         // The reference is f64; the output is rounded once to the query dtype, as on the GPU.
         let out: Vec<f32> = out.iter().map(|&x| act.round_trip(x as f32)).collect();
         Ok(float_tensor::<Self>(

@@ -7,6 +7,7 @@ use burn_ndarray::NdArray;
 use burn_tensor::{DType, Tensor, TensorData};
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{decode_cases, fill_cases, PagedCase, Problem};
+use fp8kv::CacheSpec;
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv::{Dtype, Fp8KvError, KvSide, QuantPolicy};
 use fp8kv_burn::{KvBatch, KvCache, KvCacheConfig};
@@ -98,16 +99,10 @@ fn fill_equals_reference_on_every_case_and_policy() {
                 )
                 .unwrap();
             let mut want =
-                HostKvCache::new(p.layout, cfg.policy, cfg.cache_dtype().unwrap(), 0).unwrap();
-            reference::fill(
-                &mut want,
-                &cfg.scales,
-                p.k_rows(),
-                p.v_rows(),
-                p.num_tokens,
-                &p.meta,
-            )
-            .unwrap();
+                CacheSpec::from_parts(p.layout, cfg.policy, cfg.cache_dtype().unwrap(), cfg.scales)
+                    .and_then(|spec| HostKvCache::new(spec, 0))
+                    .unwrap();
+            reference::fill(&mut want, p.k_rows(), p.v_rows(), p.num_tokens, &p.meta).unwrap();
             let got = cache.to_host().unwrap();
             assert!(
                 got == want,
@@ -144,8 +139,7 @@ fn flatten_equals_reference_on_every_case_policy_and_layout() {
                 assert_eq!(k.dims(), expect_dims(p.layout.head_dim_k()));
                 assert_eq!(v.dims(), expect_dims(p.layout.head_dim_v()));
                 let (wk, wv) =
-                    reference::flatten(&want_cache, &cache.scales(), &p.meta, layout, Dtype::F32)
-                        .unwrap();
+                    reference::flatten(&want_cache, &p.meta, layout, Dtype::F32).unwrap();
                 let (gk, gv) = (values(k), values(v));
                 assert!(
                     gk.iter().zip(&wk).all(|(a, b)| a.to_bits() == b.to_bits())
@@ -201,7 +195,6 @@ fn decode_equals_reference_on_every_case_and_policy() {
                     &p.q,
                     case.num_heads,
                     &want_cache,
-                    &cache.scales(),
                     &p.meta,
                     p.num_tokens,
                     &opts,
@@ -426,7 +419,6 @@ fn causal_attention_over_the_flattened_cache_equals_the_reference_decode() {
                 &p.q,
                 case.num_heads,
                 &want_cache,
-                &cache.scales(),
                 &p.meta,
                 p.num_tokens,
                 &AttentionOptions::default(),

@@ -417,7 +417,7 @@ fn decode_case<B: PagedKvBackend<Device = CudaDevice>>(
         let nan = vec![f32::NAN; p.num_tokens * h * dv];
         let mut out =
             DeviceRows::from_f32(client, &nan, act, p.num_tokens, h * dv, h * dv).map_err(e)?;
-        decode::paged_decode(&q, h, &direct, &dbatch, &opts, &mut out).map_err(e)?;
+        decode::paged_decode(&q, &direct, &dbatch, &opts.clone().into(), &mut out).map_err(e)?;
         trace(|| format!("decode {} {act}: burn", case.name));
         let qt = tensor3::<B>(&p.q, p.num_tokens, h, dk, h * dk, act, &device);
         let got = cache.decode(qt, &batch, &opts).map_err(e)?;
@@ -640,7 +640,6 @@ fn fill_rope_case<B: PagedKvBackend<Device = CudaDevice>>(policy: &str) -> Resul
     let mut want = before;
     let want_q = fp8kv::reference::fill_rope(
         &mut want,
-        &cfg.scales,
         fp8kv::reference::HostRows {
             data: &qkv,
             row_stride: row,

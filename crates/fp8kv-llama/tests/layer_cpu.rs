@@ -425,7 +425,6 @@ fn kv_cache_fill_rope_on_ndarray_equals_the_reference_and_refuses_bad_input() {
         let mut empty = KvCache::<B>::new(&cfg, &dev).unwrap().to_host().unwrap();
         let want_q = fp8kv::reference::fill_rope(
             &mut empty,
-            &cfg.scales,
             fp8kv::reference::HostRows {
                 data: &qkv,
                 row_stride: heads.row_elems(),
@@ -451,7 +450,7 @@ fn kv_cache_fill_rope_on_ndarray_equals_the_reference_and_refuses_bad_input() {
             data,
             row_stride: 128,
         };
-        fp8kv::reference::fill(&mut plain, &cfg.scales, rows(&rk), rows(&rv), 6, &meta).unwrap();
+        fp8kv::reference::fill(&mut plain, rows(&rk), rows(&rv), 6, &meta).unwrap();
         assert_eq!(plain, want, "{policy}: reference cache");
         assert_eq!(q.dims(), [6, 4, 64]);
         let got: Vec<f32> = host(q).iter().map(|&x| x as f32).collect();

@@ -47,7 +47,6 @@ use crate::kernels::stats::DeviceKvStats;
 use crate::kernels::CacheGeometry;
 
 /// Comptime configuration of the `fill_kernel` (the JIT key besides the dtypes).
-#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FillConfig {
     /// K cache geometry.

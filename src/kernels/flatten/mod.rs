@@ -20,7 +20,6 @@ use crate::kernels::CacheGeometry;
 use crate::policy::Dtype;
 
 /// Comptime configuration of the `flatten_kernel` (the JIT key besides the dtypes).
-#[cfg_attr(feature = "internals", visibility::make(pub))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct FlattenConfig {
     /// K cache geometry.

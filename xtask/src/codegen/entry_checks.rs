@@ -7,8 +7,10 @@ use cubecl::Runtime;
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::kernels::{decode, fill, flatten, stats};
 
-use fp8kv::AttentionOptions;
-use fp8kv::{BatchMetadata, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
+use fp8kv::{AttentionOptions, DecodeOptions, DecodeStrategy};
+use fp8kv::{
+    BatchMetadata, CacheSpec, Dtype, Fp8KvError, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy,
+};
 
 use super::offline::OfflineCuda;
 
@@ -190,19 +192,27 @@ fn decode_rejects_bad_input_and_accepts_good() {
     let c = client();
     let cache = cache(&c);
     let batch = DeviceBatch::new(&c, meta(), &layout(), 4).unwrap();
-    let opts = AttentionOptions::default();
+    let opts = DecodeOptions::default();
     let (q, mut out) = (
         rows(&c, Dtype::Bf16, 4, 8 * 64),
         rows(&c, Dtype::Bf16, 4, 8 * 64),
     );
-    decode::paged_decode(&q, 8, &cache, &batch, &opts, &mut out).unwrap();
-
-    let q6 = rows(&c, Dtype::Bf16, 4, 6 * 64);
-    let e = decode::paged_decode(&q6, 3, &cache, &batch, &opts, &mut out).unwrap_err();
+    decode::paged_decode(&q, &cache, &batch, &opts, &mut out).unwrap();
+    // The plan query agrees with the launch's validation and names a kernel.
+    let plan = decode::decode_plan(&cache, &batch, Dtype::Bf16, 8, &opts).unwrap();
+    assert!(plan.num_splits >= 1 && plan.workspace_bytes > 0, "{plan:?}");
+    let e = decode::decode_plan(&cache, &batch, Dtype::Bf16, 3, &opts).unwrap_err();
     assert_eq!(variant(&e), "HeadRatio", "{e}");
+
+    // The head count is the row length over head_dim_k: 3 heads do not divide over 2.
+    let q3 = rows(&c, Dtype::Bf16, 4, 3 * 64);
+    let e = decode::paged_decode(&q3, &cache, &batch, &opts, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "HeadRatio", "{e}");
+    let q_ragged = rows(&c, Dtype::Bf16, 4, 8 * 64 + 2);
+    let e = decode::paged_decode(&q_ragged, &cache, &batch, &opts, &mut out).unwrap_err();
+    assert_eq!(variant(&e), "ShapeMismatch", "{e}");
     let e = decode::paged_decode(
         &rows(&c, Dtype::Bf16, 3, 8 * 64),
-        8,
         &cache,
         &batch,
         &opts,
@@ -211,31 +221,30 @@ fn decode_rejects_bad_input_and_accepts_good() {
     .unwrap_err();
     assert_eq!(variant(&e), "ShapeMismatch", "{e}");
     let mut out_f16 = rows(&c, Dtype::F16, 4, 8 * 64);
-    let e = decode::paged_decode(&q, 8, &cache, &batch, &opts, &mut out_f16).unwrap_err();
+    let e = decode::paged_decode(&q, &cache, &batch, &opts, &mut out_f16).unwrap_err();
     assert_eq!(variant(&e), "UnsupportedDtype", "{e}");
-    let bad = AttentionOptions {
+    let bad = DecodeOptions::new(AttentionOptions {
         softcap: Some(0.0),
         ..Default::default()
-    };
-    let e = decode::paged_decode(&q, 8, &cache, &batch, &bad, &mut out).unwrap_err();
+    });
+    let e = decode::paged_decode(&q, &cache, &batch, &bad, &mut out).unwrap_err();
     assert_eq!(variant(&e), "InvalidOption", "{e}");
-    let slopes = AttentionOptions {
+    let slopes = DecodeOptions::new(AttentionOptions {
         alibi_slopes: Some(vec![0.5; 3]),
         ..Default::default()
-    };
-    let e = decode::paged_decode(&q, 8, &cache, &batch, &slopes, &mut out).unwrap_err();
+    });
+    let e = decode::paged_decode(&q, &cache, &batch, &slopes, &mut out).unwrap_err();
     assert_eq!(variant(&e), "ShapeMismatch", "{e}");
     let reads = DeviceBatch::for_reads(&c, meta(), &layout()).unwrap();
-    let e = decode::paged_decode(&q, 8, &cache, &reads, &opts, &mut out).unwrap_err();
+    let e = decode::paged_decode(&q, &cache, &reads, &opts, &mut out).unwrap_err();
     assert_eq!(variant(&e), "InvalidOption", "{e}");
 }
 
-/// Forcing a tensor-core path where no such kernel applies is an `InvalidOption` error, not a
-/// fallback; where one applies it launches (MLA's dims take the wide kernel only on the
-/// key-major path, and only with queries the MMA type holds in one part).
+/// Forcing a tensor-core kernel where it does not apply is an `InvalidOption` error, not a
+/// fallback; where one applies it launches (MLA's dims take only the wide kernel, and only
+/// with queries the MMA type holds in one part).
 #[test]
 fn forced_tensor_core_paths_apply_or_say_why() {
-    use decode::{paged_decode_path, KernelPath, SplitChoice};
     let c = client();
     let layout = PagedKvLayout::new(4, 64, 1, 576, 512, KvLayoutKind::Bshd).unwrap();
     let cache = PagedKvCache::new(
@@ -248,26 +257,18 @@ fn forced_tensor_core_paths_apply_or_say_why() {
     .unwrap();
     let meta = BatchMetadata::new(vec![0], vec![1], vec![70], vec![0, 1], 2).unwrap();
     let batch = DeviceBatch::new(&c, meta, &layout, 1).unwrap();
-    let opts = AttentionOptions::default();
-    let run = |act: Dtype, path: KernelPath| {
+    let run = |act: Dtype, path: DecodeStrategy| {
         let q = rows(&c, act, 1, 16 * 576);
         let mut out = rows(&c, act, 1, 16 * 512);
-        paged_decode_path(
-            &q,
-            16,
-            &cache,
-            &batch,
-            &opts,
-            SplitChoice::Auto,
-            path,
-            &mut out,
-        )
+        let opts = DecodeOptions::default().with_strategy(path);
+        decode::paged_decode(&q, &cache, &batch, &opts, &mut out)
     };
-    run(Dtype::Bf16, KernelPath::TensorCoresKeyMajor).unwrap();
-    run(Dtype::Bf16, KernelPath::CudaCores).unwrap();
+    run(Dtype::Bf16, DecodeStrategy::Wide).unwrap();
+    run(Dtype::Bf16, DecodeStrategy::CudaCores).unwrap();
     for (act, path) in [
-        (Dtype::Bf16, KernelPath::TensorCores),
-        (Dtype::F32, KernelPath::TensorCoresKeyMajor),
+        (Dtype::Bf16, DecodeStrategy::TensorCores),
+        (Dtype::Bf16, DecodeStrategy::KeyMajor),
+        (Dtype::F32, DecodeStrategy::Wide),
     ] {
         let e = run(act, path).unwrap_err();
         assert_eq!(variant(&e), "InvalidOption", "{path:?} {act}: {e}");
@@ -306,12 +307,15 @@ fn device_types_reject_sizes_that_overflow_and_resized_host_caches() {
     assert_eq!(variant(&e), "TooLarge", "{e}");
 
     // A host cache whose public buffer was shortened must not be uploaded.
-    let mut host =
-        fp8kv::reference::HostKvCache::new(layout(), QuantPolicy::Fp8E4m3, Dtype::E4m3, 0).unwrap();
+    let spec = CacheSpec::from_parts(
+        layout(),
+        QuantPolicy::Fp8E4m3,
+        Dtype::E4m3,
+        KvScales::default(),
+    );
+    let mut host = fp8kv::reference::HostKvCache::new(spec.unwrap(), 0).unwrap();
     host.k.truncate(100);
-    let e = PagedKvCache::from_host(&c, &host, KvScales::default())
-        .err()
-        .unwrap();
+    let e = PagedKvCache::from_host(&c, &host).err().unwrap();
     assert!(
         matches!(
             e,
@@ -360,15 +364,7 @@ fn entry_points_refuse_grids_past_cuda_limits() {
         rows(&c, Dtype::Bf16, 0, 8 * 64),
     );
     too_many(
-        decode::paged_decode(
-            &q,
-            8,
-            &cache,
-            &batch,
-            &AttentionOptions::default(),
-            &mut out,
-        )
-        .unwrap_err(),
+        decode::paged_decode(&q, &cache, &batch, &DecodeOptions::default(), &mut out).unwrap_err(),
     );
 
     // One sequence with 65536 new tokens: one page of 2^17 tokens holds them.
@@ -387,15 +383,8 @@ fn entry_points_refuse_grids_past_cuda_limits() {
         rows(&c, Dtype::Bf16, n, 8 * 64),
         rows(&c, Dtype::Bf16, n, 8 * 64),
     );
-    let e = decode::paged_decode(
-        &q,
-        8,
-        &cache,
-        &batch,
-        &AttentionOptions::default(),
-        &mut out,
-    )
-    .unwrap_err();
+    let e =
+        decode::paged_decode(&q, &cache, &batch, &DecodeOptions::default(), &mut out).unwrap_err();
     assert!(
         matches!(
             e,

@@ -8,16 +8,13 @@ use cubecl::Runtime;
 
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::error::{KvSide, Result};
-use fp8kv::kernels::decode::{
-    key_major_applies_to, paged_decode, paged_decode_path, tensor_cores_apply_to, KernelPath,
-    SplitChoice,
-};
 use fp8kv::kernels::fill::{fill, fill_rope, fill_with_stats};
 use fp8kv::kernels::flatten::flatten_new;
 use fp8kv::kernels::stats::{kv_stats, DeviceKvStats};
 use fp8kv::layout::{KvLayoutKind, PagedKvLayout};
 use fp8kv::policy::{Dtype, QuantPolicy};
 use fp8kv::scales::KvScales;
+use fp8kv::{paged_decode, DecodeOptions, DecodeShape, DecodeStrategy};
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv_llama::layer::{
     add_rms_norm, argmax_rows, gemv, gemv_swiglu, rms_norm, rope_qkv, swiglu, IndexDtype, QkvHeads,
@@ -290,24 +287,28 @@ pub fn decode_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
         } else {
             AttentionOptions::default()
         };
-        paged_decode(&q, heads, &cache, &batch, &opts, &mut out)?;
-        // The tensor-core kernel of the same sample, where it applies.
-        let (group, rows) = (heads / kv_heads, q_len as usize);
-        let default_tc = tensor_cores_apply_to(dtype, Dtype::Bf16, dk, dv, group, rows);
-        let key_major = key_major_applies_to(dtype, Dtype::Bf16, dk, dv, group, rows);
-        for (applies, path) in [
-            (default_tc, KernelPath::TensorCores),
-            (key_major, KernelPath::TensorCoresKeyMajor),
+        let opts = DecodeOptions::new(opts);
+        paged_decode(&q, &cache, &batch, &opts, &mut out)?;
+        // The tensor-core kernels of the same sample, where they apply.
+        let shape = DecodeShape {
+            cache: dtype,
+            query: Dtype::Bf16,
+            head_dim_k: dk,
+            head_dim_v: dv,
+            group: heads / kv_heads,
+            max_q_len: q_len as usize,
+        };
+        for strategy in [
+            DecodeStrategy::TensorCores,
+            DecodeStrategy::KeyMajor,
+            DecodeStrategy::Wide,
         ] {
-            if applies {
-                paged_decode_path(
+            if strategy.applies(&shape) {
+                paged_decode(
                     &q,
-                    heads,
                     &cache,
                     &batch,
-                    &opts,
-                    SplitChoice::Auto,
-                    path,
+                    &opts.clone().with_strategy(strategy),
                     &mut out,
                 )?;
             }

@@ -7,7 +7,7 @@ use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 use cubecl::{e4m3, e5m2};
 
-use super::common::{SplitParams, WorkRange, NO_SCORE};
+use super::{SplitParams, WorkRange, NO_SCORE};
 use crate::kernels::CacheGeometry;
 
 /// Query rows per row tile: the N of the transposed PV (the QK's M holds two row tiles).
@@ -76,7 +76,7 @@ pub struct MmaConfig {
     /// QK transposed too, `S^T = K·Q^T` (see the module doc): keys fill the MMA's 16-row M
     /// and each row tile's 8 query rows its N, so QK costs `rt · dk/16` MMAs per block instead
     /// of `2 · dk/16`, and the query's B fragments need no zero registers
-    /// ([`super::KernelPath::TensorCoresKeyMajor`]).
+    /// (`DecodeStrategy::KeyMajor`, and always in the wide kernel).
     pub key_major: bool,
 }
 
@@ -89,7 +89,7 @@ impl MmaConfig {
     /// - `key_major`, FP8 cache, one-part query: 128 registers, 4 cubes; FP8 with a two-part
     ///   (f32) query, or a 16-bit cache with a one-part query: 166, 3 cubes.
     ///
-    /// The wide MLA kernel of [`super::wide`] with an FP8 cache and one row tile: 128, 4 cubes.
+    /// The wide MLA kernel of `routines::wide_kernel` with an FP8 cache and one row tile: 128, 4 cubes.
     ///
     /// The others take up to 255 (two row tiles 213–231, head dim 256 255, the wide kernel
     /// 231–252): 2 cubes.

@@ -4,6 +4,12 @@
 
 use crate::error::{Fp8KvError, Result};
 
+/// Whether Auto picks a tensor-core routine where one applies. They passed the GPU suite on an
+/// H100 with every option (window, softcap, sinks, ALiBi, softmax scale) and every decode case
+/// they apply to, as the CUDA-core routine did; off, Auto keeps the CUDA-core routine
+/// everywhere.
+pub(crate) const MMA_BY_DEFAULT: bool = true;
+
 /// Cache tokens one cube processes per tile (per trip of its main loop).
 pub const TILE_TOKENS: usize = 64;
 /// Most splits a plan uses: the combine kernel keeps one weight per split in shared memory.
@@ -11,41 +17,9 @@ pub const MAX_SPLITS: usize = 256;
 /// A split never covers fewer tokens than this: below it the split's fixed cost (query load,
 /// final reduction, workspace write, combine read) outweighs the parallelism gained.
 pub const MIN_SPLIT_TOKENS: usize = 256;
-/// Cubes per SM the planner counts on for the CUDA-core split kernel: enough loads in flight
-/// to saturate HBM (about 16 KiB per SM, each cube keeping about 8 KiB in flight).
-pub const TARGET_CUBES_PER_SM: usize = 4;
 /// A cube's fixed cost in the plan's cost model, in cache tokens: loading the query, merging
 /// its warps, writing its state and the combine reading it back.
 pub const SPLIT_OVERHEAD_TOKENS: usize = 128;
-
-/// Which split kernel computes the partial states (both write the same workspace, merged by
-/// the same combine kernel).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum KernelPath {
-    /// The launcher decides: the kernel measured fastest for the shape class (key-major for
-    /// FP8 caches at head dim 128/256 and for any cache at 64 with small groups, the wide kernel
-    /// for MLA, the default tensor-core kernel for other f16/bf16 caches, CUDA cores where no MMA
-    /// kernel applies;
-    /// `super::auto_path` and ARCHITECTURE.md have the table).
-    #[default]
-    Auto,
-    /// The CUDA-core kernel (every shape and option).
-    CudaCores,
-    /// The tensor-core kernel (`super::mma`); an error where it does not apply (see
-    /// `select::mma_config`: head dims 64/128 with K = V, f16/bf16/FP8 cache).
-    TensorCores,
-    /// The tensor-core kernel with the QK transposed as well (`S^T = K·Q^T`, see
-    /// `super::fragments::MmaConfig::key_major`) where [`KernelPath::TensorCores`] applies, and the
-    /// wide-head kernel of `super::wide` for MLA's K 576 / V 512 (see
-    /// `super::key_major_applies_to`). [`KernelPath::Auto`] picks it where it measured fastest.
-    TensorCoresKeyMajor,
-}
-
-/// Whether [`KernelPath::Auto`] picks the tensor-core kernel where it applies. It passed the
-/// GPU suite on an H100 with every option (window, softcap, sinks, ALiBi, softmax scale) and
-/// every decode case it applies to, as the CUDA-core kernel did; off, Auto keeps the CUDA-core
-/// kernel everywhere.
-pub const MMA_BY_DEFAULT: bool = true;
 
 /// How the cache of every sequence is cut for one launch.
 ///
@@ -161,7 +135,6 @@ impl WorkspaceShape {
         self.num_tokens * self.num_heads * self.num_splits * 2
     }
     /// Bytes of both parts.
-    #[cfg(any(test, feature = "internals"))]
     pub fn bytes(&self) -> usize {
         (self.o_elems() + self.md_elems()) * 4
     }

@@ -1,5 +1,5 @@
 //! Tensor-core split kernel of paged decode ([`decode_split_mma_kernel()`]): the same partial
-//! states as [`super::kernel::decode_split_kernel()`] (same workspace, same combine kernel),
+//! states as [`super::cuda_cores_kernel::decode_split_kernel()`] (same workspace, same combine kernel),
 //! with QK and PV on `mma.sync.m16n8k16` (f16 or bf16 operands, f32 accumulators) in the
 //! FlashAttention-2 register layout, so each cache byte costs a few integer operations instead
 //! of `group` FMAs on CUDA cores.
@@ -55,17 +55,17 @@
 use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
-use super::common::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
-use super::fragments::{
+use crate::kernels::decode::common::fragments::{
     block_page, exchange_lanes, key_major_slot_scales, km_qk_step, km_scores, km_softmax_exchange,
     load_block, masked_score, merge_col, piece_pair, pow2_row_scale, pv_mma, query_fragments,
     query_values, scale_row_tile, score_slots, split_parts, warps_max, MmaConfig, MMA_BLOCK_TOKENS,
     MMA_TILE_ROWS, MMA_WARPS, O_PAD,
 };
+use crate::kernels::decode::common::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
 
 /// Tensor-core split kernel: the partial attention state of 8 or 16 query rows
 /// (`8 · cfg.row_tiles`) of one KV group over one split of one sequence's cache, in the
-/// workspace format of [`super::kernel::decode_split_kernel()`].
+/// workspace format of [`super::cuda_cores_kernel::decode_split_kernel()`].
 ///
 /// Grid `(num_kv_heads * row_blocks, batch, num_splits)` with blocks of `8 · cfg.row_tiles`
 /// rows, cube `(MMA_WARPS · 32, 1, 1)`. Rows as in the CUDA-core kernel (row `i * group + hh`
@@ -75,7 +75,7 @@ use super::fragments::{
 /// - `q`: `[num_tokens, num_heads, head_dim_k]` of `F`, tokens `q_row_stride` elements apart.
 /// - `k_cache`: the K cache's bytes as 16-byte vectors of u32; `v_cache`: the V cache's bytes
 ///   as vectors of `NV` u32 (`cfg.v_words`).
-/// - `meta`, `alibi`, `ws_o`, `ws_md`, `params`: as [`super::kernel::decode_split_kernel()`].
+/// - `meta`, `alibi`, `ws_o`, `ws_md`, `params`: as [`super::cuda_cores_kernel::decode_split_kernel()`].
 ///
 /// Warp `w` takes the 16-token blocks `lo + 16·(w + 4·i)` of the cube's token range: K and V
 /// loads go straight to registers, QK (two n8 tiles, query rows as M), masking and online
@@ -696,7 +696,7 @@ mod key_major_model {
     /// dims `128w + 16gq + 2mt + h`) cover the 512 V dims once.
     #[test]
     fn wide_dim_split_sums_to_the_scores() {
-        use super::super::fragments::WIDE_BODY_DIMS;
+        use crate::kernels::decode::common::fragments::WIDE_BODY_DIMS;
         const WK: usize = 576;
         let (warps, dkw, body) = (4, WK / 4, WIDE_BODY_DIMS as usize);
         let mut rng = Rng::new(43);

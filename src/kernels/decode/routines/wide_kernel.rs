@@ -2,7 +2,7 @@
 //! V 512, whose query and output fragments do not fit one warp's registers. The four warps of
 //! a cube walk the same 16-token blocks and split the head dims instead of the tokens:
 //!
-//! - QK: warp `w` computes the key-major partial `S^T` (see [`super::mma`]) over K dims
+//! - QK: warp `w` computes the key-major partial `S^T` (see `super::mma_kernel`) over K dims
 //!   `[w·dk/4, (w+1)·dk/4)` (144 for MLA: 8 k-steps whose dims lie in 32 contiguous bytes of
 //!   each lane's token row, as in the head-dim-128 kernel, then one k-step of 4 dims per lane).
 //!   The partials meet in shared memory (double-buffered, one cube barrier per block) and
@@ -17,13 +17,13 @@
 
 use cubecl::prelude::*;
 
-use super::common::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
-use super::fragments::{
+use crate::kernels::decode::common::fragments::{
     block_page, exchange_lanes, fp8_pair, key_major_slot_scales, km_qk_step, km_scores,
     km_softmax_exchange, load_piece, piece_pair, pow2_row_scale, pv_mma, query_fragments,
     query_values, score_slots, CacheBits, MmaConfig, MMA_BLOCK_TOKENS, MMA_TILE_ROWS, MMA_WARPS,
     WIDE_BODY_DIMS,
 };
+use crate::kernels::decode::common::{work_range, SplitParams, NO_SCORE, PLANE_LANES};
 use crate::kernels::CacheGeometry;
 
 /// Where token `t`'s row of KV head `g` starts in page `page` of a cache of `es`-byte
@@ -134,9 +134,9 @@ fn load_v_slice(
 
 /// Wide-head tensor-core split kernel: the partial attention state of 8 or 16 query rows
 /// (`8 · cfg.row_tiles`) of one KV group over one split of one sequence's cache, in the
-/// workspace format of [`super::kernel::decode_split_kernel()`] (see the module doc).
+/// workspace format of [`super::cuda_cores_kernel::decode_split_kernel()`] (see the module doc).
 ///
-/// Grid and rows as [`super::mma::decode_split_mma_kernel()`], cube `(MMA_WARPS · 32, 1, 1)`.
+/// Grid and rows as [`super::mma_kernel::decode_split_mma_kernel()`], cube `(MMA_WARPS · 32, 1, 1)`.
 /// `k_cache` and `k_words` are the same K cache as 16-byte vectors and as words; `v_cache` the
 /// V cache as 16-byte vectors. Requires [`wide_dims`], one query part and `cfg.v_words == 4`.
 #[cube(launch_unchecked)]

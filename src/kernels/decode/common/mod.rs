@@ -2,6 +2,9 @@
 //! decode, the split's runtime scalars and the work range of one split cube (the rows and keys
 //! it owns), written once.
 
+#[allow(missing_docs)]
+pub(crate) mod fragments;
+
 use cubecl::prelude::*;
 
 use crate::kernels::meta as batch_meta;
