@@ -31,7 +31,10 @@ use cubecl::prelude::*;
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::testing::Rng;
 use fp8kv::AttentionOptions;
-use fp8kv::{auto_strategy, paged_decode, DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
+use fp8kv::{
+    auto_strategy, decode_plan, paged_decode, CombineChoice, DecodeOptions, DecodeShape,
+    DecodeStrategy, SplitChoice,
+};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// The H100's L2 is 50 MB and the H200's 60 MB: rotated caches span at least 6 times that.
@@ -62,6 +65,47 @@ fn copy_kernel(
     for u in 0..unroll {
         dst[(base + u * CUBE_DIM) as usize] = v[u as usize];
     }
+}
+
+/// A streaming read: each thread loads `unroll` 16-byte vectors and folds them, so nothing but
+/// the reads costs (the fold is stored only in the never-taken case that it hits a constant).
+/// Its rate is the read limit each line's share is of.
+#[cube(launch_unchecked)]
+fn read_kernel(src: &Array<Vector<u32, Const<4>>>, sink: &mut Array<u32>, #[comptime] unroll: u32) {
+    let base = CUBE_POS as u32 * CUBE_DIM * unroll + UNIT_POS;
+    let mut x = 0u32;
+    #[unroll]
+    for u in 0..unroll {
+        let v = src[(base + u * CUBE_DIM) as usize];
+        x ^= v[0] ^ v[1] ^ v[2] ^ v[3];
+    }
+    if x == 0x9E37_79B9u32 {
+        sink[CUBE_POS] = x;
+    }
+}
+
+/// The streaming read rate (TB/s) of [`read_kernel`] over 1 GiB, set once by `main`.
+static READ_TBPS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+fn read_tbps(client: &ComputeClient<Cuda>) -> f64 {
+    let bytes = 1usize << 30;
+    let (threads, unroll) = (256u32, 8u32);
+    let vecs = bytes / 16;
+    let src = client.empty(bytes);
+    let cubes = (vecs / (threads * unroll) as usize) as u32;
+    let sink = client.empty(cubes as usize * 4);
+    let f = |_: usize| unsafe {
+        read_kernel::launch_unchecked::<Cuda>(
+            client,
+            CubeCount::Static(cubes, 1, 1),
+            CubeDim::new_1d(threads),
+            ArrayArg::from_raw_parts(src.clone(), vecs),
+            ArrayArg::from_raw_parts(sink.clone(), cubes as usize),
+            unroll,
+        )
+    };
+    let us = median_us(client, &f);
+    bytes as f64 / (us * 1e-6) / 1e12
 }
 
 /// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
@@ -222,6 +266,8 @@ struct Shape {
     kind: KvLayoutKind,
     /// Split plan (`Auto` except under `--split-tokens`).
     split: SplitChoice,
+    /// Where the splits merge (`Auto` except in `--ab-combine`).
+    combine: CombineChoice,
 }
 
 impl Shape {
@@ -240,6 +286,7 @@ impl Shape {
                 .then_some(DecodeStrategy::KeyMajor),
             kind: KvLayoutKind::Bshd,
             split: SplitChoice::Auto,
+            combine: CombineChoice::Auto,
         }
     }
 }
@@ -336,7 +383,9 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         attention: AttentionOptions::default(),
         strategy: path,
         split: s.split,
+        combine: s.combine,
     };
+    let plan = decode_plan(&caches[0], &batch, Dtype::Bf16, m.heads, &opts).map_err(e)?;
     let f = |i: usize| {
         let mut o = out.lock().unwrap();
         paged_decode(&q, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
@@ -345,8 +394,8 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
     let mut hosts = Vec::new();
     let name = format!(
-        "b{} ctx {} page {} {} {:?} {:?} {}",
-        s.batch, s.context, s.page_size, s.policy, path, s.kind, m.name
+        "b{} ctx {} page {} {} {:?} {:?} {:?} {}",
+        s.batch, s.context, s.page_size, s.policy, path, s.kind, s.combine, m.name
     );
     let timed = common::measure("decode", &name, bytes as u64, &mut |iters| {
         let (us, host) = device_us(client, iters as usize, &f);
@@ -397,8 +446,18 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
             m.name, m.heads, m.kv_heads, m.head_dim_k, m.head_dim_v
         )
     };
+    let merge = format!(
+        " [{} split{}{}]",
+        plan.num_splits,
+        if plan.num_splits == 1 { "" } else { "s" },
+        if plan.combine_in_kernel {
+            ", in-kernel merge"
+        } else {
+            ", combine kernel"
+        }
+    );
     println!(
-        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy{target}{path}{kind}{model}{host}",
+        "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy {:>5.1}% of read{target}{path}{merge}{kind}{model}{host}",
         s.batch,
         s.context,
         s.page_size,
@@ -406,6 +465,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         us,
         tbps,
         100.0 * tbps / copy,
+        100.0 * tbps / READ_TBPS.get().copied().unwrap_or(f64::NAN),
     );
     Ok(us)
 }
@@ -443,8 +503,21 @@ fn main() {
     };
     let copy = copy_tbps(&client);
     println!("device-to-device copy (vectorised kernel, read + write): {copy:.2} TB/s");
+    let read = read_tbps(&client);
+    let _ = READ_TBPS.set(read);
+    println!(
+        "streaming read (the read limit): {read:.2} TB/s (copy / read {:.3})",
+        copy / read
+    );
     let args: Vec<String> = std::env::args().collect();
-    let own = ["--models", "--ab", "--paths", "--key-major", "--shape"];
+    let own = [
+        "--models",
+        "--ab",
+        "--ab-combine",
+        "--paths",
+        "--key-major",
+        "--shape",
+    ];
     let has = |flag: &str| args.iter().any(|a| a == flag);
     // Criterion times every mode but `--shape` (a
     // profiler's run); it reads the command line only where none of this bench's flags is.
@@ -528,6 +601,57 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
                 "",
             );
         }
+        return;
+    }
+    if std::env::args().any(|a| a == "--ab-combine") {
+        // The merge in the split kernel against the separate combine kernel, A B A B, on the
+        // target shapes and the catalogue (shapes whose plan has more splits than the fused
+        // merge takes fall back to the kernel on both sides: ratio 1).
+        let ab = |s: Shape| {
+            let a = Shape {
+                combine: CombineChoice::Auto,
+                ..s
+            };
+            let b = Shape {
+                combine: CombineChoice::Separate,
+                ..s
+            };
+            bench_ratio(
+                &client,
+                copy,
+                &a,
+                &b,
+                "in-kernel / separate (first pass)",
+                "",
+            );
+            bench_ratio(&client, copy, &a, &b, "in-kernel / separate", "");
+        };
+        for (batch, context, page) in [
+            (1, 32768, 64),
+            (32, 4096, 64),
+            (32, 4096, 16),
+            (32, 32768, 64),
+        ] {
+            ab(Shape::e4m3(batch, context, page));
+        }
+        ab(Shape {
+            policy: QuantPolicy::None,
+            ..Shape::e4m3(32, 32768, 64)
+        });
+        for model in CATALOGUE.iter().skip(1) {
+            ab(Shape {
+                model: *model,
+                ..Shape::e4m3(32, 8192, 64)
+            });
+        }
+        ab(Shape {
+            model: SMOLLM2,
+            ..Shape::e4m3(128, 8192, 64)
+        });
+        ab(Shape {
+            model: SMOLLM2,
+            ..Shape::e4m3(1, 1024, 64)
+        });
         return;
     }
     if std::env::args().any(|a| a == "--ab") {

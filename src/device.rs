@@ -373,7 +373,7 @@ pub struct DeviceBatch<R: Runtime> {
     handle: Handle,
     // Decode's split-K workspace, allocated by the step's first decode call and reused by the
     // others (every layer of a step has the same shape): `(bytes, buffer)` per slot.
-    scratch: Arc<Mutex<[Option<ScratchBuffer>; 2]>>,
+    scratch: Arc<Mutex<[Option<ScratchBuffer>; 3]>>,
     _runtime: std::marker::PhantomData<R>,
 }
 
@@ -464,10 +464,17 @@ impl<R: Runtime> DeviceBatch<R> {
         }
     }
 
-    /// Scratch buffer `slot` (0 or 1) of at least `bytes`, shared by every clone of this batch:
+    /// Scratch buffer `slot` (0 to 2) of at least `bytes`, shared by every clone of this batch:
     /// allocated on first use (or when a call needs more), then reused. Kernels that use it
-    /// run in stream order, so one call's use ends before the next call's launch starts.
-    pub(crate) fn scratch(&self, client: &ComputeClient<R>, slot: usize, bytes: usize) -> Handle {
+    /// run in stream order, so one call's use ends before the next call's launch starts. A
+    /// `zeroed` buffer is all zeros when allocated (the kernels that use it leave it so).
+    pub(crate) fn scratch(
+        &self,
+        client: &ComputeClient<R>,
+        slot: usize,
+        bytes: usize,
+        zeroed: bool,
+    ) -> Handle {
         let mut scratch = self
             .scratch
             .lock()
@@ -475,7 +482,11 @@ impl<R: Runtime> DeviceBatch<R> {
         match &scratch[slot] {
             Some((have, h)) if *have >= bytes => h.clone(),
             _ => {
-                let h = client.empty(bytes.max(4));
+                let h = if zeroed {
+                    client.create_from_slice(&vec![0u8; bytes.max(4)])
+                } else {
+                    client.empty(bytes.max(4))
+                };
                 scratch[slot] = Some((bytes, h.clone()));
                 h
             }

@@ -73,8 +73,8 @@ pub use error::{Fp8KvError, KvSide, Result};
 pub use fp8::Fp8Format;
 // The entry points of the three kernel families, so that one `use fp8kv::{..}` line serves.
 pub use kernels::decode::{
-    auto_strategy, decode_plan, paged_decode, DecodeOptions, DecodePlanInfo, DecodeShape,
-    DecodeStrategy, SplitChoice,
+    auto_strategy, decode_plan, paged_decode, CombineChoice, DecodeOptions, DecodePlanInfo,
+    DecodeShape, DecodeStrategy, SplitChoice,
 };
 pub use kernels::fill::{fill, fill_rope, fill_with_stats};
 pub use kernels::flatten::{flatten, flatten_new};

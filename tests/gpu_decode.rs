@@ -9,7 +9,10 @@ use fp8kv::device::{Cuda, DeviceBatch, DeviceRows, PagedKvCache};
 use fp8kv::internals::TILE_TOKENS;
 use fp8kv::reference::{self, HostKvCache};
 use fp8kv::testing::{case, decode_cases, PagedCase, Problem};
-use fp8kv::{auto_strategy, paged_decode, DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
+use fp8kv::{
+    auto_strategy, paged_decode, CombineChoice, DecodeOptions, DecodeShape, DecodeStrategy,
+    SplitChoice,
+};
 use fp8kv::{Dtype, Fp8KvError, KvSide, QuantPolicy};
 
 use fp8kv::testing::client_or_skip;
@@ -33,6 +36,11 @@ struct Run<'a> {
     /// Which split kernel, `None` for Auto's ([`both_paths`] makes one run per kernel that
     /// applies).
     path: Option<DecodeStrategy>,
+    /// Where the splits merge (Auto: in the split kernel where the plan allows it).
+    combine: CombineChoice,
+    /// Launch a second time on the same batch (so the same workspace and arrival counters)
+    /// and require the same output bit for bit.
+    twice: bool,
     /// Power of two the generated queries are multiplied by (exact in every query dtype).
     q_gain: f32,
 }
@@ -135,9 +143,25 @@ fn run_one(client: &ComputeClient<Cuda>, run: &Run) -> Result<Outcome, String> {
         attention: run.opts.clone(),
         strategy: run.path,
         split: run.split,
+        combine: run.combine,
     };
     paged_decode(&q, &cache, &batch, &opts, &mut out).map_err(e)?;
     let got = out.to_f32().map_err(e)?;
+    if run.twice {
+        // The fused merge's counters must be back at zero: a second call on the same batch
+        // (workspace and counters reused) gives the same bits.
+        let mut again =
+            DeviceRows::from_f32(client, &poison, run.act, p.num_tokens, h * dv, h * dv)
+                .map_err(e)?;
+        paged_decode(&q, &cache, &batch, &opts, &mut again).map_err(e)?;
+        let second = again.to_f32().map_err(e)?;
+        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != second[i].to_bits()) {
+            return Err(format!(
+                "second call on the same batch differs at {i}: {} then {}",
+                got[i], second[i]
+            ));
+        }
+    }
 
     let fp8 = run.policy != QuantPolicy::None;
     let (ks, vs) = if fp8 {
@@ -235,11 +259,16 @@ fn describe(run: &Run) -> String {
         SplitChoice::Tokens(n) => format!("{n}-token splits"),
     };
     let path = run.path.map_or("auto", DecodeStrategy::name);
+    let combine = match run.combine {
+        CombineChoice::Auto => "",
+        CombineChoice::InKernel => " in-kernel merge",
+        CombineChoice::Separate => " separate combine",
+    };
     if run.q_gain != 1.0 {
         opts.push(format!("q×2^{}", run.q_gain.log2()));
     }
     format!(
-        "{} cache {}/{} act {} [{}] {split} {path}",
+        "{} cache {}/{} act {} [{}] {split} {path}{combine}",
         run.case.name,
         run.policy,
         run.cache_dtype,
@@ -317,6 +346,8 @@ fn plain(case: &PagedCase, policy: QuantPolicy, cache_dtype: Dtype, act: Dtype) 
         opts: AttentionOptions::default(),
         split: SplitChoice::Auto,
         path: None,
+        combine: CombineChoice::Auto,
+        twice: false,
         q_gain: 1.0,
     }
 }
@@ -404,10 +435,19 @@ fn gpu_decode_many_splits_merge_exactly() {
         "mla_long_context",
     ] {
         for (policy, dt) in CACHES {
-            runs.push(Run {
-                split: SplitChoice::Tokens(64),
-                ..plain(case(&cases, name), policy, dt, Dtype::Bf16)
-            });
+            // The fused merge where the plan allows it (twice on one batch: the counters
+            // reset), and the separate combine kernel.
+            for (combine, twice) in [
+                (CombineChoice::Auto, true),
+                (CombineChoice::Separate, false),
+            ] {
+                runs.push(Run {
+                    split: SplitChoice::Tokens(64),
+                    combine,
+                    twice,
+                    ..plain(case(&cases, name), policy, dt, Dtype::Bf16)
+                });
+            }
         }
     }
     check_all(&client, &both_paths(runs));

@@ -7,7 +7,9 @@
 // kernel's extra K-as-words argument), HEADS, KVH, DK, DV, PAGE (the kernel's comptime page
 // size), ROWS (query rows per cube, as the kernel was built), SPLIT (tokens per split, a
 // multiple of the kernel's tile), THREADS (per cube; default 128), CACHE (0 e4m3, 1 e5m2, 2
-// bf16; default 0), OPTS (1: softcap, ALiBi, window on, as the kernel was built; default 0).
+// bf16; default 0), OPTS (1: softcap, ALiBi, window on, as the kernel was built; default 0),
+// FUSED (1: the kernel merges the splits itself, as built; then its output is checked too,
+// against the exact merge of the reference states, and its arrival counters must end at 0).
 // argv[1]: seed.
 #include "emu.h"
 
@@ -27,11 +29,19 @@
 #ifndef THREADS
 #define THREADS 128
 #endif
+#ifndef FUSED
+#define FUSED 0
+#endif
 
 // A raw pointer that converts to any pointer-to-const parameter.
 struct AnyPtr {
   const void* p;
   template <class T> operator const T*() const { return static_cast<const T*>(p); }
+};
+// The same for a writable parameter.
+struct AnyMut {
+  void* p;
+  template <class T> operator T*() const { return static_cast<T*>(p); }
 };
 
 static float bf16_value(uint16_t b) {
@@ -126,19 +136,29 @@ int main(int argc, char** argv) {
   const unsigned params[8] = {(unsigned)B, (unsigned)max_pages, HEADS, HEADS * DK, (unsigned)row_blocks,
                               (unsigned)splits, SPLIT, OPTS ? (unsigned)window : 1u};
   memcpy(info.scalars_uint32, params, sizeof params);
+  // The fused merge's arrival counters (zero, as the launcher keeps them), the sinks (a dummy:
+  // off), and the bf16 output, poisoned.
+  const unsigned grid_x = KVH * row_blocks;
+  std::vector<uint32_t> counters((size_t)grid_x * B, 0);
+  std::vector<uint16_t> out((size_t)ntok * HEADS * DV, 0x7FC0);
   // Each kernel views the caches through its own vector types: AnyPtr converts to them.
   emu_launch(EmuDim{(unsigned)(KVH * row_blocks), (unsigned)B, (unsigned)splits}, EmuDim{THREADS, 1, 1}, [&] {
     KNAME((const __nv_bfloat16*)q.data(), AnyPtr{kc.data()},
 #if WIDE
           AnyPtr{kc.data()},
 #endif
-          AnyPtr{vc.data()}, meta.data(), slopes.data(), ws_o.data(), ws_md.data(), info);
+          AnyPtr{vc.data()}, meta.data(), slopes.data(), ws_o.data(), ws_md.data(), AnyMut{ws_o.data()},
+          AnyMut{counters.data()}, slopes.data(), (__nv_bfloat16*)out.data(), info);
   });
 
   // The largest |output| any state can have.
   double v_max = 0;
   for (auto c : vc) v_max = std::max(v_max, (double)fabs(decode(c)) * v_scale);
   long bad = 0, checked = 0;
+  // Exact merges of the reference states, per (token, head): Σ_s w_s·o_s / Σ_s w_s with
+  // w_s = d_s·exp(m_s − M); filled below, compared after.
+  std::vector<double> merged_num((size_t)ntok * HEADS * DV, 0.0), merged_den((size_t)ntok * HEADS, 0.0),
+      merged_m((size_t)ntok * HEADS, -INFINITY), merged_bound((size_t)ntok * HEADS * DV, 0.0);
   double worst = 0;
   auto fail = [&](const char* what, int tok, int h, int sp, double got, double want) {
     if (bad++ < 8) printf("%s mismatch: token %d head %d split %d: got %.6g want %.6g\n", what, tok, h, sp, got, want);
@@ -172,6 +192,16 @@ int main(int argc, char** argv) {
           double m = -INFINITY, den = 0;
           for (double x : s) m = std::max(m, x);
           for (double x : s) den += exp(x - m);
+          // This split joins the running merge of (tok, h): old terms scale by a, its by c.
+          const size_t th = (size_t)tok * HEADS + h;
+          double a = 1, c = 0;
+          if (!s.empty()) {
+            const double mm = std::max(merged_m[th], m);
+            a = exp(merged_m[th] - mm);
+            c = exp(m - mm);
+            merged_m[th] = mm;
+            merged_den[th] = merged_den[th] * a + den * c;
+          }
           for (int d = 0; d < DV; d++) {
             auto v_at = [&](int t) {
               return (double)decode(vc[(((size_t)page_of(b, t) * PAGE + t % PAGE) * KVH + g) * DV + d]) * v_scale;
@@ -185,6 +215,10 @@ int main(int argc, char** argv) {
             double bound = 1e-6 * v_max + 1e-5 * fabs(want);
             for (int t = lo; t < hi; t++)
               bound += exp(s[t - lo] - m) / den * s_err[t - lo] * fabs(v_at(t) - want);
+            if (!s.empty()) {
+              merged_num[th * DV + d] = merged_num[th * DV + d] * a + o * c;
+              merged_bound[th * DV + d] = merged_bound[th * DV + d] * a + bound * den * c;
+            }
             const double err = fabs(got - want) / bound;
             checked++;
             if (!(err <= 1.0)) fail("output", tok, h, sp, got, want);
@@ -195,6 +229,23 @@ int main(int argc, char** argv) {
           if (!s.empty() && !(fabs(got_m - m) <= 1e-4 * (1 + fabs(m)))) fail("max", tok, h, sp, got_m, m);
         }
   }
+#if FUSED
+  // The merged output (bf16: half an ulp more), and the counters back at zero.
+  double worst_out = 0;
+  for (size_t th = 0; th < (size_t)ntok * HEADS; th++)
+    for (int d = 0; d < DV; d++) {
+      const double den = merged_den[th];
+      const double want = den > 0 ? merged_num[th * DV + d] / den : 0.0;
+      const double bound = (den > 0 ? merged_bound[th * DV + d] / den : 0.0) + ldexp(1.0, -8) * fabs(want) + 1e-6 * v_max;
+      const double got = bf16_value(out[th * DV + d]), err = fabs(got - want) / bound;
+      checked++;
+      if (!(err <= 1.0)) fail("merged output", (int)(th / HEADS), (int)(th % HEADS), -1, got, want);
+      worst_out = std::max(worst_out, std::isnan(err) ? INFINITY : err);
+    }
+  for (auto c : counters)
+    if (c != 0) fail("arrival counter", -1, -1, -1, c, 0);
+  printf("merged output: worst error %.3g of the bound\n", worst_out);
+#endif
   printf("%s: %ld outputs checked, %ld mismatches, worst error %.3g of the bound\n", STR(KNAME), checked, bad, worst);
   return bad ? 1 : 0;
 }

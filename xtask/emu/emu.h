@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -47,6 +48,11 @@ inline EmuWarp& emu_warp() { return *emu_block->warps[threadIdx.x / 32]; }
 inline unsigned emu_lane() { return threadIdx.x % 32; }
 
 inline void __syncthreads() { emu_block->bar->arrive_and_wait(); }
+// Blocks run one after another here, so a fence orders nothing more than program order does;
+// the atomics still go through std::atomic_ref (several threads of a block may use them).
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline uint32_t atomicAdd(uint32_t* p, uint32_t v) { return std::atomic_ref<uint32_t>(*p).fetch_add(v); }
+inline uint32_t atomicExch(uint32_t* p, uint32_t v) { return std::atomic_ref<uint32_t>(*p).exchange(v); }
 
 template <class T> inline T emu_shfl(T v, unsigned src) {
   static_assert(sizeof(T) <= 8);

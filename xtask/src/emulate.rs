@@ -22,7 +22,7 @@ use cubecl::Runtime;
 
 use crate::codegen::offline::{self, OfflineCuda};
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::{paged_decode, AttentionOptions, DecodeOptions, DecodeStrategy};
+use fp8kv::{decode_plan, paged_decode, AttentionOptions, DecodeOptions, DecodeStrategy};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// One kernel instantiation to emulate.
@@ -130,9 +130,9 @@ fn cases() -> Vec<Case> {
     out
 }
 
-/// Launches `c` on the offline runtime and returns its split kernel's entry, source and threads
-/// per cube.
-fn capture(c: &Case) -> Result<(String, String, u32), String> {
+/// Launches `c` on the offline runtime and returns its split kernel's entry, source, threads
+/// per cube and whether it merges the splits itself.
+fn capture(c: &Case) -> Result<(String, String, u32, bool), String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let client = OfflineCuda::client(&Default::default());
     let policy = match c.cache {
@@ -176,6 +176,9 @@ fn capture(c: &Case) -> Result<(String, String, u32), String> {
     };
     offline::drain_captured();
     let opts = DecodeOptions::new(opts).with_strategy(c.path);
+    let fused = decode_plan(&cache, &batch, Dtype::Bf16, c.heads, &opts)
+        .map_err(e)?
+        .combine_in_kernel;
     paged_decode(&q, &cache, &batch, &opts, &mut out).map_err(e)?;
     let _ = cubecl::future::block_on(client.sync());
     let k = offline::drain_captured()
@@ -183,7 +186,7 @@ fn capture(c: &Case) -> Result<(String, String, u32), String> {
         .find(|k| k.entrypoint.starts_with("decode_split_"))
         .ok_or("no split kernel was launched")?;
     let threads = k.cube_dim.0 * k.cube_dim.1 * k.cube_dim.2;
-    Ok((k.entrypoint, k.source?, threads))
+    Ok((k.entrypoint, k.source?, threads, fused))
 }
 
 /// The captured source made host C++: no CUDA runtime or WMMA header, the shared-memory
@@ -300,7 +303,7 @@ fn emulate_case(
     out_dir: &Path,
     self_check: bool,
 ) -> Result<(), String> {
-    let (entry, cuda, threads) = capture(c)?;
+    let (entry, cuda, threads, fused) = capture(c)?;
     let stem = format!("{}_{}", c.name, path_name(c.path));
     let inc = out_dir.join(format!("{stem}.inc"));
     let tensor_cores = c.path != DecodeStrategy::CudaCores;
@@ -334,6 +337,7 @@ fn emulate_case(
         format!("-DTHREADS={threads}"),
         format!("-DCACHE={cache_code}"),
         format!("-DOPTS={}", u8::from(c.opts)),
+        format!("-DFUSED={}", u8::from(fused)),
     ];
     let build = |bin: &Path, extra: &[&str]| -> Result<(), String> {
         let mut cmd = Command::new("g++");

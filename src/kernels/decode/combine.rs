@@ -1,10 +1,13 @@
 //! The combine: merges the partial states the split routines write to the workspace (the
 //! device form of [`super::definition::split::SplitState::merge`] and `finish`) and the
-//! optional sink into the output. One kernel for every routine.
+//! optional sink into the output. Two forms of one computation: [`merge_if_last()`], which
+//! every split kernel ends with in a fused launch (the last cube of a row block merges, so a
+//! call is one launch), and the separate [`decode_combine_kernel()`] for plans with more
+//! splits than the fused merge holds (or where forced).
 
 use cubecl::prelude::*;
 
-use super::common::{NO_SCORE, PLANE_LANES};
+use super::common::{SplitParams, WorkRange, NO_SCORE, PLANE_LANES};
 use crate::kernels::meta as batch_meta;
 
 /// Splits one combine thread reads per trip of its loop (independent loads in flight).
@@ -176,5 +179,165 @@ pub fn decode_combine_kernel<F: Float>(
         }
         out[((tok * num_heads + h) * head_dim_v + d) as usize] = F::cast_from(o * inv);
         d += threads;
+    }
+}
+
+/// Most splits the in-kernel merge takes: its weights sit in shared memory, `rows ×` this
+/// floats (4 KiB at 16 rows). Plans with more splits keep the separate combine kernel.
+pub(crate) const FUSED_MAX_SPLITS: u32 = 64;
+
+/// Comptime switch of the merge at the end of every split kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct InKernelMerge {
+    /// The last split cube of each (sequence, KV head, row block) merges the splits into the
+    /// output (no combine launch).
+    pub on: bool,
+    /// The sink logits join the merge's denominator.
+    pub sinks: bool,
+}
+
+/// CUDA's `__threadfence()`: this thread's global writes become visible to every cube before
+/// any of its later ones. CubeCL 0.10's IR has no device-scope fence, so the call is emitted
+/// through a comment that closes itself (`/* */ __threadfence(); /* */`); `cargo xtask
+/// codegen` (a CI step) fails any kernel with the merge's atomics whose source lacks the two.
+#[cube]
+pub(crate) fn device_fence() {
+    comment!("*/ __threadfence(); /*\n");
+}
+
+/// Ends a split cube in a fused launch: after every thread's partial-state writes, the cube
+/// counts its arrival for its (sequence, KV head, row block) (`counters`, one `u32` per grid
+/// x·y, zero between launches); the cube that arrives last resets the counter to 0 (so the next
+/// launch needs no memset) and merges all `num_splits` partial states of its rows into `out`,
+/// exactly as [`decode_combine_kernel()`] does; the others end.
+///
+/// Every thread fences its own writes before the arrival (release) and after seeing it last
+/// (acquire). The last cube reads other cubes' states with ordinary loads: no cube of this
+/// launch read those addresses before, so no L1 line of them can be stale.
+///
+/// - `ws_o`: the workspace's `o` as 4-float vectors (a second, writable view of the buffer the
+///   split kernel wrote: a `const __restrict__` view could be read through the non-coherent
+///   path); `ws_md`: its `(m, d)`.
+/// - Requires `num_splits ≤ FUSED_MAX_SPLITS`, `head_dim_v` a multiple of 4 and every thread
+///   of the cube to call it.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge_if_last<F: Float>(
+    ws_o: &Array<Vector<f32, Const<4>>>,
+    ws_md: &Array<f32>,
+    counters: &mut Array<Atomic<u32>>,
+    sinks: &Array<f32>,
+    out: &mut Array<F>,
+    work: &WorkRange,
+    params: &SplitParams,
+    #[comptime] group: u32,
+    #[comptime] rows: u32,
+    #[comptime] dv: u32,
+    #[comptime] threads: u32,
+    #[comptime] has_sinks: bool,
+) {
+    let mut last_s = SharedMemory::<u32>::new(1usize);
+    device_fence();
+    sync_cube();
+    let num_splits = params.num_splits;
+    if UNIT_POS == 0 {
+        let at = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+        let before = counters[at].fetch_add(1u32);
+        let last = before + 1 == num_splits;
+        if last {
+            counters[at].store(0u32);
+        }
+        last_s[0] = select(last, 1u32, 0u32);
+    }
+    sync_cube();
+    if last_s[0] == 0 {
+        terminate!();
+    }
+    device_fence();
+
+    // (1) Per row, one warp: the weights w_s = d_s·exp(m_s − M) / den of its splits (two per
+    // lane), M the largest m of a non-empty split and the sink, den = Σ w_s + exp(sink − M);
+    // all zero for a row that saw no key.
+    let warps = comptime![threads / PLANE_LANES];
+    let mut w_s = SharedMemory::<f32>::new(comptime![(rows * FUSED_MAX_SPLITS) as usize]);
+    let lane = UNIT_POS_PLANE;
+    let mut r = UNIT_POS / PLANE_LANES;
+    while r < rows {
+        let gr = work.row0 + r;
+        if gr < work.rows_total {
+            let tok = work.q_start + gr / group;
+            let head = work.g * group + gr % group;
+            let base = (tok * params.num_heads + head) * num_splits;
+            let s1 = lane + PLANE_LANES;
+            let mut m0 = f32::new(NO_SCORE);
+            let mut d0 = 0.0f32;
+            let mut m1 = f32::new(NO_SCORE);
+            let mut d1 = 0.0f32;
+            if lane < num_splits {
+                m0 = ws_md[((base + lane) * 2) as usize];
+                d0 = ws_md[((base + lane) * 2 + 1) as usize];
+            }
+            if s1 < num_splits {
+                m1 = ws_md[((base + s1) * 2) as usize];
+                d1 = ws_md[((base + s1) * 2 + 1) as usize];
+            }
+            let mut m =
+                plane_max(select(d0 > 0.0, m0, NO_SCORE).max(select(d1 > 0.0, m1, NO_SCORE)));
+            let mut sink = f32::new(NO_SCORE);
+            if comptime![has_sinks] {
+                sink = sinks[head as usize];
+                m = m.max(sink);
+            }
+            let w0 = select(d0 > 0.0, d0 * (m0 - m).exp(), 0.0);
+            let w1 = select(d1 > 0.0, d1 * (m1 - m).exp(), 0.0);
+            let seen = plane_sum(w0 + w1);
+            let mut den = seen;
+            if comptime![has_sinks] {
+                den += (sink - m).exp();
+            }
+            let inv = select(seen > 0.0, 1.0 / den, 0.0);
+            if lane < num_splits {
+                w_s[(r * FUSED_MAX_SPLITS + lane) as usize] = w0 * inv;
+            }
+            if s1 < num_splits {
+                w_s[(r * FUSED_MAX_SPLITS + s1) as usize] = w1 * inv;
+            }
+        }
+        r += warps;
+    }
+    sync_cube();
+
+    // (2) Each thread a 4-float vector of one row's output: the weighted sum over the splits,
+    // COMBINE_UNROLL loads in flight.
+    let lanes = comptime![dv / 4];
+    let mut i = UNIT_POS;
+    while i < comptime![rows * dv / 4] {
+        let r = i / lanes;
+        let l = i % lanes;
+        let gr = work.row0 + r;
+        if gr < work.rows_total {
+            let tok = work.q_start + gr / group;
+            let head = work.g * group + gr % group;
+            let base = (tok * params.num_heads + head) * num_splits;
+            let mut acc = Vector::<f32, Const<4>>::new(0.0);
+            let mut s0 = 0u32;
+            while s0 < num_splits {
+                #[unroll]
+                for u in 0..COMBINE_UNROLL {
+                    let s = s0 + u;
+                    if s < num_splits {
+                        acc += ws_o[((base + s) * lanes + l) as usize]
+                            * Vector::new(w_s[(r * FUSED_MAX_SPLITS + s) as usize]);
+                    }
+                }
+                s0 += COMBINE_UNROLL;
+            }
+            let at = (tok * params.num_heads + head) * dv + 4 * l;
+            #[unroll]
+            for e in 0..4u32 {
+                out[(at + e) as usize] = F::cast_from(acc[e as usize]);
+            }
+        }
+        i += threads;
     }
 }

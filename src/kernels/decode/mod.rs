@@ -26,7 +26,7 @@ pub(crate) mod routines;
 use cubecl::client::ComputeClient;
 use cubecl::Runtime;
 
-pub use definition::{DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
+pub use definition::{CombineChoice, DecodeOptions, DecodeShape, DecodeStrategy, SplitChoice};
 
 use crate::device::{DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, KvSide, Result};
@@ -125,8 +125,11 @@ pub struct DecodePlanInfo {
     pub num_splits: usize,
     /// Cache tokens per slice.
     pub split_tokens: usize,
-    /// Bytes of the f32 workspace between the split kernel and the combine.
+    /// Bytes of the f32 workspace the split kernel writes its partial states to.
     pub workspace_bytes: usize,
+    /// Whether the split kernel merges the splits itself (one launch) rather than a separate
+    /// combine kernel.
+    pub combine_in_kernel: bool,
 }
 
 /// The plan [`paged_decode`] makes for queries of `query` dtype with `num_heads` heads on
@@ -148,6 +151,7 @@ pub fn decode_plan<R: Runtime>(
         num_splits: plan.split.num_splits,
         split_tokens: plan.split.split_tokens,
         workspace_bytes: plan.workspace.bytes(),
+        combine_in_kernel: plan.merge.on,
     })
 }
 

@@ -107,6 +107,20 @@ struct Row {
     error: Option<String>,
 }
 
+/// A kernel that counts cube arrivals with atomics (the decode split kernels' fused merge)
+/// must fence its writes before and its reads after: `combine::device_fence` emits CUDA's
+/// `__threadfence();` through a comment that closes itself (CubeCL 0.10's IR has no fence), so
+/// the generated source must hold it as a statement, twice (`decode_fused_merge_emits_the_fence`).
+fn fence_check(source: &str) -> Result<(), String> {
+    let fenced = source.matches("/* */ __threadfence(); /*").count();
+    match (source.contains("atomicAdd("), source.contains("atomicExch(")) {
+        (true, true) if fenced != 2 => Err(format!(
+            "decode_fused_merge_emits_the_fence: the merge's arrival needs 2 fences, the source has {fenced}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the subcommand; `root` is the workspace root.
 pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     let opts = parse(args, root)?;
@@ -159,6 +173,10 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
             }
         };
         write(&opts.out_dir.join(format!("{stem}.cu")), source)?;
+        if let Err(e) = fence_check(source) {
+            row.error = Some(e);
+            continue;
+        }
         if let Some(nvrtc) = &nvrtc {
             match nvrtc.compile(source, &row.kernel.entrypoint) {
                 Ok(out) => {

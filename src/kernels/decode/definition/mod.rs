@@ -79,6 +79,20 @@ pub enum SplitChoice {
     Tokens(usize),
 }
 
+/// Where the splits' partial states are merged into the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CombineChoice {
+    /// In the split kernel where the plan has few enough splits for it (one launch per call),
+    /// else the separate combine kernel.
+    #[default]
+    Auto,
+    /// In the split kernel: the last cube of each (sequence, KV head, row block) to finish
+    /// merges (one launch). [`Fp8KvError::InvalidOption`] for a plan of more than 64 splits.
+    InKernel,
+    /// A second launch, the combine kernel, merges.
+    Separate,
+}
+
 /// Everything [`super::paged_decode`] takes besides the tensors.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct DecodeOptions {
@@ -90,6 +104,8 @@ pub struct DecodeOptions {
     pub strategy: Option<DecodeStrategy>,
     /// How the cache is cut into splits.
     pub split: SplitChoice,
+    /// Where the splits are merged.
+    pub combine: CombineChoice,
 }
 
 impl DecodeOptions {
@@ -108,6 +124,11 @@ impl DecodeOptions {
     /// The same with a split choice.
     pub fn with_split(mut self, split: SplitChoice) -> Self {
         self.split = split;
+        self
+    }
+    /// The same with a combine choice.
+    pub fn with_combine(mut self, combine: CombineChoice) -> Self {
+        self.combine = combine;
         self
     }
 }

@@ -9,6 +9,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::decode::combine::{merge_if_last, InKernelMerge};
+
 use super::cuda_cores::DecodeConfig;
 use crate::kernels::decode::common::{
     decode_vector, fp8_unit, work_range, SplitParams, NO_SCORE, PLANE_LANES,
@@ -63,8 +65,13 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
     alibi: &Array<f32>,
     ws_o: &mut Array<f32>,
     ws_md: &mut Array<f32>,
+    ws_o4: &mut Array<Vector<f32, Const<4>>>,
+    counters: &mut Array<Atomic<u32>>,
+    sinks: &Array<f32>,
+    out: &mut Array<F>,
     params: SplitParams,
     #[comptime] cfg: DecodeConfig,
+    #[comptime] merge: InKernelMerge,
     #[define(F, Q)] _dtypes: [StorageType; 2],
 ) {
     // ---- comptime shape of the work ----------------------------------------------------
@@ -457,5 +464,21 @@ pub fn decode_split_kernel<F: Float, Q: Float, NK: Size, NV: Size>(
             ws_md[at as usize] = m_s[tid as usize];
             ws_md[(at + 1) as usize] = d_s[tid as usize];
         }
+    }
+    if comptime![merge.on] {
+        merge_if_last::<F>(
+            ws_o4,
+            ws_md,
+            counters,
+            sinks,
+            out,
+            &work,
+            &params,
+            group,
+            rows,
+            dv,
+            threads,
+            merge.sinks,
+        );
     }
 }

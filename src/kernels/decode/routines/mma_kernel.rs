@@ -55,6 +55,8 @@
 use cubecl::prelude::cmma::MmaDefinition;
 use cubecl::prelude::*;
 
+use crate::kernels::decode::combine::{merge_if_last, InKernelMerge};
+
 use crate::kernels::decode::common::fragments::{
     block_page, exchange_lanes, key_major_slot_scales, km_qk_step, km_scores, km_softmax_exchange,
     load_block, masked_score, merge_col, piece_pair, pow2_row_scale, pv_mma, query_fragments,
@@ -96,8 +98,13 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     alibi: &Array<f32>,
     ws_o: &mut Array<f32>,
     ws_md: &mut Array<f32>,
+    ws_o4: &mut Array<Vector<f32, Const<4>>>,
+    counters: &mut Array<Atomic<u32>>,
+    sinks: &Array<f32>,
+    out: &mut Array<F>,
     params: SplitParams,
     #[comptime] cfg: MmaConfig,
+    #[comptime] merge: InKernelMerge,
     #[define(F, M)] _dtypes: [StorageType; 2],
 ) {
     // ---- comptime shape --------------------------------------------------------------------
@@ -518,6 +525,22 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
             ws_o[(((tok * params.num_heads + head) * num_splits + split) * dv + d) as usize] = val;
         }
         o += comptime![MMA_WARPS * PLANE_LANES];
+    }
+    if comptime![merge.on] {
+        merge_if_last::<F>(
+            ws_o4,
+            ws_md,
+            counters,
+            sinks,
+            out,
+            &work,
+            &params,
+            group,
+            rows,
+            dv,
+            comptime![MMA_WARPS * PLANE_LANES],
+            merge.sinks,
+        );
     }
 }
 

@@ -24,11 +24,13 @@ pub(crate) mod wide_kernel;
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use super::combine::decode_combine_kernel;
+use super::combine::{decode_combine_kernel, InKernelMerge, FUSED_MAX_SPLITS};
 use super::common::fragments::MmaConfig;
 use super::common::{SplitParamsLaunch, PLANE_LANES};
 use super::definition::split::{SplitPlan, WorkspaceShape, MAX_SPLITS, MMA_BY_DEFAULT};
-use super::definition::{check_index, DecodeOptions, DecodeProblem, DecodeStrategy, SplitChoice};
+use super::definition::{
+    check_index, CombineChoice, DecodeOptions, DecodeProblem, DecodeStrategy, SplitChoice,
+};
 use crate::contract::AttentionOptions;
 use crate::device::{storage_type, BatchOffsets, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{Fp8KvError, Result};
@@ -37,6 +39,9 @@ use crate::kernels::CacheGeometry;
 use crate::policy::{Dtype, QuantPolicy};
 pub(crate) use cuda_cores::DecodeConfig;
 pub(crate) use tensor_cores::mma_supported;
+
+/// Whether [`CombineChoice::Auto`] merges in the split kernel where the plan allows it.
+const FUSED_BY_DEFAULT: bool = true;
 
 /// Threads per combine cube: 8 warps, so a 128-wide V head reads 8 splits at a time (4 per
 /// lane in flight) and a 512-wide one 2.
@@ -60,6 +65,16 @@ pub(crate) struct SplitArgs<'a, R: Runtime> {
     pub ws_o: (Handle, usize),
     /// See `ws_o`.
     pub ws_md: (Handle, usize),
+    /// The `o` part again as 4-float vectors (the fused merge reads it so).
+    pub ws_o4: (Handle, usize),
+    /// Arrival counters, one `u32` per grid x·y (all zero between launches).
+    pub counters: (Handle, usize),
+    /// Sink logits (or a 1-element dummy) and their count.
+    pub sinks: (Handle, usize),
+    /// The output and its length in elements.
+    pub out: (Handle, usize),
+    /// Whether the split kernel merges (and with sinks).
+    pub merge: InKernelMerge,
     /// The runtime scalars.
     pub params: SplitParamsLaunch<R>,
     /// The query dtype.
@@ -213,6 +228,8 @@ pub(crate) struct DecodePlan {
     pub split: SplitPlan,
     /// The workspace between the split kernel and the combine.
     pub workspace: WorkspaceShape,
+    /// Whether the split kernel merges the splits itself (then no combine launch).
+    pub merge: InKernelMerge,
 }
 
 /// Plans one launch: the forced routine (an error where it does not apply) or Auto's, rows
@@ -247,12 +264,28 @@ pub(crate) fn plan_decode(p: &DecodeProblem, opts: &DecodeOptions) -> Result<Dec
         head_dim_v: p.v.head_dim as usize,
     };
     check_index("workspace", workspace.o_elems())?;
+    let fits = split.num_splits <= FUSED_MAX_SPLITS as usize;
+    let fused = match opts.combine {
+        CombineChoice::Auto => FUSED_BY_DEFAULT && fits,
+        CombineChoice::Separate => false,
+        CombineChoice::InKernel if fits => true,
+        CombineChoice::InKernel => {
+            return Err(Fp8KvError::InvalidOption(format!(
+                "the in-kernel merge takes at most {FUSED_MAX_SPLITS} splits, the plan has {}",
+                split.num_splits
+            )))
+        }
+    };
     Ok(DecodePlan {
         routine,
         rows,
         row_blocks,
         split,
         workspace,
+        merge: InKernelMerge {
+            on: fused,
+            sinks: fused && opts.attention.sinks.is_some(),
+        },
     })
 }
 
@@ -310,8 +343,10 @@ pub(crate) fn launch_decode<R: Runtime>(
 
     let ws = plan.workspace;
     // Allocated by the step's first decode call, reused by every layer after it.
-    let ws_o = batch.scratch(&client, 0, ws.o_elems() * 4);
-    let ws_md = batch.scratch(&client, 1, ws.md_elems() * 4);
+    let ws_o = batch.scratch(&client, 0, ws.o_elems() * 4, false);
+    let ws_md = batch.scratch(&client, 1, ws.md_elems() * 4, false);
+    let grid_xy = kv_heads * plan.row_blocks * meta.batch();
+    let counters = batch.scratch(&client, 2, grid_xy * 4, true);
     let alibi = small_f32(&client, opts.alibi_slopes.as_deref(), &ws_md);
     let (sinks, sinks_len) = small_f32(&client, opts.sinks.as_deref(), &ws_md);
     let act = storage_type(q.dtype());
@@ -342,6 +377,11 @@ pub(crate) fn launch_decode<R: Runtime>(
         alibi,
         ws_o: (ws_o.clone(), ws.o_elems()),
         ws_md: (ws_md.clone(), ws.md_elems()),
+        ws_o4: (ws_o.clone(), ws.o_elems() / 4),
+        counters: (counters, grid_xy),
+        sinks: (sinks.clone(), sinks_len),
+        out: (out.handle().clone(), out.len_elems()),
+        merge: plan.merge,
         params,
         act,
     };
@@ -364,11 +404,18 @@ pub(crate) fn launch_decode<R: Runtime>(
     //   the metadata below `u32::MAX` entries (`check_batch_buffer_len`), the window is clamped
     //   by `kernel_window`; the grid's y (batch) and the combine's z (longest query) are at most
     //   65535.
+    // The fused merge indexes the counters by grid x·y (`grid_xy` of them, zero between
+    // launches: each launch's last cube per x·y resets its own), reads `num_splits ≤
+    // FUSED_MAX_SPLITS` states of rows inside `[0, num_tokens)` and writes `out` as the combine
+    // kernel does.
     // The tensor-core kernels read the caches as 32-bit words in vectors of 16 (or 8) bytes:
     // every lane piece they read is a whole multiple of its vector and starts at a multiple of
     // it (rows start at multiples of the head dim; see `mma_config`).
     unsafe {
         with_routine!(plan.routine, |Routine, c| Routine::launch(c, args));
+        if plan.merge.on {
+            return Ok(());
+        }
         decode_combine_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(

@@ -75,8 +75,13 @@ pub(crate) unsafe fn launch_mma<R: Runtime>(cfg: MmaConfig, a: SplitArgs<'_, R>)
             ArrayArg::from_raw_parts(a.alibi.0, a.alibi.1),
             ArrayArg::from_raw_parts(a.ws_o.0, a.ws_o.1),
             ArrayArg::from_raw_parts(a.ws_md.0, a.ws_md.1),
+            ArrayArg::from_raw_parts(a.ws_o4.0, a.ws_o4.1),
+            ArrayArg::from_raw_parts(a.counters.0, a.counters.1),
+            ArrayArg::from_raw_parts(a.sinks.0, a.sinks.1),
+            ArrayArg::from_raw_parts(a.out.0, a.out.1),
             a.params,
             cfg,
+            a.merge,
             [a.act, storage_type(mma_type(a.cache.dtype()))],
         );
     }

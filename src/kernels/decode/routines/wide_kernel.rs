@@ -17,6 +17,8 @@
 
 use cubecl::prelude::*;
 
+use crate::kernels::decode::combine::{merge_if_last, InKernelMerge};
+
 use crate::kernels::decode::common::fragments::{
     block_page, exchange_lanes, fp8_pair, key_major_slot_scales, km_qk_step, km_scores,
     km_softmax_exchange, load_piece, piece_pair, pow2_row_scale, pv_mma, query_fragments,
@@ -151,8 +153,13 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
     alibi: &Array<f32>,
     ws_o: &mut Array<f32>,
     ws_md: &mut Array<f32>,
+    ws_o4: &mut Array<Vector<f32, Const<4>>>,
+    counters: &mut Array<Atomic<u32>>,
+    sinks: &Array<f32>,
+    out: &mut Array<F>,
     params: SplitParams,
     #[comptime] cfg: MmaConfig,
+    #[comptime] merge: InKernelMerge,
     #[define(F, M)] _dtypes: [StorageType; 2],
 ) {
     // ---- comptime shape --------------------------------------------------------------------
@@ -417,5 +424,21 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
                 }
             }
         }
+    }
+    if comptime![merge.on] {
+        merge_if_last::<F>(
+            ws_o4,
+            ws_md,
+            counters,
+            sinks,
+            out,
+            &work,
+            &params,
+            group,
+            rows,
+            dv,
+            comptime![MMA_WARPS * PLANE_LANES],
+            merge.sinks,
+        );
     }
 }
