@@ -22,7 +22,9 @@ use cubecl::Runtime;
 
 use crate::codegen::offline::{self, OfflineCuda};
 use fp8kv::device::{DeviceBatch, DeviceRows, PagedKvCache};
-use fp8kv::{decode_plan, paged_decode, AttentionOptions, DecodeOptions, DecodeStrategy};
+use fp8kv::{
+    decode_plan, paged_decode, AttentionOptions, CombineChoice, DecodeOptions, DecodeStrategy,
+};
 use fp8kv::{BatchMetadata, Dtype, KvLayoutKind, KvScales, PagedKvLayout, QuantPolicy};
 
 /// One kernel instantiation to emulate.
@@ -175,7 +177,11 @@ fn capture(c: &Case) -> Result<(String, String, u32, bool), String> {
         AttentionOptions::default()
     };
     offline::drain_captured();
-    let opts = DecodeOptions::new(opts).with_strategy(c.path);
+    // The merge in the split kernel (the launch's one split fits it): the driver checks the
+    // merged output and the counters too.
+    let opts = DecodeOptions::new(opts)
+        .with_strategy(c.path)
+        .with_combine(CombineChoice::InKernel);
     let fused = decode_plan(&cache, &batch, Dtype::Bf16, c.heads, &opts)
         .map_err(e)?
         .combine_in_kernel;

@@ -14,7 +14,7 @@ use fp8kv::kernels::stats::{kv_stats, DeviceKvStats};
 use fp8kv::layout::{KvLayoutKind, PagedKvLayout};
 use fp8kv::policy::{Dtype, QuantPolicy};
 use fp8kv::scales::KvScales;
-use fp8kv::{paged_decode, DecodeOptions, DecodeShape, DecodeStrategy};
+use fp8kv::{paged_decode, CombineChoice, DecodeOptions, DecodeShape, DecodeStrategy};
 use fp8kv::{AttentionOptions, FlattenLayout};
 use fp8kv_llama::layer::{
     add_rms_norm, argmax_rows, gemv, gemv_swiglu, rms_norm, rope_qkv, swiglu, IndexDtype, QkvHeads,
@@ -289,6 +289,9 @@ pub fn decode_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
         };
         let opts = DecodeOptions::new(opts);
         paged_decode(&q, &cache, &batch, &opts, &mut out)?;
+        // The same with the merge in the split kernel (its one split fits).
+        let fused = opts.clone().with_combine(CombineChoice::InKernel);
+        paged_decode(&q, &cache, &batch, &fused, &mut out)?;
         // The tensor-core kernels of the same sample, where they apply.
         let shape = DecodeShape {
             cache: dtype,

@@ -82,8 +82,8 @@ pub enum SplitChoice {
 /// Where the splits' partial states are merged into the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CombineChoice {
-    /// In the split kernel where the plan has few enough splits for it (one launch per call),
-    /// else the separate combine kernel.
+    /// The launcher's choice: today the separate combine kernel everywhere, until the
+    /// in-kernel merge is measured per shape class (see `InKernel`).
     #[default]
     Auto,
     /// In the split kernel: the last cube of each (sequence, KV head, row block) to finish
