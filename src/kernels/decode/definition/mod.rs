@@ -35,14 +35,6 @@ pub enum DecodeStrategy {
 }
 
 impl DecodeStrategy {
-    /// Every strategy, in the order the docs list them.
-    pub const ALL: [DecodeStrategy; 4] = [
-        DecodeStrategy::CudaCores,
-        DecodeStrategy::TensorCores,
-        DecodeStrategy::KeyMajor,
-        DecodeStrategy::Wide,
-    ];
-
     /// A short name for tables and messages (`cuda-cores`, `tensor-cores`, `key-major`,
     /// `wide`).
     pub fn name(self) -> &'static str {

@@ -348,8 +348,14 @@ pub(crate) fn launch_decode<R: Runtime>(
     // Allocated by the step's first decode call, reused by every layer after it.
     let ws_o = batch.scratch(&client, 0, ws.o_elems() * 4, false);
     let ws_md = batch.scratch(&client, 1, ws.md_elems() * 4, false);
+    // The arrival counters only where the split kernel merges (otherwise it never reads them:
+    // a 1-element dummy, and no zeroed allocation).
     let grid_xy = kv_heads * plan.row_blocks * meta.batch();
-    let counters = batch.scratch(&client, 2, grid_xy * 4, true);
+    let counters = if plan.merge.on {
+        (batch.scratch(&client, 2, grid_xy * 4, true), grid_xy)
+    } else {
+        (ws_md.clone(), 1)
+    };
     let alibi = small_f32(&client, opts.alibi_slopes.as_deref(), &ws_md);
     let (sinks, sinks_len) = small_f32(&client, opts.sinks.as_deref(), &ws_md);
     let act = storage_type(q.dtype());
@@ -381,7 +387,7 @@ pub(crate) fn launch_decode<R: Runtime>(
         ws_o: (ws_o.clone(), ws.o_elems()),
         ws_md: (ws_md.clone(), ws.md_elems()),
         ws_o4: (ws_o.clone(), ws.o_elems() / 4),
-        counters: (counters, grid_xy),
+        counters,
         sinks: (sinks.clone(), sinks_len),
         out: (out.handle().clone(), out.len_elems()),
         merge: plan.merge,
@@ -407,8 +413,8 @@ pub(crate) fn launch_decode<R: Runtime>(
     //   the metadata below `u32::MAX` entries (`check_batch_buffer_len`), the window is clamped
     //   by `kernel_window`; the grid's y (batch) and the combine's z (longest query) are at most
     //   65535.
-    // The fused merge indexes the counters by grid x·y (`grid_xy` of them, zero between
-    // launches: each launch's last cube per x·y resets its own), reads `num_splits ≤
+    // The fused merge (only when on) indexes the counters by grid x·y (`grid_xy` of them, zero
+    // between launches: each launch's last cube per x·y resets its own), reads `num_splits ≤
     // FUSED_MAX_SPLITS` states of rows inside `[0, num_tokens)` and writes `out` as the combine
     // kernel does.
     // The tensor-core kernels read the caches as 32-bit words in vectors of 16 (or 8) bytes:
