@@ -379,13 +379,22 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let out = std::sync::Mutex::new(
         DeviceRows::empty(client, Dtype::Bf16, s.batch, out_width, out_width).map_err(e)?,
     );
-    let opts = DecodeOptions {
+    let mut opts = DecodeOptions {
         attention: AttentionOptions::default(),
         strategy: path,
         split: s.split,
         combine: s.combine,
     };
-    let plan = decode_plan(&caches[0], &batch, Dtype::Bf16, m.heads, &opts).map_err(e)?;
+    // A plan with more splits than the in-kernel merge takes keeps the combine kernel (the
+    // line says which ran).
+    let plan = match decode_plan(&caches[0], &batch, Dtype::Bf16, m.heads, &opts) {
+        Err(_) if opts.combine == CombineChoice::InKernel => {
+            opts.combine = CombineChoice::Auto;
+            decode_plan(&caches[0], &batch, Dtype::Bf16, m.heads, &opts)
+        }
+        plan => plan,
+    }
+    .map_err(e)?;
     let f = |i: usize| {
         let mut o = out.lock().unwrap();
         paged_decode(&q, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
@@ -431,9 +440,9 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         KvLayoutKind::Bhsd => " [bhsd]",
     };
     let path = path.map_or(String::new(), |p| format!(" [{p}]"));
-    // The host's cost per call, where it is at least half the device time: near or above it,
-    // the device time includes waits for the host.
-    let host = if host_us * 2.0 >= us {
+    // The host's cost per call at batch 1, and wherever it is at least half the device time:
+    // near or above it, the device time includes waits for the host.
+    let host = if host_us * 2.0 >= us || s.batch == 1 {
         format!("  (host {host_us:.1} µs/call)")
     } else {
         String::new()
@@ -606,10 +615,10 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
     if std::env::args().any(|a| a == "--ab-combine") {
         // The merge in the split kernel against the separate combine kernel, A B A B, on the
         // target shapes and the catalogue (shapes whose plan has more splits than the fused
-        // merge takes fall back to the kernel on both sides: ratio 1).
+        // merge takes keep the kernel on both sides: ratio 1).
         let ab = |s: Shape| {
             let a = Shape {
-                combine: CombineChoice::Auto,
+                combine: CombineChoice::InKernel,
                 ..s
             };
             let b = Shape {
@@ -628,6 +637,7 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         };
         for (batch, context, page) in [
             (1, 32768, 64),
+            (1, 4096, 64),
             (32, 4096, 64),
             (32, 4096, 16),
             (32, 32768, 64),
