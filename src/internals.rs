@@ -5,7 +5,7 @@
 //! everything else stays `pub(crate)` whatever the features.
 
 pub use crate::kernels::codec::{
-    encode_magnitude, fp8_encode, fp8_quantize, ScaleDiv, FAST_DIV_SCALE_RANGE,
+    encode_magnitude, fp8_encode, fp8_quantize, fp8_quantize_vector, ScaleDiv, FAST_DIV_SCALE_RANGE,
 };
 pub use crate::kernels::decode::definition::split::{
     SplitPlan, SplitState, WorkspaceShape, MAX_SPLITS, MIN_SPLIT_TOKENS, SPLIT_OVERHEAD_TOKENS,

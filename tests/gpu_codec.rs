@@ -7,7 +7,9 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 use fp8kv::fp8::Fp8Format;
-use fp8kv::internals::{fp8_encode, fp8_quantize, ScaleDiv, FAST_DIV_SCALE_RANGE};
+use fp8kv::internals::{
+    fp8_encode, fp8_quantize, fp8_quantize_vector, ScaleDiv, FAST_DIV_SCALE_RANGE,
+};
 use fp8kv::testing::Rng;
 
 /// Encodes each input with the integer encoder. Grid 1-d over `input.len()`.
@@ -32,6 +34,26 @@ fn quantize_kernel(
     let i = ABSOLUTE_POS;
     if i < input.len() {
         out[i] = fp8_quantize(input[i], scales[i], inv_scales[i], format, div);
+    }
+}
+
+/// Quantizes vectors of `input` with one scale as fill does (the hardware's saturating
+/// convert after the exact division). `Q` is the FP8 type of `format`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn quantize_vector_kernel<Q: Float, N: Size>(
+    input: &Array<Vector<f32, N>>,
+    out: &mut Array<Vector<u8, N>>,
+    scale: f32,
+    inv_scale: f32,
+    #[comptime] format: Fp8Format,
+    #[comptime] div: ScaleDiv,
+    #[comptime] vec: u32,
+    #[define(Q)] _q: StorageType,
+) {
+    let i = ABSOLUTE_POS;
+    if i < input.len() {
+        out[i] = fp8_quantize_vector::<Q, N>(input[i], scale, inv_scale, format, div, vec);
     }
 }
 
@@ -357,6 +379,63 @@ fn gpu_quantize_matches_reference_division_for_random_scales() {
             let (mismatches, first) = quantize_on_gpu(&client, format, div, &xs, &scales);
             println!("{format:?} {div:?}: {} (x, scale) pairs quantized on the GPU, {mismatches} mismatches", xs.len());
             assert_eq!(mismatches, 0, "{format:?} {div:?}: {mismatches} mismatches; first (index, x, scale, gpu, cpu): {first:?}");
+        }
+    }
+}
+
+#[test]
+fn gpu_hardware_convert_matches_reference_quantization() {
+    let Some(client) =
+        fp8kv::testing::client_or_skip("gpu_hardware_convert_matches_reference_quantization")
+    else {
+        return;
+    };
+    const VEC: usize = 4;
+    for format in Fp8Format::ALL {
+        let mut xs = inputs(format, 1 << 20);
+        xs.truncate(xs.len() / VEC * VEC);
+        let n = xs.len();
+        let dtype = match format {
+            Fp8Format::E4m3 => fp8kv::Dtype::E4m3,
+            Fp8Format::E5m2 => fp8kv::Dtype::E5m2,
+        };
+        // One scale per launch, as fill has: each division mode, ties after the division
+        // (powers of two), calibrated-looking scales, and the default 1.0.
+        for scale in [1.0f32, 0.0625, 4.0, 0.0173, 3.7, 1e-30, 3e25] {
+            let div = ScaleDiv::for_scale(scale);
+            let input = client.create_from_slice(bytemuck::cast_slice(&xs));
+            let out = client.empty(n);
+            unsafe {
+                quantize_vector_kernel::launch_unchecked::<Cuda>(
+                    &client,
+                    cube_count(n / VEC),
+                    CubeDim::new_1d(256),
+                    VEC,
+                    ArrayArg::from_raw_parts(input, n / VEC),
+                    ArrayArg::from_raw_parts(out.clone(), n / VEC),
+                    scale,
+                    1.0 / scale,
+                    format,
+                    div,
+                    VEC as u32,
+                    storage(format),
+                );
+            }
+            let got = client.read_one(out).unwrap();
+            let mut mismatches = 0;
+            let mut first = None;
+            for (i, (&x, &g)) in xs.iter().zip(got.iter()).enumerate() {
+                let want = fp8kv::reference::quantize_value(dtype, x, scale);
+                if g as u32 != want {
+                    mismatches += 1;
+                    first.get_or_insert((i, x, g, want));
+                }
+            }
+            println!("{format:?} scale {scale} ({div:?}): {n} values through the hardware convert, {mismatches} mismatches");
+            assert_eq!(
+                mismatches, 0,
+                "{format:?} scale {scale}: {mismatches}/{n}; first (index, x, gpu, cpu): {first:?}"
+            );
         }
     }
 }

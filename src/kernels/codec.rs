@@ -134,6 +134,64 @@ pub fn fp8_quantize(
     ((bits >> 24) & 0x80) | code
 }
 
+/// [`fp8_quantize()`] of every element of `x`, on the hardware converter: the exact
+/// `|x| / scale` of each element, then CubeCL's vector cast to `Q` (the FP8 type of
+/// `format`), made saturating by [`satfinite_casts()`] so that it compiles to
+/// `cvt.rn.satfinite.e4m3x2.f32` / `.e5m2x2` (one instruction per two elements on sm_89+,
+/// against about 10 a value for the integer encoder). The satfinite convert rounds to nearest
+/// even and saturates beyond the largest finite value (±inf included), as the encoder does;
+/// NaN gets `format`'s NaN code and every code `x`'s sign, here, so the codes are the
+/// encoder's bit for bit (`gpu_codec` checks both on the same million values).
+#[cube]
+pub fn fp8_quantize_vector<Q: Float, N: Size>(
+    x: Vector<f32, N>,
+    scale: f32,
+    inv_scale: f32,
+    #[comptime] format: Fp8Format,
+    #[comptime] div: ScaleDiv,
+    #[comptime] vec: u32,
+) -> Vector<u8, N> {
+    satfinite_casts();
+    let mut mag = Vector::<f32, N>::empty();
+    #[unroll]
+    for i in 0..vec {
+        let ax = f32::reinterpret(u32::reinterpret(x[i as usize]) & 0x7FFF_FFFF);
+        mag[i as usize] = match div {
+            ScaleDiv::Ieee => ax / scale,
+            ScaleDiv::Markstein => {
+                let q0 = min(ax * inv_scale, TWO_POW_64);
+                let r = fma(-q0, scale, ax);
+                fma(r, inv_scale, q0)
+            }
+            ScaleDiv::PowerOfTwo => ax * inv_scale,
+        };
+    }
+    let hw = Vector::<u8, N>::reinterpret(Vector::<Q, N>::cast_from(mag));
+    let mut codes = Vector::<u8, N>::empty();
+    #[unroll]
+    for i in 0..vec {
+        let bits = u32::reinterpret(x[i as usize]);
+        let code = select(
+            (bits & 0x7FFF_FFFF) > 0x7F80_0000,
+            comptime![format.nan_code() as u32],
+            u32::cast_from(hw[i as usize]),
+        );
+        codes[i as usize] = u8::cast_from(((bits >> 24) & 0x80) | code);
+    }
+    codes
+}
+
+/// Makes every float → FP8 cast after this point of the kernel's CUDA source saturating.
+/// cubecl-cpp 0.10 writes those casts as `__nv_cvt_*_to_fp8*(v, __NV_NOSAT, ..)`, which
+/// `cuda_fp8.hpp` runs as a software routine (NaN beyond the range); with `__NV_SATFINITE`
+/// it issues the hardware convert. The CUDA source is the only place to say so: a comment
+/// that closes itself, defines the one name for the rest of this kernel (each kernel is its
+/// own NVRTC program), and reopens. CubeCL 0.11 emits `__NV_SATFINITE` itself.
+#[cube]
+pub fn satfinite_casts() {
+    comment!("*/\n#define __NV_NOSAT __NV_SATFINITE\n/*");
+}
+
 /// `2^64`: quotients above it saturate in every FP8 format.
 const TWO_POW_64: f32 = 18_446_744_073_709_551_616.0;
 

@@ -6,7 +6,7 @@ use crate::kernels::meta as batch_meta;
 
 use super::FillConfig;
 use crate::fp8::Fp8Format;
-use crate::kernels::codec::{fp8_quantize, ScaleDiv};
+use crate::kernels::codec::{fp8_quantize_vector, ScaleDiv};
 use crate::kernels::stats::add_side_stats;
 use crate::kernels::CacheGeometry;
 
@@ -19,9 +19,10 @@ use crate::kernels::CacheGeometry;
 ///   elements; row `t` holds `[num_kv_heads, head_dim]`; `*_row_stride` in vectors.
 /// - `k_cache`, `v_cache`: `layout.shape(side)` elements of `Q`, as vectors of `N`.
 /// - `meta`: the [`crate::device::DeviceBatch`] buffer; `batch`, `max_pages` its shape.
-/// - FP8 (`cfg.fp8` set): `code = encode(x / scale)` with the integer encoder of
-///   [`crate::kernels::codec`] (`*_inv_scale = RN(1 / scale)` feeds its exact fast divisions,
-///   `cfg.k_div` / `cfg.v_div`); unquantized: a plain RNE conversion `F → Q`, scales unused.
+/// - FP8 (`cfg.fp8` set): `code = encode(x / scale)`: the exact division of
+///   [`crate::kernels::codec`] (`*_inv_scale = RN(1 / scale)` feeds its fast modes, `cfg.k_div`
+///   / `cfg.v_div`), then the hardware's saturating convert; unquantized: a plain RNE
+///   conversion `F → Q`, scales unused.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn fill_kernel<F: Float, Q: Float, N: Size>(
@@ -298,8 +299,8 @@ fn fill_side<F: Float, Q: Float, N: Size>(
     (amax, count)
 }
 
-/// Converts one vector to the cache element: FP8 codes through the integer encoder, or a
-/// plain conversion for the unquantized cache.
+/// Converts one vector to the cache element: FP8 codes through the hardware's saturating
+/// convert ([`fp8_quantize_vector`]), or a plain conversion for the unquantized cache.
 #[cube]
 pub(crate) fn quantize_vector<F: Float, Q: Float, N: Size>(
     x: Vector<F, N>,
@@ -310,16 +311,14 @@ pub(crate) fn quantize_vector<F: Float, Q: Float, N: Size>(
     #[comptime] vec: u32,
 ) -> Vector<Q, N> {
     match comptime![fp8] {
-        Some(format) => {
-            let xf = Vector::<f32, N>::cast_from(x);
-            let mut codes = Vector::<u8, N>::empty();
-            #[unroll]
-            for i in 0..vec {
-                codes[i as usize] =
-                    u8::cast_from(fp8_quantize(xf[i as usize], scale, inv_scale, format, div));
-            }
-            Vector::<Q, N>::reinterpret(codes)
-        }
+        Some(format) => Vector::<Q, N>::reinterpret(fp8_quantize_vector::<Q, N>(
+            Vector::<f32, N>::cast_from(x),
+            scale,
+            inv_scale,
+            format,
+            div,
+            vec,
+        )),
         None => Vector::<Q, N>::cast_from(x),
     }
 }

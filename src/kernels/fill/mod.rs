@@ -7,8 +7,8 @@
 //! # Non-finite activations
 //!
 //! Fill never fails on a value: it validates shapes and metadata, not activations. What a
-//! non-finite input becomes (the CPU reference, the software codec [`crate::fp8`] and the
-//! kernel's integer encoder `crate::kernels::codec` agree bit for bit):
+//! non-finite input becomes (the CPU reference, the software codec [`crate::fp8`], the integer
+//! encoder and the kernel's hardware convert in `crate::kernels::codec` agree bit for bit):
 //!
 //! | input | E4M3 code | E5M2 code | f16/bf16 cache |
 //! |---|---|---|---|
