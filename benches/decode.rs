@@ -108,6 +108,24 @@ fn read_tbps(client: &ComputeClient<Cuda>) -> f64 {
     bytes as f64 / (us * 1e-6) / 1e12
 }
 
+/// The host's µs per launch of [`read_kernel`] on one cube (two arrays and a comptime value):
+/// CubeCL's own cost of a launch, the floor under any kernel's.
+fn small_launch_host_us(client: &ComputeClient<Cuda>) -> f64 {
+    let src = client.empty(4096);
+    let sink = client.empty(4);
+    let f = |_: usize| unsafe {
+        read_kernel::launch_unchecked::<Cuda>(
+            client,
+            CubeCount::Static(1, 1, 1),
+            CubeDim::new_1d(32),
+            ArrayArg::from_raw_parts(src.clone(), 256),
+            ArrayArg::from_raw_parts(sink.clone(), 1),
+            1,
+        )
+    };
+    median_device_host_us(client, &f).1
+}
+
 /// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
 /// the host's microseconds per call to issue them: where the second is the larger, the device
 /// waits on the host and the first measures the host.
@@ -399,6 +417,24 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         let mut o = out.lock().unwrap();
         paged_decode(&q, &caches[i % copies], &batch, &opts, &mut o).expect("decode");
     };
+    // At batch 1, where the host's cost per call is the question: how much of it is the
+    // validation and plan (`decode_plan`: the same checks, no launch), and what one launch of
+    // a two-argument kernel costs in CubeCL.
+    let breakdown = if s.batch == 1 {
+        let n = 2000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            let p = decode_plan(&caches[0], &batch, Dtype::Bf16, m.heads, &opts);
+            std::hint::black_box(p.is_ok());
+        }
+        let plan_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        format!(
+            "; plan {plan_us:.2} µs/call, a 2-argument launch {:.1} µs",
+            small_launch_host_us(client)
+        )
+    } else {
+        String::new()
+    };
     // Bytes of K and V the sequences' contexts occupy.
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
     let mut hosts = Vec::new();
@@ -443,7 +479,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     // The host's cost per call at batch 1, and wherever it is at least half the device time:
     // near or above it, the device time includes waits for the host.
     let host = if host_us * 2.0 >= us || s.batch == 1 {
-        format!("  (host {host_us:.1} µs/call)")
+        format!("  (host {host_us:.1} µs/call{breakdown})")
     } else {
         String::new()
     };

@@ -182,6 +182,10 @@ pub fn decode_combine_kernel<F: Float>(
     }
 }
 
+/// Loads in flight per thread in the in-kernel merge: 8 four-float vectors (32 registers,
+/// free by then: the split loop's are dead).
+const MERGE_UNROLL: u32 = 8;
+
 /// Most splits the in-kernel merge takes: its weights sit in shared memory, `rows ×` this
 /// floats (4 KiB at 16 rows). Plans with more splits keep the separate combine kernel.
 pub(crate) const FUSED_MAX_SPLITS: u32 = 64;
@@ -308,7 +312,8 @@ pub(crate) fn merge_if_last<F: Float>(
     sync_cube();
 
     // (2) Each thread a 4-float vector of one row's output: the weighted sum over the splits,
-    // COMBINE_UNROLL loads in flight.
+    // MERGE_UNROLL loads in flight (a thread often has one vector to do: at batch 1 the merge
+    // is a few cubes' tail, bound by the L2's latency).
     let lanes = comptime![dv / 4];
     let mut i = UNIT_POS;
     while i < comptime![rows * dv / 4] {
@@ -323,14 +328,14 @@ pub(crate) fn merge_if_last<F: Float>(
             let mut s0 = 0u32;
             while s0 < num_splits {
                 #[unroll]
-                for u in 0..COMBINE_UNROLL {
+                for u in 0..MERGE_UNROLL {
                     let s = s0 + u;
                     if s < num_splits {
                         acc += ws_o[((base + s) * lanes + l) as usize]
                             * Vector::new(w_s[(r * FUSED_MAX_SPLITS + s) as usize]);
                     }
                 }
-                s0 += COMBINE_UNROLL;
+                s0 += MERGE_UNROLL;
             }
             let at = (tok * params.num_heads + head) * dv + 4 * l;
             #[unroll]

@@ -74,8 +74,8 @@ pub enum SplitChoice {
 /// Where the splits' partial states are merged into the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CombineChoice {
-    /// The launcher's choice: today the separate combine kernel everywhere, until the
-    /// in-kernel merge is measured per shape class (see `InKernel`).
+    /// The launcher's choice: in the split kernel wherever the plan has at most 64 splits,
+    /// the combine kernel beyond.
     #[default]
     Auto,
     /// In the split kernel: the last cube of each (sequence, KV head, row block) to finish

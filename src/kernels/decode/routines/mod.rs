@@ -40,11 +40,10 @@ use crate::policy::{Dtype, QuantPolicy};
 pub(crate) use cuda_cores::DecodeConfig;
 pub(crate) use tensor_cores::mma_supported;
 
-/// Whether [`CombineChoice::Auto`] merges in the split kernel where the plan allows it. Off
-/// until the in-kernel merge has been measured against the combine kernel per shape class
-/// (`decode --bench --ab-combine`): the CPU emulation checks its merge and counters, and the
-/// GPU suite's many-splits test forces it.
-const FUSED_BY_DEFAULT: bool = false;
+/// Whether [`CombineChoice::Auto`] merges in the split kernel where the plan allows it (at
+/// most [`FUSED_MAX_SPLITS`] splits): one launch a call instead of two. `decode --bench
+/// --ab-combine` measures it against the combine kernel per shape class.
+const FUSED_BY_DEFAULT: bool = true;
 
 /// Threads per combine cube: 8 warps, so a 128-wide V head reads 8 splits at a time (4 per
 /// lane in flight) and a 512-wide one 2.
