@@ -411,8 +411,9 @@ fn gpu_hardware_convert_matches_reference_quantization() {
                     cube_count(n / VEC),
                     CubeDim::new_1d(256),
                     VEC,
-                    ArrayArg::from_raw_parts(input, n / VEC),
-                    ArrayArg::from_raw_parts(out.clone(), n / VEC),
+                    // Arrays of launch-sized vectors take their length in elements.
+                    ArrayArg::from_raw_parts(input, n),
+                    ArrayArg::from_raw_parts(out.clone(), n),
                     scale,
                     1.0 / scale,
                     format,

@@ -40,10 +40,13 @@ use crate::policy::{Dtype, QuantPolicy};
 pub(crate) use cuda_cores::DecodeConfig;
 pub(crate) use tensor_cores::mma_supported;
 
-/// Whether [`CombineChoice::Auto`] merges in the split kernel where the plan allows it (at
-/// most [`FUSED_MAX_SPLITS`] splits): one launch a call instead of two. `decode --bench
-/// --ab-combine` measures it against the combine kernel per shape class.
-const FUSED_BY_DEFAULT: bool = true;
+/// Most splits for which [`CombineChoice::Auto`] merges in the split kernel (one launch a
+/// call instead of two). `decode --bench --ab-combine` (H200, 2026-12-06, in-kernel /
+/// separate, second pass): 0.886 at 1 × 4096 (16 splits), 0.96 at 32 × 4096 (2 splits, pages
+/// of 64 and 16), 0.99 at 32 × 32768; but 1.083 at 1 × 32768, where 64 splits of 8 row
+/// blocks leave the merge to 8 cubes while the combine kernel spreads it over 32. Between 17
+/// and 64 splits it was not measured: those plans keep the combine kernel.
+const AUTO_FUSED_MAX_SPLITS: usize = 16;
 
 /// Threads per combine cube: 8 warps, so a 128-wide V head reads 8 splits at a time (4 per
 /// lane in flight) and a 512-wide one 2.
@@ -268,7 +271,7 @@ pub(crate) fn plan_decode(p: &DecodeProblem, opts: &DecodeOptions) -> Result<Dec
     check_index("workspace", workspace.o_elems())?;
     let fits = split.num_splits <= FUSED_MAX_SPLITS as usize;
     let fused = match opts.combine {
-        CombineChoice::Auto => FUSED_BY_DEFAULT && fits,
+        CombineChoice::Auto => split.num_splits <= AUTO_FUSED_MAX_SPLITS,
         CombineChoice::Separate => false,
         CombineChoice::InKernel if fits => true,
         CombineChoice::InKernel => {

@@ -167,3 +167,53 @@ fn auto_picks_the_measured_winner_per_shape_class() {
         );
     }
 }
+
+/// Where the splits merge: Auto in the split kernel up to 16 splits (measured faster), the
+/// combine kernel beyond (measured faster at 1 × 32k's 64 splits); InKernel up to 64, an
+/// error beyond; Separate never in the kernel.
+#[test]
+fn auto_merges_in_the_split_kernel_up_to_16_splits() {
+    let with = |c: CombineChoice| DecodeOptions::default().with_combine(c);
+    let plan = |batch: usize, kv: usize, opts: &DecodeOptions| {
+        let p = problem(Dtype::E4m3, Dtype::Bf16, 32, 8, (128, 128), batch, 1, kv);
+        plan_decode(&p, opts)
+    };
+    let auto = with(CombineChoice::Auto);
+    // 1 × 32k: 64 splits (`plans_for_a_table_of_shapes`).
+    let p = plan(1, 32768, &auto).unwrap();
+    assert_eq!(p.split.num_splits, 64);
+    assert!(!p.merge.on);
+    assert!(
+        plan(1, 32768, &with(CombineChoice::InKernel))
+            .unwrap()
+            .merge
+            .on
+    );
+    // 1 × 4096: 16 splits; 32 × 4096: 2.
+    let p = plan(1, 4096, &auto).unwrap();
+    assert_eq!(p.split.num_splits, 16);
+    assert!(p.merge.on);
+    let p = plan(32, 4096, &auto).unwrap();
+    assert_eq!(p.split.num_splits, 2);
+    assert!(p.merge.on);
+    assert!(
+        !plan(32, 4096, &with(CombineChoice::Separate))
+            .unwrap()
+            .merge
+            .on
+    );
+    // 128 splits of 256 tokens: too many for the in-kernel merge.
+    let many = with(CombineChoice::InKernel).with_split(SplitChoice::Tokens(256));
+    assert!(matches!(
+        plan(1, 32768, &many),
+        Err(Fp8KvError::InvalidOption(_))
+    ));
+    let p = plan(1, 32768, &auto.with_split(SplitChoice::Tokens(256))).unwrap();
+    assert_eq!(p.split.num_splits, 128);
+    assert!(!p.merge.on);
+    // Sinks join the merge only where it is on.
+    let mut sinks = with(CombineChoice::Auto);
+    sinks.attention.sinks = Some(vec![0.5; 32]);
+    assert!(plan(32, 4096, &sinks).unwrap().merge.sinks);
+    assert!(!plan(1, 32768, &sinks).unwrap().merge.sinks);
+}
