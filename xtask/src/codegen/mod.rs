@@ -121,6 +121,23 @@ fn fence_check(source: &str) -> Result<(), String> {
     }
 }
 
+/// `codec::satfinite_casts`' define, as the kernel source holds it: every float → FP8 cast
+/// after it issues the hardware's saturating convert instead of CUDA's software routine.
+const SATFINITE_DEFINE: &str = "#define __NV_NOSAT __NV_SATFINITE";
+
+/// A kernel that casts to FP8 (fill) must do so after [`SATFINITE_DEFINE`]: cubecl-cpp 0.10
+/// writes the casts with `__NV_NOSAT` (NaN beyond the range, a slow software routine), and the
+/// define is what turns them into `cvt.rn.satfinite` (`fill_converts_on_the_hardware`).
+fn satfinite_check(source: &str) -> Result<(), String> {
+    match source.find("_to_fp8") {
+        Some(at) if !source[..at].contains(SATFINITE_DEFINE) => Err(
+            "fill_converts_on_the_hardware: an FP8 cast precedes codec::satfinite_casts' define"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the subcommand; `root` is the workspace root.
 pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     let opts = parse(args, root)?;
@@ -173,7 +190,7 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
             }
         };
         write(&opts.out_dir.join(format!("{stem}.cu")), source)?;
-        if let Err(e) = fence_check(source) {
+        if let Err(e) = fence_check(source).and_then(|()| satfinite_check(source)) {
             row.error = Some(e);
             continue;
         }
@@ -272,5 +289,22 @@ fn print_table(rows: &[Row], ptx: bool) {
             regs,
             spill
         );
+    }
+}
+
+#[cfg(test)]
+mod source_checks {
+    use super::*;
+
+    #[test]
+    fn fp8_casts_must_follow_the_satfinite_define() {
+        let cast = "l_0 = __nv_cvt_float2_to_fp8x2(float2 { a, b }, __NV_NOSAT, __NV_E4M3);";
+        let defined = format!("/* */\n{SATFINITE_DEFINE}\n/* */\n{cast}");
+        assert!(satfinite_check(&defined).is_ok());
+        assert!(satfinite_check(cast).is_err());
+        let late = format!("{cast}\n/* */\n{SATFINITE_DEFINE}\n/* */");
+        assert!(satfinite_check(&late).is_err());
+        // Decoding (FP8 → half) needs no define.
+        assert!(satfinite_check("h = __nv_cvt_fp8x2_to_halfraw2(c, __NV_E4M3);").is_ok());
     }
 }
