@@ -119,8 +119,17 @@ pub fn fp8_quantize(
 ) -> u32 {
     let bits = u32::reinterpret(x);
     let abs = bits & 0x7FFF_FFFF;
-    let ax = f32::reinterpret(abs);
-    let q = match div {
+    let q = divide(f32::reinterpret(abs), scale, inv_scale, div);
+    let code = encode_magnitude(u32::reinterpret(q), format);
+    let code = select(abs > 0x7F80_0000, comptime![format.nan_code() as u32], code);
+    ((bits >> 24) & 0x80) | code
+}
+
+/// `RN(ax / scale)` for `ax ≥ 0` in the [`ScaleDiv`] mode chosen for `scale` (`inv_scale =
+/// RN(1 / scale)`).
+#[cube]
+fn divide(ax: f32, scale: f32, inv_scale: f32, #[comptime] div: ScaleDiv) -> f32 {
+    match div {
         ScaleDiv::Ieee => ax / scale,
         ScaleDiv::Markstein => {
             let q0 = min(ax * inv_scale, TWO_POW_64);
@@ -128,10 +137,7 @@ pub fn fp8_quantize(
             fma(r, inv_scale, q0)
         }
         ScaleDiv::PowerOfTwo => ax * inv_scale,
-    };
-    let code = encode_magnitude(u32::reinterpret(q), format);
-    let code = select(abs > 0x7F80_0000, comptime![format.nan_code() as u32], code);
-    ((bits >> 24) & 0x80) | code
+    }
 }
 
 /// [`fp8_quantize()`] of every element of `x`, on the hardware converter: the exact
@@ -156,15 +162,7 @@ pub fn fp8_quantize_vector<Q: Float, N: Size>(
     #[unroll]
     for i in 0..vec {
         let ax = f32::reinterpret(u32::reinterpret(x[i as usize]) & 0x7FFF_FFFF);
-        mag[i as usize] = match div {
-            ScaleDiv::Ieee => ax / scale,
-            ScaleDiv::Markstein => {
-                let q0 = min(ax * inv_scale, TWO_POW_64);
-                let r = fma(-q0, scale, ax);
-                fma(r, inv_scale, q0)
-            }
-            ScaleDiv::PowerOfTwo => ax * inv_scale,
-        };
+        mag[i as usize] = divide(ax, scale, inv_scale, div);
     }
     let hw = Vector::<u8, N>::reinterpret(Vector::<Q, N>::cast_from(mag));
     let mut codes = Vector::<u8, N>::empty();

@@ -16,7 +16,9 @@
 //! - `routines`: one file per split kernel ([`DecodeStrategy`]: CUDA cores, tensor cores,
 //!   key-major, wide), each owning when it applies, its configuration and its launch behind
 //!   one trait, the Auto table in one place, and the plan and launch of a call;
-//! - `combine`: the kernel that merges the splits' partial states into the output.
+//! - `combine`: the merge of the splits' partial states into the output, as the split kernel's
+//!   tail (the last cube of a row block merges; Auto's choice up to 16 splits) or as a second
+//!   kernel.
 
 pub(crate) mod combine;
 pub(crate) mod common;
