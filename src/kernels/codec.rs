@@ -1,11 +1,16 @@
-//! FP8 encoding inside `#[cube]` code: an integer round-to-nearest-even, saturating encoder,
-//! the device twin of [`crate::fp8`]'s software codec, shared by fill, decode and any kernel
-//! that writes FP8.
+//! FP8 encoding inside `#[cube]` code, shared by fill and any kernel that writes FP8.
 //!
-//! Why not CubeCL's cast: cubecl-cpp 0.10 emits `__nv_cvt_float_to_fp8(x, __NV_NOSAT, ..)`,
-//! which gives NaN (E4M3) or inf (E5M2) beyond the largest finite value and takes a slow
-//! software path inside `cuda_fp8.hpp` (CUBECL_NOTES.md measured 0.95 TB/s against 1.6+ TB/s
-//! for an integer encoder). This one is branch-free: two candidate codes and three selects.
+//! - [`fp8_quantize_vector`], what fill runs: the exact division by the scale, then CubeCL's
+//!   cast made saturating by [`satfinite_casts`], so that it is the hardware's
+//!   `cvt.rn.satfinite` convert (two values an instruction), with NaN and the sign fixed up.
+//! - [`fp8_encode`] / [`fp8_quantize`]: an integer round-to-nearest-even, saturating encoder,
+//!   the device twin of [`crate::fp8`]'s software codec and the spec the hardware path is
+//!   tested against (`tests/gpu_codec.rs`). Branch-free: two candidate codes and three selects.
+//!
+//! Why not CubeCL's cast as it stands: cubecl-cpp 0.10 emits `__nv_cvt_float_to_fp8(x,
+//! __NV_NOSAT, ..)`, which gives NaN (E4M3) or inf (E5M2) beyond the largest finite value and
+//! takes a slow software path inside `cuda_fp8.hpp` (CUBECL_NOTES.md measured 0.95 TB/s
+//! against 1.6+ TB/s for the integer encoder).
 //!
 //! Decoding needs no twin: `f32::cast_from(Q::reinterpret(code))` is exact on sm_89+.
 
