@@ -289,9 +289,10 @@ pub fn decode_samples<R: Runtime>(client: &ComputeClient<R>) -> Result<()> {
         };
         let opts = DecodeOptions::new(opts);
         paged_decode(&q, &cache, &batch, &opts, &mut out)?;
-        // The same with the merge in the split kernel (its one split fits).
-        let fused = opts.clone().with_combine(CombineChoice::InKernel);
-        paged_decode(&q, &cache, &batch, &fused, &mut out)?;
+        // The same with the combine kernel (Auto merges this plan's one split in the split
+        // kernel), so both forms of the merge are compiled and checked.
+        let separate = opts.clone().with_combine(CombineChoice::Separate);
+        paged_decode(&q, &cache, &batch, &separate, &mut out)?;
         // The tensor-core kernels of the same sample, where they apply.
         let shape = DecodeShape {
             cache: dtype,

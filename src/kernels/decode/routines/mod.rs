@@ -47,6 +47,7 @@ pub(crate) use tensor_cores::mma_supported;
 /// blocks leave the merge to 8 cubes while the combine kernel spreads it over 32. Between 17
 /// and 64 splits it was not measured: those plans keep the combine kernel.
 const AUTO_FUSED_MAX_SPLITS: usize = 16;
+const _: () = assert!(AUTO_FUSED_MAX_SPLITS <= FUSED_MAX_SPLITS as usize);
 
 /// Threads per combine cube: 8 warps, so a 128-wide V head reads 8 splits at a time (4 per
 /// lane in flight) and a 512-wide one 2.
