@@ -63,8 +63,8 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
 /// [`fill_kernel`] that also adds the statistics of the rows it writes to `stats`
 /// (`[k_amax_bits, v_amax_bits, k_saturated, v_saturated]`, the layout and definitions of
 /// [`crate::kernels::stats`]: amax `|x|` with NaN skipped, saturated `|x| > limit` where
-/// `*_limit = MAX · scale` in f32): per thread while it quantizes, then one warp reduction
-/// and at most two atomics per warp.
+/// `*_limit = MAX · scale` in f32): per thread while it quantizes, then one cube reduction
+/// and at most two atomics per cube.
 ///
 /// The grid, arguments and stores are [`fill_kernel`]'s.
 #[cube(launch_unchecked)]
@@ -104,7 +104,7 @@ pub fn fill_stats_kernel<F: Float, Q: Float, N: Size>(
         cfg,
         true,
     );
-    add_side_stats(stats, CUBE_POS_Z, amax, count);
+    add_side_stats(stats, CUBE_POS_Z, amax, count, cfg.threads);
 }
 
 /// The body of both fill kernels: this cube's side (`CUBE_POS_Z`: 0 = K, 1 = V) of its
