@@ -16,12 +16,15 @@
 //! 8192, SmolLM2 also 128 × 8192; e4m3 and bf16 caches).
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
-//! with `--split-tokens N` at that split length instead of the planned one and `--model NAME`
-//! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`).
+//! with `--split-tokens N` at that split length instead of the planned one, `--model NAME`
+//! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`) and `--depth N` at that
+//! pipeline depth.
 //! `--key-major` runs every tensor-core shape of any mode on the key-major kernel
 //! (`DecodeStrategy::KeyMajor`, the wide kernel at the MLA dims) instead of Auto's pick; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
 //! class of Auto's table (the tensor-core kernel, or CUDA cores at the MLA dims) and prints
-//! Auto's pick.
+//! Auto's pick. `-- --bench --ab-combine` compares the in-kernel merge with the combine
+//! kernel, and `-- --bench --ab-depth` two 16-token blocks in flight per warp in the
+//! tensor-core kernels with one, each A B A B.
 //! Decode through the Burn extension is `cargo bench -p fp8kv-burn --bench burn_decode`.
 
 mod common;
@@ -286,6 +289,8 @@ struct Shape {
     split: SplitChoice,
     /// Where the splits merge (`Auto` except in `--ab-combine`).
     combine: CombineChoice,
+    /// Blocks the tensor-core kernels' loads run ahead (`None`: the default; `--ab-depth`).
+    depth: Option<u32>,
 }
 
 impl Shape {
@@ -305,6 +310,7 @@ impl Shape {
             kind: KvLayoutKind::Bshd,
             split: SplitChoice::Auto,
             combine: CombineChoice::Auto,
+            depth: None,
         }
     }
 }
@@ -365,6 +371,8 @@ fn random_host_cache(
 
 fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64, String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
+    // Every shape sets the depth it wants (the default unless `--ab-depth`), before the plan.
+    fp8kv::internals::override_decode_depth(s.depth);
     let m = s.model;
     let layout = s.layout().map_err(e)?;
     let cache_dtype = s.policy.cache_dtype(Dtype::Bf16).map_err(e)?;
@@ -439,8 +447,8 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     let bytes = s.batch * s.context * layout.bytes_per_token(s.policy);
     let mut hosts = Vec::new();
     let name = format!(
-        "b{} ctx {} page {} {} {:?} {:?} {:?} {}",
-        s.batch, s.context, s.page_size, s.policy, path, s.kind, s.combine, m.name
+        "b{} ctx {} page {} {} {:?} {:?} {:?} {:?} {}",
+        s.batch, s.context, s.page_size, s.policy, path, s.kind, s.combine, s.depth, m.name
     );
     let timed = common::measure("decode", &name, bytes as u64, &mut |iters| {
         let (us, host) = device_us(client, iters as usize, &f);
@@ -492,14 +500,15 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         )
     };
     let merge = format!(
-        " [{} split{}{}]",
+        " [{} split{}{}{}]",
         plan.num_splits,
         if plan.num_splits == 1 { "" } else { "s" },
         if plan.combine_in_kernel {
             ", in-kernel merge"
         } else {
             ", combine kernel"
-        }
+        },
+        s.depth.map_or(String::new(), |d| format!(", depth {d}"))
     );
     println!(
         "decode b{:<3} ctx {:>5} page {:>3} {:<9} {:>9.1} µs {:>6.2} TB/s  {:>5.1}% of copy {:>5.1}% of read{target}{path}{merge}{kind}{model}{host}",
@@ -559,6 +568,7 @@ fn main() {
         "--models",
         "--ab",
         "--ab-combine",
+        "--ab-depth",
         "--paths",
         "--key-major",
         "--shape",
@@ -612,9 +622,21 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
             }
             None => LLAMA3_8B,
         };
+        // `--depth N`: the tensor-core kernels' loads N blocks ahead instead of the default.
+        let depth = match args.iter().position(|a| a == "--depth") {
+            Some(at) => match args.get(at + 1).and_then(|v| v.parse().ok()) {
+                Some(d) => Some(d),
+                None => {
+                    println!("--depth wants 1 or 2");
+                    return;
+                }
+            },
+            None => None,
+        };
         let shape = Shape {
             split,
             model,
+            depth,
             ..Shape::e4m3(batch, context, 64)
         };
         if let Err(err) = bench_shape(&client, &shape, copy) {
@@ -698,6 +720,49 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
             model: SMOLLM2,
             ..Shape::e4m3(1, 1024, 64)
         });
+        return;
+    }
+    if std::env::args().any(|a| a == "--ab-depth") {
+        // Two 16-token blocks in flight per warp against one, A B A B, on Auto's kernel, each
+        // with its own split plan (the planner counts the cubes each depth leaves resident):
+        // the target shapes, the catalogue at 32 × 8192 (the depth changes only the
+        // tensor-core kernels; MLA and d256 are controls) and SmolLM2 at 128 × 8192.
+        let ab = |s: Shape| {
+            let a = Shape {
+                depth: Some(2),
+                ..s
+            };
+            let b = Shape {
+                depth: Some(1),
+                ..s
+            };
+            bench_ratio(&client, copy, &a, &b, "depth 2 / 1 (first pass)", "");
+            bench_ratio(&client, copy, &a, &b, "depth 2 / 1", "");
+        };
+        for model in CATALOGUE.iter().filter(|m| m.head_dim_k == 64) {
+            ab(Shape {
+                model: *model,
+                ..Shape::e4m3(32, 8192, 64)
+            });
+        }
+        ab(Shape {
+            model: SMOLLM2,
+            ..Shape::e4m3(128, 8192, 64)
+        });
+        for (batch, context, page) in [
+            (32, 4096, 64),
+            (32, 4096, 16),
+            (1, 32768, 64),
+            (32, 32768, 64),
+        ] {
+            ab(Shape::e4m3(batch, context, page));
+        }
+        for model in CATALOGUE.iter().skip(1).filter(|m| m.head_dim_k != 64) {
+            ab(Shape {
+                model: *model,
+                ..Shape::e4m3(32, 8192, 64)
+            });
+        }
         return;
     }
     if std::env::args().any(|a| a == "--ab") {

@@ -27,3 +27,12 @@ pub fn override_copy_shape(family: &'static str, shape: Option<(u32, u32, u32)>)
         map.push((family, (t.clamp(1, 1024), u.clamp(1, 16), r.clamp(1, 16))));
     }
 }
+
+/// Tuning runs only (benches and `cargo xtask codegen --depth`, under the `internals`
+/// feature): makes every later tensor-core decode launch (default and key-major layouts) run
+/// its loads `depth` 16-token blocks ahead (clamped to 1..=2) instead of the default for its
+/// head dim; `None` restores the default. The wide MLA kernel keeps 1.
+pub fn override_decode_depth(depth: Option<u32>) {
+    crate::kernels::decode::common::fragments::DEPTH_OVERRIDE
+        .store(depth.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}

@@ -1,4 +1,4 @@
-//! `cargo xtask emulate [--nvrtc DIR] [--out DIR]`: runs the decode split kernels' generated
+//! `cargo xtask emulate [--nvrtc DIR] [--out DIR] [--depth 1|2]`: runs the decode split kernels' generated
 //! CUDA C++ (CUDA-core, tensor-core and key-major) on the CPU, without a GPU, and checks what
 //! they compute.
 //!
@@ -82,6 +82,25 @@ fn cases() -> Vec<Case> {
         },
     ));
     out.extend(both("llama_two_row_tiles", Case { q_len: 3, ..base }));
+    // Head dim 64: SmolLM2-135M's 9 / 3 heads (group 3), Llama-3.2-1B's group 4.
+    out.extend(both(
+        "smollm2_d64",
+        Case {
+            heads: 9,
+            kv_heads: 3,
+            dk: 64,
+            dv: 64,
+            ..base
+        },
+    ));
+    out.extend(both(
+        "llama1b_d64",
+        Case {
+            dk: 64,
+            dv: 64,
+            ..base
+        },
+    ));
     out.extend(both(
         "gqa8_page16_options",
         Case {
@@ -249,6 +268,13 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
         match a.as_str() {
             "--nvrtc" => o.nvrtc_dir = it.next().ok_or("--nvrtc needs a folder")?.into(),
             "--out" => o.out_dir = it.next().ok_or("--out needs a folder")?.into(),
+            "--depth" => {
+                let d = it.next().ok_or("--depth needs 1 or 2")?;
+                let d: u32 = d
+                    .parse()
+                    .map_err(|_| format!("--depth: `{d}` is not 1 or 2"))?;
+                fp8kv::internals::override_decode_depth(Some(d));
+            }
             other => return Err(format!("emulate: unknown argument `{other}`")),
         }
     }
@@ -339,7 +365,7 @@ fn emulate_case(
         format!("-DDV={}", c.dv),
         format!("-DPAGE={}", c.page),
         format!("-DROWS={rows}"),
-        "-DSPLIT=128".to_string(),
+        "-DSPLIT=192".to_string(),
         format!("-DTHREADS={threads}"),
         format!("-DCACHE={cache_code}"),
         format!("-DOPTS={}", u8::from(c.opts)),

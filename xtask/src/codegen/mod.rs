@@ -90,6 +90,13 @@ fn parse(args: &[String], root: &Path) -> Result<Options, String> {
             "--out" => o.out_dir = it.next().ok_or("--out needs a folder")?.into(),
             "--nvrtc" => o.nvrtc_dir = it.next().ok_or("--nvrtc needs a folder")?.into(),
             "--against" => o.against = Some(it.next().ok_or("--against needs a folder")?.into()),
+            "--depth" => {
+                let d = it.next().ok_or("--depth needs 1 or 2")?;
+                let d: u32 = d
+                    .parse()
+                    .map_err(|_| format!("--depth: `{d}` is not 1 or 2"))?;
+                fp8kv::internals::override_decode_depth(Some(d));
+            }
             other => return Err(format!("codegen: unknown argument `{other}`")),
         }
     }

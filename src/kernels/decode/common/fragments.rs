@@ -78,21 +78,52 @@ pub struct MmaConfig {
     /// of `2 · dk/16`, and the query's B fragments need no zero registers
     /// (`DecodeStrategy::KeyMajor`, and always in the wide kernel).
     pub key_major: bool,
+    /// 16-token blocks a warp's K and V loads run ahead of its compute (1 or 2; see
+    /// [`pipeline_depth`]): each block in flight holds its own registers, so depth 2 doubles a
+    /// warp's bytes in flight for a lane's piece of registers more. The wide kernel runs 1.
+    pub depth: u32,
+}
+
+/// The tuning override of [`pipeline_depth`] (0: none), set by
+/// `internals::override_decode_depth` (benches only).
+pub(crate) static DEPTH_OVERRIDE: std::sync::atomic::AtomicU32 =
+    std::sync::atomic::AtomicU32::new(0);
+
+/// [`MmaConfig::depth`] for a configuration (its `depth` field aside), unless a tuning run
+/// overrode it: 2 where a second block's registers leave enough cubes resident (an FP8 cache,
+/// a one-part query, one row tile, and head dim 64, or 128 in the key-major layout: see
+/// [`MmaConfig::resident_cubes`]), else 1.
+pub(crate) fn pipeline_depth(c: &MmaConfig) -> u32 {
+    match DEPTH_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let fits = c.bits != CacheBits::Half
+                && c.q_parts == 1
+                && c.row_tiles == 1
+                && (c.k.head_dim == 64 || (c.k.head_dim == 128 && c.key_major));
+            if fits && !wide_dims(c.k.head_dim, c.v.head_dim) {
+                2
+            } else {
+                1
+            }
+        }
+        d => d.clamp(1, 2),
+    }
 }
 
 impl MmaConfig {
     /// Cubes of this configuration resident on one SM, which the split planner counts on
-    /// (`cargo xtask codegen --ptx` reports the registers; a Hopper SM has 64 K of them and
-    /// allocates 8 per thread at a time). With one row tile and head dims ≤ 128:
-    /// - the default layout, FP8 cache, one-part query: 142–146 registers, 3 cubes of 128
-    ///   threads;
-    /// - `key_major`, FP8 cache, one-part query: 128 registers, 4 cubes; FP8 with a two-part
-    ///   (f32) query, or a 16-bit cache with a one-part query: 166, 3 cubes.
+    /// (`cargo xtask codegen --ptx [--depth N]` reports the registers; a Hopper SM has 64 K of
+    /// them and allocates 8 per thread at a time). With one row tile, an FP8 cache and a
+    /// one-part query:
+    /// - head dim 128, depth 1: the default layout 142 registers (3 cubes of 128 threads),
+    ///   key-major 128 (4); depth 2: 188 (2) and 168 (3);
+    /// - head dim 64, depth 1: 69–80 registers (SmolLM2 and Llama-3.2-1B samples; 6 cubes of
+    ///   either layout, key-major 72 = 7); depth 2: 96 (5).
     ///
-    /// The wide MLA kernel of `routines::wide_kernel` with an FP8 cache and one row tile: 128, 4 cubes.
-    ///
-    /// The others take up to 255 (two row tiles 213–231, head dim 256 255, the wide kernel
-    /// 231–252): 2 cubes.
+    /// Depth 1 otherwise: `key_major` with a two-part (f32) query, or a 16-bit cache with a
+    /// one-part query: 166, 3 cubes; the rest up to 255 (two row tiles 213–231, head dim 256
+    /// 255, the wide MLA kernel 231–252; with an FP8 cache and one row tile it takes 128, 4
+    /// cubes): 2. Depth 2 outside the classes above (a tuning override only) counts 2.
     pub fn resident_cubes(&self) -> usize {
         let fp8 = self.bits != CacheBits::Half;
         if self.row_tiles != 1 {
@@ -104,9 +135,15 @@ impl MmaConfig {
         if self.k.head_dim > 128 {
             return 2;
         }
-        match (self.key_major, fp8, self.q_parts) {
-            (true, true, 1) => 4,
-            (true, true, 2) | (true, false, 1) | (false, true, 1) => 3,
+        let d64 = self.k.head_dim <= 64;
+        match (self.depth, self.key_major, fp8, self.q_parts, d64) {
+            (1, true, true, 1, true) => 7,
+            (1, false, true, 1, true) => 6,
+            (2, _, true, 1, true) => 5,
+            (2, true, true, 1, false) => 3,
+            (2, ..) => 2,
+            (_, true, true, 1, false) => 4,
+            (_, true, true, 2, _) | (_, true, false, 1, _) | (_, false, true, 1, _) => 3,
             _ => 2,
         }
     }
@@ -203,7 +240,7 @@ pub(crate) fn split_parts<M: Float>(
 }
 
 /// Issues the loads of a lane's pieces of the 16-token block at `t0` (KV head `g`) from page
-/// `page` into `regs`; tokens at or past `hi` get zeros (their P is 0, and 0 · garbage could
+/// `page` into `regs[at..]`; tokens at or past `hi` get zeros (their P is 0, and 0 · garbage could
 /// be NaN). K (`v_side` off): tokens `t0 + gq` and `t0 + 8 + gq`, head dims from `tq·dk/4`, as
 /// 16-byte vectors. V: tokens `t0 + 2tq + {0, 1, 8, 9}`, V dims from `gq·dv/8`, as vectors of
 /// `cfg.v_words` words. The block lies in one page: `t0` is a multiple of 16 and pages are
@@ -213,6 +250,7 @@ pub(crate) fn split_parts<M: Float>(
 pub(crate) fn load_block<N: Size>(
     cache: &Array<Vector<u32, N>>,
     regs: &mut Array<Vector<u32, N>>,
+    #[comptime] at: u32,
     t0: u32,
     hi: u32,
     page: u32,
@@ -252,7 +290,7 @@ pub(crate) fn load_block<N: Size>(
         }];
         let t = t0 + lane_tok + tok_off;
         let base = page * page_stride + (t % page_size) * slot_stride + g * head_stride + lane_vec;
-        load_piece(cache, regs, t, hi, base, comptime![i * vecs], vecs);
+        load_piece(cache, regs, t, hi, base, comptime![at + i * vecs], vecs);
     }
 }
 
@@ -700,7 +738,7 @@ pub(crate) fn km_softmax_exchange<M: Float>(
 }
 
 /// `O^T += V^T·P^T` for one 16-token block: m-tile mt's A fragment is dims 2mt (rows gq) and
-/// 2mt + 1 (rows gq + 8) of the lane's four V pieces in `vr` (`v_vecs` vectors of `nv` words
+/// 2mt + 1 (rows gq + 8) of the lane's four V pieces in `vr[vo..]` (`v_vecs` vectors of `nv` words
 /// each), pieces (0, 1) in a0/a1 and (2, 3) in a2/a3 (the tokens of k-slots 2tq, 2tq + 1,
 /// 2tq + 8, 2tq + 9): the low and high halves of the pieces' converted pairs mt,
 /// interleaved. `acc` is `[m-tile][row tile][2]`, `pb` `[row tile][part][2]`.
@@ -709,6 +747,7 @@ pub(crate) fn km_softmax_exchange<M: Float>(
 pub(crate) fn pv_mma<M: Float, NV: Size>(
     acc: &mut Array<Vector<f32, Const<2>>>,
     vr: &Array<Vector<u32, NV>>,
+    #[comptime] vo: u32,
     pb: &Array<Vector<M, Const<2>>>,
     #[comptime] v_vecs: u32,
     #[comptime] rt: u32,
@@ -725,8 +764,8 @@ pub(crate) fn pv_mma<M: Float, NV: Size>(
     for mt in 0..m_tiles {
         #[unroll]
         for half in 0..2u32 {
-            let a = piece_pair::<M, NV>(vr, comptime![2 * half * v_vecs], mt, bits, nv);
-            let b = piece_pair::<M, NV>(vr, comptime![(2 * half + 1) * v_vecs], mt, bits, nv);
+            let a = piece_pair::<M, NV>(vr, comptime![vo + 2 * half * v_vecs], mt, bits, nv);
+            let b = piece_pair::<M, NV>(vr, comptime![vo + (2 * half + 1) * v_vecs], mt, bits, nv);
             a_tmp[comptime![(2 * half) as usize]] =
                 Vector::<M, Const<2>>::reinterpret(interleave_halves(a, b, 0u32));
             a_tmp[comptime![(2 * half + 1) as usize]] =

@@ -9,7 +9,7 @@ use cubecl::prelude::*;
 use super::tensor_cores::{launch_mma, problem_config};
 use super::{SplitArgs, SplitRoutine};
 use crate::contract::AttentionOptions;
-use crate::kernels::decode::common::fragments::{MmaConfig, MMA_TILE_ROWS};
+use crate::kernels::decode::common::fragments::{pipeline_depth, MmaConfig, MMA_TILE_ROWS};
 use crate::kernels::decode::definition::{DecodeProblem, DecodeStrategy};
 
 /// The key-major tensor-core split routine.
@@ -20,9 +20,15 @@ impl SplitRoutine for KeyMajor {
     const STRATEGY: DecodeStrategy = DecodeStrategy::KeyMajor;
 
     fn config(p: &DecodeProblem, opts: &AttentionOptions) -> Option<MmaConfig> {
-        problem_config(p, opts).map(|c| MmaConfig {
-            key_major: true,
-            ..c
+        problem_config(p, opts).map(|c| {
+            let c = MmaConfig {
+                key_major: true,
+                ..c
+            };
+            MmaConfig {
+                depth: pipeline_depth(&c),
+                ..c
+            }
         })
     }
 

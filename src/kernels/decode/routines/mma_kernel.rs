@@ -217,8 +217,10 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
         m_run[i as usize] = NO_SCORE;
         d_run[i as usize] = 0.0;
     }
-    let mut kr = Array::<Vector<u32, Const<4>>>::new(comptime![(2 * k_vecs) as usize]);
-    let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs) as usize]);
+    // `depth` blocks of K and V registers: block slot sb at kr[sb·2·k_vecs..], vr[sb·4·v_vecs..].
+    let depth = comptime![cfg.depth];
+    let mut kr = Array::<Vector<u32, Const<4>>>::new(comptime![(2 * k_vecs * depth) as usize]);
+    let mut vr = Array::<Vector<u32, NV>>::new(comptime![(4 * v_vecs * depth) as usize]);
     let mut sc = Array::<f32>::new(8usize);
     let mut row_alpha = Array::<f32>::new(4usize);
     // `key_major`: the S^T C tiles of the row tiles, [row tile][2 registers].
@@ -233,194 +235,214 @@ pub fn decode_split_mma_kernel<F: Float, M: Float, NV: Size>(
     let mut pw = Array::<Vector<M, Const<2>>>::new(comptime![(2 * p_parts) as usize]);
     let lanes = exchange_lanes(gq, tq);
 
-    // Loads roll one block ahead: block i+1's K is issued as soon as block i's QK has consumed
-    // the K registers, its V once PV has consumed V, so a warp keeps a block's bytes in flight
-    // while it computes (registers, not warps, limit residency). Page indices run one block
-    // further ahead, so no load waits for a block-table read.
+    // Loads roll `depth` blocks ahead: block i + depth's K is issued as soon as block i's QK
+    // has consumed its slot's K registers, its V once PV has consumed V, so a warp keeps
+    // `depth` blocks' bytes in flight while it computes (registers, not warps, limit
+    // residency). Page indices run one step further ahead, so no load waits for a block-table
+    // read. The slots are unrolled (`sb`), so every register index is a constant.
     let stride = comptime![MMA_BLOCK_TOKENS * MMA_WARPS];
+    let step = comptime![MMA_BLOCK_TOKENS * MMA_WARPS * cfg.depth];
     let mut t0 = lo + warp * MMA_BLOCK_TOKENS;
-    let page0 = block_page(meta, bt_base, t0, hi, page_size);
-    load_block::<Const<4>>(k_cache, &mut kr, t0, hi, page0, g, gq, tq, false, cfg);
-    load_block::<NV>(v_cache, &mut vr, t0, hi, page0, g, gq, tq, true, cfg);
-    let mut next_page = block_page(meta, bt_base, t0 + stride, hi, page_size);
+    let mut next_page = Array::<u32>::new(comptime![cfg.depth as usize]);
+    #[unroll]
+    for sb in 0..depth {
+        let tb = t0 + sb * stride;
+        let page = block_page(meta, bt_base, tb, hi, page_size);
+        let (ko, vo) = comptime![(sb * 2 * k_vecs, sb * 4 * v_vecs)];
+        load_block::<Const<4>>(k_cache, &mut kr, ko, tb, hi, page, g, gq, tq, false, cfg);
+        load_block::<NV>(v_cache, &mut vr, vo, tb, hi, page, g, gq, tq, true, cfg);
+        next_page[sb as usize] = block_page(meta, bt_base, tb + step, hi, page_size);
+    }
     while t0 < hi {
-        let tn = t0 + stride;
-        if comptime![cfg.key_major] {
-            // (1) S^T = K·Q^T per row tile x: the block's tokens gq, gq + 8 as M, rows
-            // 8x + 0..7 as N. Each k-step's K fragment is converted once for every row tile.
-            #[unroll]
-            for i in 0..2 * rt {
-                st[i as usize] = Vector::new(0.0);
-            }
-            #[unroll]
-            for s in 0..k_steps {
-                // a0/a2: token gq, a1/a3: token gq + 8; a0/a1: head dims (+0, +1) of the
-                // step's four, a2/a3: (+2, +3), the dims the query's b0/b1 hold.
-                #[unroll]
-                for r in 0..4u32 {
-                    a_tmp[r as usize] =
-                        Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
-                            &kr,
-                            comptime![(r % 2) * k_vecs],
-                            comptime![2 * s + r / 2],
-                            cfg.bits,
-                            4u32,
-                        ));
-                }
-                km_qk_step::<M>(&a_tmp, &qa, &mut st, s, k_steps, rt, q_parts);
-            }
-            km_scores(
-                &st,
-                &mut sc,
-                &row_score_scale,
-                &row_ok,
-                &row_pos,
-                &row_slope,
-                t0 + gq,
-                hi,
-                &params,
-                cfg,
-            );
-        } else {
-            // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
-            #[unroll]
-            for j in 0..2u32 {
-                c_tmp[0] = Vector::new(0.0);
-                c_tmp[1] = Vector::new(0.0);
-                #[unroll]
-                for s in 0..k_steps {
-                    // Head dims 4s .. 4s+3 of the lane's piece: pairs 2s and 2s + 1.
-                    b_tmp[0] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
-                        &kr,
-                        comptime![j * k_vecs],
-                        comptime![2 * s],
-                        cfg.bits,
-                        4u32,
-                    ));
-                    b_tmp[1] = Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
-                        &kr,
-                        comptime![j * k_vecs],
-                        comptime![2 * s + 1],
-                        cfg.bits,
-                        4u32,
-                    ));
+        #[unroll]
+        for sb in 0..depth {
+            let tb = t0 + sb * stride;
+            // A later slot's block can start past the range (its loads gave zeros): skip it.
+            if tb < hi {
+                let tn = tb + step;
+                let (ko, vo) = comptime![(sb * 2 * k_vecs, sb * 4 * v_vecs)];
+                if comptime![cfg.key_major] {
+                    // (1) S^T = K·Q^T per row tile x: the block's tokens gq, gq + 8 as M, rows
+                    // 8x + 0..7 as N. Each k-step's K fragment is converted once for every row tile.
                     #[unroll]
-                    for p in 0..q_parts {
+                    for i in 0..2 * rt {
+                        st[i as usize] = Vector::new(0.0);
+                    }
+                    #[unroll]
+                    for s in 0..k_steps {
+                        // a0/a2: token gq, a1/a3: token gq + 8; a0/a1: head dims (+0, +1) of the
+                        // step's four, a2/a3: (+2, +3), the dims the query's b0/b1 hold.
                         #[unroll]
-                        for x in 0..4u32 {
-                            a_tmp[x as usize] = qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                        for r in 0..4u32 {
+                            a_tmp[r as usize] =
+                                Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                                    &kr,
+                                    comptime![ko + (r % 2) * k_vecs],
+                                    comptime![2 * s + r / 2],
+                                    cfg.bits,
+                                    4u32,
+                                ));
                         }
-                        let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
-                        c_tmp[0] = d[0];
-                        c_tmp[1] = d[1];
+                        km_qk_step::<M>(&a_tmp, &qa, &mut st, s, k_steps, rt, q_parts);
                     }
-                }
-                #[unroll]
-                for x in 0..rt {
+                    km_scores(
+                        &st,
+                        &mut sc,
+                        &row_score_scale,
+                        &row_ok,
+                        &row_pos,
+                        &row_slope,
+                        tb + gq,
+                        hi,
+                        &params,
+                        cfg,
+                    );
+                } else {
+                    // (1) S = Q·K^T, two n8 tiles; scores to f32 with the scale, mask, softcap, ALiBi.
                     #[unroll]
-                    for e in 0..2u32 {
-                        let t = t0 + 8 * j + 2 * tq + e;
-                        sc[(x * 4 + j * 2 + e) as usize] = masked_score(
-                            c_tmp[x as usize][e as usize] * row_score_scale[x as usize],
-                            t,
-                            row_pos[x as usize],
-                            row_slope[x as usize],
-                            row_ok[x as usize],
-                            hi,
-                            &params,
-                            cfg,
-                        );
+                    for j in 0..2u32 {
+                        c_tmp[0] = Vector::new(0.0);
+                        c_tmp[1] = Vector::new(0.0);
+                        #[unroll]
+                        for s in 0..k_steps {
+                            // Head dims 4s .. 4s+3 of the lane's piece: pairs 2s and 2s + 1.
+                            b_tmp[0] =
+                                Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                                    &kr,
+                                    comptime![ko + j * k_vecs],
+                                    comptime![2 * s],
+                                    cfg.bits,
+                                    4u32,
+                                ));
+                            b_tmp[1] =
+                                Vector::<M, Const<2>>::reinterpret(piece_pair::<M, Const<4>>(
+                                    &kr,
+                                    comptime![ko + j * k_vecs],
+                                    comptime![2 * s + 1],
+                                    cfg.bits,
+                                    4u32,
+                                ));
+                            #[unroll]
+                            for p in 0..q_parts {
+                                #[unroll]
+                                for x in 0..4u32 {
+                                    a_tmp[x as usize] =
+                                        qa[comptime![((p * k_steps + s) * 4 + x) as usize]];
+                                }
+                                let d = mma.execute(&a_tmp, &b_tmp, &c_tmp);
+                                c_tmp[0] = d[0];
+                                c_tmp[1] = d[1];
+                            }
+                        }
+                        #[unroll]
+                        for x in 0..rt {
+                            #[unroll]
+                            for e in 0..2u32 {
+                                let t = tb + 8 * j + 2 * tq + e;
+                                sc[(x * 4 + j * 2 + e) as usize] = masked_score(
+                                    c_tmp[x as usize][e as usize] * row_score_scale[x as usize],
+                                    t,
+                                    row_pos[x as usize],
+                                    row_slope[x as usize],
+                                    row_ok[x as usize],
+                                    hi,
+                                    &params,
+                                    cfg,
+                                );
+                            }
+                        }
                     }
                 }
+                let np = next_page[sb as usize];
+                load_block::<Const<4>>(k_cache, &mut kr, ko, tn, hi, np, g, gq, tq, false, cfg);
+
+                if comptime![cfg.key_major] {
+                    km_softmax_exchange::<M>(
+                        &mut sc,
+                        &mut m_run,
+                        &mut d_run,
+                        &mut row_alpha,
+                        &mut acc,
+                        &mut pw,
+                        &mut pb,
+                        &lanes,
+                        rt,
+                        m_tiles,
+                        p_parts,
+                    );
+                } else {
+                    let mut grew = false;
+                    // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
+                    #[unroll]
+                    for x in 0..rt {
+                        let mut mx = sc[(x * 4) as usize];
+                        #[unroll]
+                        for i in 1..4u32 {
+                            mx = mx.max(sc[(x * 4 + i) as usize]);
+                        }
+                        mx = mx.max(plane_shuffle_xor(mx, 1u32));
+                        mx = mx.max(plane_shuffle_xor(mx, 2u32));
+                        let m_old = m_run[x as usize];
+                        let m_new = m_old.max(mx);
+                        // Nothing visible yet: m = 0 keeps every p = exp(NO_SCORE) = 0 and alpha = 0.
+                        let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
+                        let alpha = (m_old - m_ref).exp();
+                        let mut sum = 0.0f32;
+                        #[unroll]
+                        for i in 0..4u32 {
+                            let p = (sc[(x * 4 + i) as usize] - m_ref).exp();
+                            sum += p;
+                            sc[(x * 4 + i) as usize] = p;
+                        }
+                        m_run[x as usize] = m_new;
+                        d_run[x as usize] = d_run[x as usize] * alpha + sum;
+                        row_alpha[x as usize] = alpha;
+                        grew = grew || m_new > m_old;
+                    }
+                    // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
+                    // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
+                    // The lane's output rows 8x + 2tq + e have their alpha in quad 2tq + e.
+                    if plane_any(grew) {
+                        #[unroll]
+                        for x in 0..rt {
+                            let mut av = Vector::<f32, Const<2>>::new(0.0);
+                            av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
+                            av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
+                            scale_row_tile(&mut acc, av, x, rt, m_tiles);
+                        }
+                    }
+
+                    // (3) P^T as PV's B fragment of row tile x: b0 = tokens 2tq, 2tq + 1 of row gq + 8x
+                    // (score tile 0's C register x), b1 = tokens 2tq + 8, 2tq + 9 (tile 1's), split into
+                    // parts.
+                    #[unroll]
+                    for x in 0..rt {
+                        #[unroll]
+                        for j in 0..2u32 {
+                            #[unroll]
+                            for e in 0..2u32 {
+                                let p = sc[comptime![(x * 4 + j * 2 + e) as usize]];
+                                split_parts::<M>(
+                                    p,
+                                    &mut pb,
+                                    comptime![x * p_parts * 2 + j],
+                                    2u32,
+                                    e,
+                                    p_parts,
+                                );
+                            }
+                        }
+                    }
+                }
+                // (4) O^T += V^T·P^T.
+                pv_mma::<M, NV>(
+                    &mut acc, &vr, vo, &pb, v_vecs, rt, p_parts, m_tiles, cfg.bits, nv,
+                );
+                load_block::<NV>(v_cache, &mut vr, vo, tn, hi, np, g, gq, tq, true, cfg);
+                next_page[sb as usize] = block_page(meta, bt_base, tn + step, hi, page_size);
             }
         }
-        load_block::<Const<4>>(k_cache, &mut kr, tn, hi, next_page, g, gq, tq, false, cfg);
-
-        if comptime![cfg.key_major] {
-            km_softmax_exchange::<M>(
-                &mut sc,
-                &mut m_run,
-                &mut d_run,
-                &mut row_alpha,
-                &mut acc,
-                &mut pw,
-                &mut pb,
-                &lanes,
-                rt,
-                m_tiles,
-                p_parts,
-            );
-        } else {
-            let mut grew = false;
-            // (2) Online softmax per row; the 4 lanes of a quad hold one row's 16 scores.
-            #[unroll]
-            for x in 0..rt {
-                let mut mx = sc[(x * 4) as usize];
-                #[unroll]
-                for i in 1..4u32 {
-                    mx = mx.max(sc[(x * 4 + i) as usize]);
-                }
-                mx = mx.max(plane_shuffle_xor(mx, 1u32));
-                mx = mx.max(plane_shuffle_xor(mx, 2u32));
-                let m_old = m_run[x as usize];
-                let m_new = m_old.max(mx);
-                // Nothing visible yet: m = 0 keeps every p = exp(NO_SCORE) = 0 and alpha = 0.
-                let m_ref = select(m_new == NO_SCORE, 0.0, m_new);
-                let alpha = (m_old - m_ref).exp();
-                let mut sum = 0.0f32;
-                #[unroll]
-                for i in 0..4u32 {
-                    let p = (sc[(x * 4 + i) as usize] - m_ref).exp();
-                    sum += p;
-                    sc[(x * 4 + i) as usize] = p;
-                }
-                m_run[x as usize] = m_new;
-                d_run[x as usize] = d_run[x as usize] * alpha + sum;
-                row_alpha[x as usize] = alpha;
-                grew = grew || m_new > m_old;
-            }
-            // Rescale the outputs only when some row's max grew (alpha is exactly 1 for the others,
-            // and the running max rarely grows once a few blocks are in): the test is warp-uniform.
-            // The lane's output rows 8x + 2tq + e have their alpha in quad 2tq + e.
-            if plane_any(grew) {
-                #[unroll]
-                for x in 0..rt {
-                    let mut av = Vector::<f32, Const<2>>::new(0.0);
-                    av[0] = plane_shuffle(row_alpha[x as usize], 8 * tq);
-                    av[1] = plane_shuffle(row_alpha[x as usize], 8 * tq + 4);
-                    scale_row_tile(&mut acc, av, x, rt, m_tiles);
-                }
-            }
-
-            // (3) P^T as PV's B fragment of row tile x: b0 = tokens 2tq, 2tq + 1 of row gq + 8x
-            // (score tile 0's C register x), b1 = tokens 2tq + 8, 2tq + 9 (tile 1's), split into
-            // parts.
-            #[unroll]
-            for x in 0..rt {
-                #[unroll]
-                for j in 0..2u32 {
-                    #[unroll]
-                    for e in 0..2u32 {
-                        let p = sc[comptime![(x * 4 + j * 2 + e) as usize]];
-                        split_parts::<M>(
-                            p,
-                            &mut pb,
-                            comptime![x * p_parts * 2 + j],
-                            2u32,
-                            e,
-                            p_parts,
-                        );
-                    }
-                }
-            }
-        }
-        // (4) O^T += V^T·P^T.
-        pv_mma::<M, NV>(
-            &mut acc, &vr, &pb, v_vecs, rt, p_parts, m_tiles, cfg.bits, nv,
-        );
-        load_block::<NV>(v_cache, &mut vr, tn, hi, next_page, g, gq, tq, true, cfg);
-        next_page = block_page(meta, bt_base, tn + stride, hi, page_size);
-        t0 = tn;
+        t0 += step;
     }
 
     // ---- merge the four warps' states and write the partial state ----------------------------

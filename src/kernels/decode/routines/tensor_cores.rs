@@ -10,7 +10,9 @@ use super::{mma_type, SplitArgs, SplitRoutine};
 use crate::contract::AttentionOptions;
 use crate::device::storage_type;
 use crate::kernels::array_len;
-use crate::kernels::decode::common::fragments::{CacheBits, MmaConfig, MMA_TILE_ROWS, MMA_WARPS};
+use crate::kernels::decode::common::fragments::{
+    pipeline_depth, CacheBits, MmaConfig, MMA_TILE_ROWS, MMA_WARPS,
+};
 use crate::kernels::decode::common::PLANE_LANES;
 use crate::kernels::decode::definition::{DecodeProblem, DecodeStrategy};
 use crate::kernels::CacheGeometry;
@@ -127,7 +129,7 @@ pub(crate) fn mma_config(
     if k.head_dim == 256 && (bits == CacheBits::Half || q_parts != 1 || row_tiles != 1) {
         return None;
     }
-    Some(MmaConfig {
+    let c = MmaConfig {
         k,
         v,
         group,
@@ -145,6 +147,11 @@ pub(crate) fn mma_config(
         alibi: opts.alibi_slopes.is_some(),
         window: opts.window.is_some(),
         key_major: false,
+        depth: 1,
+    };
+    Some(MmaConfig {
+        depth: pipeline_depth(&c),
+        ..c
     })
 }
 
@@ -264,6 +271,32 @@ mod tests {
     }
 
     #[test]
+    fn a_second_block_is_in_flight_where_the_registers_allow() {
+        let geom = |d: u32| CacheGeometry {
+            page_size: 64,
+            num_kv_heads: 8,
+            head_dim: d,
+            bhsd: false,
+        };
+        let opts = AttentionOptions::default();
+        let depth = |cache, act, d, rows, key_major: bool| {
+            let c = mma_config(cache, act, geom(d), geom(d), 4, rows, &opts)
+                .expect("tensor cores apply");
+            pipeline_depth(&MmaConfig { key_major, ..c })
+        };
+        // FP8, one-part query, one row tile: d64 either layout, d128 key-major only.
+        assert_eq!(depth(Dtype::E4m3, Dtype::Bf16, 64, 3, false), 2);
+        assert_eq!(depth(Dtype::E5m2, Dtype::F16, 64, 8, true), 2);
+        assert_eq!(depth(Dtype::E4m3, Dtype::Bf16, 128, 4, true), 2);
+        assert_eq!(depth(Dtype::E4m3, Dtype::Bf16, 128, 4, false), 1);
+        // 16-bit caches, f32 queries, two row tiles, d256: one block.
+        assert_eq!(depth(Dtype::Bf16, Dtype::Bf16, 64, 4, true), 1);
+        assert_eq!(depth(Dtype::E4m3, Dtype::F32, 64, 4, true), 1);
+        assert_eq!(depth(Dtype::E4m3, Dtype::Bf16, 128, 12, true), 1);
+        assert_eq!(depth(Dtype::E4m3, Dtype::Bf16, 256, 4, true), 1);
+    }
+
+    #[test]
     fn key_major_counts_the_cubes_its_registers_allow() {
         let geom = |d: u32| CacheGeometry {
             page_size: 64,
@@ -272,21 +305,33 @@ mod tests {
             bhsd: false,
         };
         let opts = AttentionOptions::default();
-        let resident = |cache, act, d, rows, key_major| {
+        let resident = |cache, act, d, rows, key_major, depth| {
             let c = mma_config(cache, act, geom(d), geom(d), 4, rows, &opts)
                 .expect("tensor cores apply");
-            MmaConfig { key_major, ..c }.resident_cubes()
+            MmaConfig {
+                key_major,
+                depth,
+                ..c
+            }
+            .resident_cubes()
         };
-        // Llama-3-8B decode: 142 registers (3 cubes) against 128 key-major (4).
-        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, false), 3);
-        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true), 4);
-        assert_eq!(resident(Dtype::E5m2, Dtype::F16, 64, 8, true), 4);
+        // Llama-3-8B decode: 142 registers (3 cubes) against 128 key-major (4); a second
+        // block in flight: 188 (2) and 168 (3).
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, false, 1), 3);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true, 1), 4);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, false, 2), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true, 2), 3);
+        // Head dim 64: 69–80 registers (72 key-major: 7 cubes), 96 at depth 2 (5).
+        assert_eq!(resident(Dtype::E5m2, Dtype::F16, 64, 8, true, 1), 7);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 64, 3, false, 1), 6);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 64, 3, true, 2), 5);
         // Two-part queries and 16-bit caches: 166 key-major (3); two row tiles and d256: 2.
-        assert_eq!(resident(Dtype::E4m3, Dtype::F32, 128, 4, true), 3);
-        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, true), 3);
-        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, false), 2);
-        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 12, true), 2);
-        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 256, 4, true), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::F32, 128, 4, true, 1), 3);
+        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, true, 1), 3);
+        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, false, 1), 2);
+        assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 64, 4, true, 2), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 12, true, 1), 2);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 256, 4, true, 1), 2);
         // The planner turns the fourth cube into shorter splits at batch 1 × 32k (8 KV heads,
         // 132 SMs): 64 of 512 tokens in one wave instead of 47 of 704.
         let plan = |cubes| SplitPlan::new(8, 32768, 132, cubes);

@@ -115,6 +115,8 @@ pub(crate) fn wide_config(
         alibi: opts.alibi_slopes.is_some(),
         window: opts.window.is_some(),
         key_major: true,
+        // The wide kernel's loop keeps one block in flight.
+        depth: 1,
     })
 }
 

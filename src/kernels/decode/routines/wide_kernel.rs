@@ -386,7 +386,7 @@ pub fn decode_split_wide_kernel<F: Float, M: Float>(
             p_parts,
         );
         pv_mma::<M, Const<4>>(
-            &mut acc, &vr, &pb, v_vecs, rt, p_parts, m_tiles, cfg.bits, 4u32,
+            &mut acc, &vr, 0u32, &pb, v_vecs, rt, p_parts, m_tiles, cfg.bits, 4u32,
         );
         load_v_slice(v_cache, &mut vr, tn, hi, next_page, g, warp, gq, tq, cfg);
         next_page = block_page(meta, bt_base, tn + MMA_BLOCK_TOKENS, hi, page_size);
