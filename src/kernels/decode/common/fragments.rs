@@ -89,23 +89,28 @@ pub struct MmaConfig {
 pub(crate) static DEPTH_OVERRIDE: std::sync::atomic::AtomicU32 =
     std::sync::atomic::AtomicU32::new(0);
 
+/// Whether a second block in flight leaves enough cubes resident for `c` (its `depth` field
+/// aside): an FP8 cache, a one-part query, one row tile, and head dim 64 (96 registers, 5
+/// cubes), or 128 in the key-major layout (168, 3); see [`MmaConfig::resident_cubes`].
+pub(crate) fn depth_two_fits(c: &MmaConfig) -> bool {
+    c.bits != CacheBits::Half
+        && c.q_parts == 1
+        && c.row_tiles == 1
+        && !wide_dims(c.k.head_dim, c.v.head_dim)
+        && (c.k.head_dim == 64 || (c.k.head_dim == 128 && c.key_major))
+}
+
+/// Whether [`pipeline_depth`] picks 2 where [`depth_two_fits`]: not yet. Depth 2 is
+/// correct (GPU-free: `cargo xtask emulate --depth 2`) but has not been measured against
+/// depth 1 on a GPU (`decode --bench --ab-depth`).
+pub(crate) const DEPTH_TWO_BY_DEFAULT: bool = false;
+
 /// [`MmaConfig::depth`] for a configuration (its `depth` field aside), unless a tuning run
-/// overrode it: 2 where a second block's registers leave enough cubes resident (an FP8 cache,
-/// a one-part query, one row tile, and head dim 64, or 128 in the key-major layout: see
-/// [`MmaConfig::resident_cubes`]), else 1.
+/// overrode it: 2 where [`DEPTH_TWO_BY_DEFAULT`] and [`depth_two_fits`], else 1.
 pub(crate) fn pipeline_depth(c: &MmaConfig) -> u32 {
     match DEPTH_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => {
-            let fits = c.bits != CacheBits::Half
-                && c.q_parts == 1
-                && c.row_tiles == 1
-                && (c.k.head_dim == 64 || (c.k.head_dim == 128 && c.key_major));
-            if fits && !wide_dims(c.k.head_dim, c.v.head_dim) {
-                2
-            } else {
-                1
-            }
-        }
+        0 if DEPTH_TWO_BY_DEFAULT && depth_two_fits(c) => 2,
+        0 => 1,
         d => d.clamp(1, 2),
     }
 }
@@ -117,8 +122,9 @@ impl MmaConfig {
     /// one-part query:
     /// - head dim 128, depth 1: the default layout 142 registers (3 cubes of 128 threads),
     ///   key-major 128 (4); depth 2: 188 (2) and 168 (3);
-    /// - head dim 64, depth 1: 69–80 registers (SmolLM2 and Llama-3.2-1B samples; 6 cubes of
-    ///   either layout, key-major 72 = 7); depth 2: 96 (5).
+    /// - head dim 64, depth 1: 69–80 registers (SmolLM2 and Llama-3.2-1B samples), counted
+    ///   as at head dim 128 (4 key-major, 3 default: the plans measured so far; 6–7 would
+    ///   fit); depth 2: 96 (5).
     ///
     /// Depth 1 otherwise: `key_major` with a two-part (f32) query, or a 16-bit cache with a
     /// one-part query: 166, 3 cubes; the rest up to 255 (two row tiles 213–231, head dim 256
@@ -137,12 +143,10 @@ impl MmaConfig {
         }
         let d64 = self.k.head_dim <= 64;
         match (self.depth, self.key_major, fp8, self.q_parts, d64) {
-            (1, true, true, 1, true) => 7,
-            (1, false, true, 1, true) => 6,
             (2, _, true, 1, true) => 5,
             (2, true, true, 1, false) => 3,
             (2, ..) => 2,
-            (_, true, true, 1, false) => 4,
+            (_, true, true, 1, _) => 4,
             (_, true, true, 2, _) | (_, true, false, 1, _) | (_, false, true, 1, _) => 3,
             _ => 2,
         }
