@@ -1,6 +1,7 @@
 //! `cargo xtask emulate [--nvrtc DIR] [--out DIR] [--depth 1|2]`: runs the decode split kernels' generated
 //! CUDA C++ (CUDA-core, tensor-core and key-major) on the CPU, without a GPU, and checks what
-//! they compute.
+//! they compute; and the statistics kernel (`emu/stats_driver.cpp`), whose cube reduction
+//! `fill_with_stats` shares.
 //!
 //! For each case below the launch goes through the real entry (`paged_decode` with a forced `DecodeStrategy`) on the
 //! offline runtime of `codegen`, which captures the split kernel's source exactly as the CUDA
@@ -313,6 +314,10 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
             failures.push(label);
         }
     }
+    if let Err(e) = emulate_stats(&emu, &includes, &o.out_dir) {
+        println!("FAIL kv_stats: {e}");
+        failures.push("kv_stats".into());
+    }
     if failures.is_empty() {
         println!("emulate: every case matches the reference");
         Ok(())
@@ -323,6 +328,82 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
             failures.join(", ")
         ))
     }
+}
+
+/// The statistics kernel (bf16 rows, K 1024 and V 512 wide): captured from `kv_stats`, run
+/// by `emu/stats_driver.cpp` on random rows with a NaN per side and pitched rows, its four
+/// accumulated words checked exactly against a CPU fold. It covers the cube reduction that
+/// `fill_with_stats` shares (shared memory, the barrier, one atomic per cube).
+fn emulate_stats(emu: &Path, includes: &[PathBuf], out_dir: &Path) -> Result<(), String> {
+    let e = |x: fp8kv::Fp8KvError| x.to_string();
+    let client = OfflineCuda::client(&Default::default());
+    let (kw, vw) = (1024, 512);
+    let k = DeviceRows::empty(&client, Dtype::Bf16, 4, kw, kw).map_err(e)?;
+    let v = DeviceRows::empty(&client, Dtype::Bf16, 4, vw, vw).map_err(e)?;
+    let mut stats = fp8kv::DeviceKvStats::new(&client);
+    let _ = cubecl::future::block_on(client.sync());
+    offline::drain_captured();
+    fp8kv::kv_stats(
+        &mut stats,
+        &k,
+        &v,
+        &KvScales::default(),
+        QuantPolicy::Fp8E4m3,
+    )
+    .map_err(e)?;
+    let _ = cubecl::future::block_on(client.sync());
+    let kernel = offline::drain_captured()
+        .into_iter()
+        .find(|k| k.entrypoint.starts_with("kv_stats_kernel"))
+        .ok_or("no stats kernel was launched")?;
+    let threads = kernel.cube_dim.0 * kernel.cube_dim.1 * kernel.cube_dim.2;
+    let cuda = kernel.source?;
+    // Vectors per cube, as the kernel's first index computation has it.
+    let per_cube: u32 = cuda
+        .split("blockIdx.x * uint32(")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or("no `blockIdx.x * uint32(N)` in the stats kernel")?;
+    let inc = out_dir.join("kv_stats.inc");
+    std::fs::write(&inc, host_source(&cuda, false)?)
+        .map_err(|e| format!("{}: {e}", inc.display()))?;
+    let bin = out_dir.join("kv_stats");
+    let mut cmd = Command::new("g++");
+    cmd.args(["-std=c++20", "-O1", "-w", "-pthread"]);
+    for dir in includes {
+        cmd.arg("-I").arg(dir);
+    }
+    cmd.arg("-I").arg(emu);
+    cmd.arg(format!("-DKSRC=\"{}\"", inc.display()))
+        .arg(format!("-DKNAME={}", kernel.entrypoint))
+        .arg(format!("-DKVPR={}", kw / 8))
+        .arg(format!("-DVVPR={}", vw / 8))
+        .arg(format!("-DTHREADS={threads}"))
+        .arg(format!("-DPER_CUBE={per_cube}"));
+    cmd.arg(emu.join("stats_driver.cpp")).arg("-o").arg(&bin);
+    let out = cmd.output().map_err(|e| format!("running g++: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "g++ failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    for seed in ["1", "2"] {
+        let out = Command::new(&bin)
+            .arg(seed)
+            .output()
+            .map_err(|e| format!("running {}: {e}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!(
+            "kv_stats, seed {seed}: {}",
+            text.lines().last().unwrap_or("")
+        );
+        if !out.status.success() {
+            return Err(format!("mismatches (seed {seed}):\n{text}"));
+        }
+    }
+    Ok(())
 }
 
 /// Captures, builds and runs one case; with `self_check`, also a build with the B fragment's
