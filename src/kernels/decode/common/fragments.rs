@@ -100,9 +100,11 @@ pub(crate) fn depth_two_fits(c: &MmaConfig) -> bool {
         && (c.k.head_dim == 64 || (c.k.head_dim == 128 && c.key_major))
 }
 
-/// Whether [`pipeline_depth`] picks 2 where [`depth_two_fits`]: not yet. Depth 2 is
-/// correct (GPU-free: `cargo xtask emulate --depth 2`) but has not been measured against
-/// depth 1 on a GPU (`decode --bench --ab-depth`).
+/// Whether [`pipeline_depth`] picks 2 where [`depth_two_fits`]: no. Depth 2 is correct
+/// (`cargo xtask emulate --depth 2`), but on an H100 (`decode --bench --ab-depth`) it was
+/// 8–9% slower at Llama-3-8B 32 × 4096 and Llama-3.2-1B 32 × 8192, 2% at SmolLM2 128 × 8192,
+/// and 9% faster only at SmolLM2 32 × 8192 (with one split more): the cube per SM it costs is
+/// worth more than the second block.
 pub(crate) const DEPTH_TWO_BY_DEFAULT: bool = false;
 
 /// [`MmaConfig::depth`] for a configuration (its `depth` field aside), unless a tuning run
