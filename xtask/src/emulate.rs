@@ -269,13 +269,7 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
         match a.as_str() {
             "--nvrtc" => o.nvrtc_dir = it.next().ok_or("--nvrtc needs a folder")?.into(),
             "--out" => o.out_dir = it.next().ok_or("--out needs a folder")?.into(),
-            "--depth" => {
-                let d = it.next().ok_or("--depth needs 1 or 2")?;
-                let d: u32 = d
-                    .parse()
-                    .map_err(|_| format!("--depth: `{d}` is not 1 or 2"))?;
-                fp8kv::internals::override_decode_depth(Some(d));
-            }
+            "--depth" => crate::codegen::override_depth(it.next())?,
             other => return Err(format!("emulate: unknown argument `{other}`")),
         }
     }

@@ -72,6 +72,19 @@ struct Options {
     against: Option<PathBuf>,
 }
 
+/// `--depth N` of `codegen` and `emulate`: every later tensor-core decode launch runs its loads
+/// N blocks ahead (`fp8kv::internals::override_decode_depth`).
+pub(crate) fn override_depth(value: Option<&String>) -> Result<(), String> {
+    let d = value.ok_or("--depth needs 1 or 2")?;
+    match d.parse::<u32>() {
+        Ok(n @ 1..=2) => {
+            fp8kv::internals::override_decode_depth(Some(n));
+            Ok(())
+        }
+        _ => Err(format!("--depth: `{d}` is not 1 or 2")),
+    }
+}
+
 fn parse(args: &[String], root: &Path) -> Result<Options, String> {
     let mut o = Options {
         ptx: false,
@@ -90,13 +103,7 @@ fn parse(args: &[String], root: &Path) -> Result<Options, String> {
             "--out" => o.out_dir = it.next().ok_or("--out needs a folder")?.into(),
             "--nvrtc" => o.nvrtc_dir = it.next().ok_or("--nvrtc needs a folder")?.into(),
             "--against" => o.against = Some(it.next().ok_or("--against needs a folder")?.into()),
-            "--depth" => {
-                let d = it.next().ok_or("--depth needs 1 or 2")?;
-                let d: u32 = d
-                    .parse()
-                    .map_err(|_| format!("--depth: `{d}` is not 1 or 2"))?;
-                fp8kv::internals::override_decode_depth(Some(d));
-            }
+            "--depth" => override_depth(it.next())?,
             other => return Err(format!("codegen: unknown argument `{other}`")),
         }
     }
