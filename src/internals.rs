@@ -1,7 +1,8 @@
 //! Kernel internals for this workspace's own tests, benches and xtask (the `internals`
 //! feature; not part of the supported API): the FP8 codec's `#[cube]` functions, the split
 //! planner and its constants, the partial-state merge the combine implements, and the
-//! streaming launch-shape override the fill/flatten bench tunes with. The one gated module:
+//! streaming launch-shape override the fill/flatten bench tunes with, and the tensor-core
+//! decode kernels' pipeline-depth override (`--ab-depth`). The one gated module:
 //! everything else stays `pub(crate)` whatever the features.
 
 pub use crate::kernels::codec::{
