@@ -206,13 +206,8 @@ fn capture(c: &Case) -> Result<(String, String, u32, bool), String> {
         .map_err(e)?
         .combine_in_kernel;
     paged_decode(&q, &cache, &batch, &opts, &mut out).map_err(e)?;
-    let _ = cubecl::future::block_on(client.sync());
-    let k = offline::drain_captured()
-        .into_iter()
-        .find(|k| k.entrypoint.starts_with("decode_split_"))
-        .ok_or("no split kernel was launched")?;
-    let threads = k.cube_dim.0 * k.cube_dim.1 * k.cube_dim.2;
-    Ok((k.entrypoint, k.source?, threads, fused))
+    let (entry, cuda, threads) = captured(&client, "decode_split_")?;
+    Ok((entry, cuda, threads, fused))
 }
 
 /// The captured source made host C++: no CUDA runtime or WMMA header, the shared-memory
@@ -324,6 +319,48 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     }
 }
 
+/// Builds `emu/{driver}` with the host's g++ against emu.h and the CUDA headers, with `args`
+/// (the driver's `-D` configuration and any extra flag), into `bin`.
+fn gxx(
+    emu: &Path,
+    includes: &[PathBuf],
+    args: &[&str],
+    driver: &str,
+    bin: &Path,
+) -> Result<(), String> {
+    let mut cmd = Command::new("g++");
+    cmd.args(["-std=c++20", "-O1", "-w", "-pthread"]);
+    for dir in includes {
+        cmd.arg("-I").arg(dir);
+    }
+    cmd.arg("-I").arg(emu).args(args);
+    cmd.arg(emu.join(driver)).arg("-o").arg(bin);
+    let out = cmd.output().map_err(|e| format!("running g++: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "g++ failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Syncs `client` and takes the captured kernel whose entry starts with `prefix`: its entry,
+/// CUDA source and threads per cube.
+fn captured(
+    client: &cubecl::client::ComputeClient<OfflineCuda>,
+    prefix: &str,
+) -> Result<(String, String, u32), String> {
+    let _ = cubecl::future::block_on(client.sync());
+    let k = offline::drain_captured()
+        .into_iter()
+        .find(|k| k.entrypoint.starts_with(prefix))
+        .ok_or_else(|| format!("no {prefix} kernel was launched"))?;
+    let threads = k.cube_dim.0 * k.cube_dim.1 * k.cube_dim.2;
+    Ok((k.entrypoint, k.source?, threads))
+}
+
 /// The statistics kernel (bf16 rows, K 1024 and V 512 wide): captured from `kv_stats`, run
 /// by `emu/stats_driver.cpp` on random rows with a NaN per side and pitched rows, its four
 /// accumulated words checked exactly against a CPU fold. It covers the cube reduction that
@@ -345,13 +382,7 @@ fn emulate_stats(emu: &Path, includes: &[PathBuf], out_dir: &Path) -> Result<(),
         QuantPolicy::Fp8E4m3,
     )
     .map_err(e)?;
-    let _ = cubecl::future::block_on(client.sync());
-    let kernel = offline::drain_captured()
-        .into_iter()
-        .find(|k| k.entrypoint.starts_with("kv_stats_kernel"))
-        .ok_or("no stats kernel was launched")?;
-    let threads = kernel.cube_dim.0 * kernel.cube_dim.1 * kernel.cube_dim.2;
-    let cuda = kernel.source?;
+    let (entry, cuda, threads) = captured(&client, "kv_stats_kernel")?;
     // Vectors per cube, as the kernel's first index computation has it.
     let per_cube: u32 = cuda
         .split("blockIdx.x * uint32(")
@@ -363,26 +394,16 @@ fn emulate_stats(emu: &Path, includes: &[PathBuf], out_dir: &Path) -> Result<(),
     std::fs::write(&inc, host_source(&cuda, false)?)
         .map_err(|e| format!("{}: {e}", inc.display()))?;
     let bin = out_dir.join("kv_stats");
-    let mut cmd = Command::new("g++");
-    cmd.args(["-std=c++20", "-O1", "-w", "-pthread"]);
-    for dir in includes {
-        cmd.arg("-I").arg(dir);
-    }
-    cmd.arg("-I").arg(emu);
-    cmd.arg(format!("-DKSRC=\"{}\"", inc.display()))
-        .arg(format!("-DKNAME={}", kernel.entrypoint))
-        .arg(format!("-DKVPR={}", kw / 8))
-        .arg(format!("-DVVPR={}", vw / 8))
-        .arg(format!("-DTHREADS={threads}"))
-        .arg(format!("-DPER_CUBE={per_cube}"));
-    cmd.arg(emu.join("stats_driver.cpp")).arg("-o").arg(&bin);
-    let out = cmd.output().map_err(|e| format!("running g++: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "g++ failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    let defines = [
+        format!("-DKSRC=\"{}\"", inc.display()),
+        format!("-DKNAME={entry}"),
+        format!("-DKVPR={}", kw / 8),
+        format!("-DVVPR={}", vw / 8),
+        format!("-DTHREADS={threads}"),
+        format!("-DPER_CUBE={per_cube}"),
+    ];
+    let args: Vec<&str> = defines.iter().map(String::as_str).collect();
+    gxx(emu, includes, &args, "stats_driver.cpp", &bin)?;
     for seed in ["1", "2"] {
         let out = Command::new(&bin)
             .arg(seed)
@@ -446,24 +467,13 @@ fn emulate_case(
         format!("-DOPTS={}", u8::from(c.opts)),
         format!("-DFUSED={}", u8::from(fused)),
     ];
-    let build = |bin: &Path, extra: &[&str]| -> Result<(), String> {
-        let mut cmd = Command::new("g++");
-        cmd.args(["-std=c++20", "-O1", "-w", "-pthread"]);
-        for dir in includes {
-            cmd.arg("-I").arg(dir);
-        }
-        cmd.arg("-I").arg(emu);
-        cmd.args(&defines).args(extra);
-        cmd.arg(emu.join("driver.cpp")).arg("-o").arg(bin);
-        let out = cmd.output().map_err(|e| format!("running g++: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "g++ failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+    let build = |bin: &Path, extra: &[&str]| {
+        let args: Vec<&str> = defines
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .collect();
+        gxx(emu, includes, &args, "driver.cpp", bin)
     };
     let bin = out_dir.join(&stem);
     build(&bin, &[])?;
