@@ -17,8 +17,8 @@
 //!   key-major, wide), each owning when it applies, its configuration and its launch behind
 //!   one trait, the Auto table in one place, and the plan and launch of a call;
 //! - `combine`: the merge of the splits' partial states into the output, as the split kernel's
-//!   tail (the last cube of a row block merges; Auto's choice up to 16 splits) or as a second
-//!   kernel.
+//!   tail (the last cube of a row block merges; Auto's choice for the tensor-core kernels up
+//!   to 16 splits) or as a second kernel.
 
 pub(crate) mod combine;
 pub(crate) mod common;

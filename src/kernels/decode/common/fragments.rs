@@ -124,9 +124,13 @@ impl MmaConfig {
     /// one-part query:
     /// - head dim 128, depth 1: the default layout 142 registers (3 cubes of 128 threads),
     ///   key-major 128 (4); depth 2: 188 (2) and 168 (3);
-    /// - head dim 64, depth 1: 69–80 registers (SmolLM2 and Llama-3.2-1B samples), counted
-    ///   as at head dim 128 (4 key-major, 3 default: the plans measured so far; 6–7 would
-    ///   fit); depth 2: 96 (5).
+    /// - head dim 64, depth 1: 69–80 registers (SmolLM2 and Llama-3.2-1B samples; ncu: 7
+    ///   cubes by registers at 69 and 72), counted as 6 in either layout; depth 2: 96 (5).
+    ///   H100, 2026-12-07, `--shape --split-tokens` at the plans of 4–7 cubes: SmolLM2 32 ×
+    ///   8192 49.1–49.7 µs at 6's 8 splits against 56.4–56.5 at 4's 5 (7's 9 splits:
+    ///   48.8–50.8), 128 × 8192 161.9–164.0 at 6's 2 splits against 167.9–174.8 at 4's 4
+    ///   (7's 7: 169.7–172.0), Llama-3.2-1B 32 × 8192 the same 3 splits at 3 and 6 (7's 7:
+    ///   114.6 against 109.7).
     ///
     /// Depth 1 otherwise: `key_major` with a two-part (f32) query, or a 16-bit cache with a
     /// one-part query: 166, 3 cubes; the rest up to 255 (two row tiles 213–231, head dim 256
@@ -148,6 +152,7 @@ impl MmaConfig {
             (2, _, true, 1, true) => 5,
             (2, true, true, 1, false) => 3,
             (2, ..) => 2,
+            (_, _, true, 1, true) => 6,
             (_, true, true, 1, _) => 4,
             (_, true, true, 2, _) | (_, true, false, 1, _) | (_, false, true, 1, _) => 3,
             _ => 2,

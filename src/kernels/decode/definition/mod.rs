@@ -74,9 +74,11 @@ pub enum SplitChoice {
 /// Where the splits' partial states are merged into the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CombineChoice {
-    /// The launcher's choice: in the split kernel wherever the plan has at most 16 splits
-    /// (measured faster there), the combine kernel beyond (measured faster at 64 splits of a
-    /// single sequence).
+    /// The launcher's choice: in the split kernel where the tensor-core kernels (default or
+    /// key-major layout) run a plan of at most 16 splits (measured faster there), the combine
+    /// kernel beyond (measured faster at 64 splits of a single sequence) and for the wide
+    /// (MLA) and CUDA-core kernels (the wide kernel's merge measured 1.5× slower; the CUDA-core
+    /// kernel's not measured).
     #[default]
     Auto,
     /// In the split kernel: the last cube of each (sequence, KV head, row block) to finish

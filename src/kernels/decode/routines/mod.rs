@@ -46,6 +46,12 @@ pub(crate) use tensor_cores::mma_supported;
 /// of 64 and 16), 0.99 at 32 × 32768; but 1.083 at 1 × 32768, where 64 splits of 8 row
 /// blocks leave the merge to 8 cubes while the combine kernel spreads it over 32. Between 17
 /// and 64 splits it was not measured: those plans keep the combine kernel.
+///
+/// Only the tensor-core routines merge under Auto ([`auto_merges`]). H100, 2026-12-07, the
+/// same bench (second pass): the tensor-core and key-major kernels 0.89–0.99 at every
+/// catalogue shape but SmolLM2 32 × 8192 (1.137 at its 5-split plan of then), the wide
+/// kernel at MLA 576/512 32 × 8192 1.523 (8 splits: one cube per sequence merges 16 rows of
+/// 512 while the combine kernel spreads them over 16 cubes).
 const AUTO_FUSED_MAX_SPLITS: usize = 16;
 const _: () = assert!(AUTO_FUSED_MAX_SPLITS <= FUSED_MAX_SPLITS as usize);
 
@@ -238,6 +244,17 @@ pub(crate) struct DecodePlan {
     pub merge: InKernelMerge,
 }
 
+/// Whether [`CombineChoice::Auto`] may merge in `strategy`'s split kernel: the tensor-core
+/// routines (measured faster with it); the wide kernel measured slower, and the CUDA-core
+/// kernel's merge was not measured, so both keep the combine kernel
+/// ([`AUTO_FUSED_MAX_SPLITS`]).
+fn auto_merges(strategy: DecodeStrategy) -> bool {
+    matches!(
+        strategy,
+        DecodeStrategy::TensorCores | DecodeStrategy::KeyMajor
+    )
+}
+
 /// Plans one launch: the forced routine (an error where it does not apply) or Auto's, rows
 /// per cube, the split plan (`SplitPlan::new` over the device's SMs and the routine's
 /// resident cubes, or the forced split length), the workspace.
@@ -272,7 +289,9 @@ pub(crate) fn plan_decode(p: &DecodeProblem, opts: &DecodeOptions) -> Result<Dec
     check_index("workspace", workspace.o_elems())?;
     let fits = split.num_splits <= FUSED_MAX_SPLITS as usize;
     let fused = match opts.combine {
-        CombineChoice::Auto => split.num_splits <= AUTO_FUSED_MAX_SPLITS,
+        CombineChoice::Auto => {
+            auto_merges(routine.strategy()) && split.num_splits <= AUTO_FUSED_MAX_SPLITS
+        }
         CombineChoice::Separate => false,
         CombineChoice::InKernel if fits => true,
         CombineChoice::InKernel => {

@@ -324,10 +324,20 @@ mod tests {
         assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true, 1), 4);
         assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, false, 2), 2);
         assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 128, 4, true, 2), 3);
-        // Head dim 64: counted as d128 at depth 1 (4 and 3), 96 registers at depth 2 (5).
-        assert_eq!(resident(Dtype::E5m2, Dtype::F16, 64, 8, true, 1), 4);
-        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 64, 3, false, 1), 3);
+        // Head dim 64: 69–80 registers at depth 1 (6 in either layout), 96 at depth 2 (5).
+        assert_eq!(resident(Dtype::E5m2, Dtype::F16, 64, 8, true, 1), 6);
+        assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 64, 3, false, 1), 6);
         assert_eq!(resident(Dtype::E4m3, Dtype::Bf16, 64, 3, true, 2), 5);
+        // Its plans (132 SMs): SmolLM2 (3 KV heads) 32 × 8192 in 8 splits of 1024 and
+        // 128 × 8192 in 2 of 4096, Llama-3.2-1B (8 KV heads) 32 × 8192 in 3 of 2752 (the
+        // `--split-tokens` sweep's best of the plans for 3–7 cubes).
+        let d64 = |base, ctx| {
+            let p = SplitPlan::new(base, ctx, 132, 6);
+            (p.num_splits, p.split_tokens)
+        };
+        assert_eq!(d64(3 * 32, 8192), (8, 1024));
+        assert_eq!(d64(3 * 128, 8192), (2, 4096));
+        assert_eq!(d64(8 * 32, 8192), (3, 2752));
         // Two-part queries and 16-bit caches: 166 key-major (3); two row tiles and d256: 2.
         assert_eq!(resident(Dtype::E4m3, Dtype::F32, 128, 4, true, 1), 3);
         assert_eq!(resident(Dtype::Bf16, Dtype::Bf16, 128, 4, true, 1), 3);

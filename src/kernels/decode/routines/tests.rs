@@ -168,9 +168,10 @@ fn auto_picks_the_measured_winner_per_shape_class() {
     }
 }
 
-/// Where the splits merge: Auto in the split kernel up to 16 splits (measured faster), the
-/// combine kernel beyond (measured faster at 1 × 32k's 64 splits); InKernel up to 64, an
-/// error beyond; Separate never in the kernel.
+/// Where the splits merge: Auto in the tensor-core split kernels up to 16 splits (measured
+/// faster), the combine kernel beyond (measured faster at 1 × 32k's 64 splits) and for the
+/// wide and CUDA-core kernels; InKernel up to 64, an error beyond; Separate never in the
+/// kernel.
 #[test]
 fn auto_merges_in_the_split_kernel_up_to_16_splits() {
     let with = |c: CombineChoice| DecodeOptions::default().with_combine(c);
@@ -208,9 +209,34 @@ fn auto_merges_in_the_split_kernel_up_to_16_splits() {
         plan(1, 32768, &many),
         Err(Fp8KvError::InvalidOption(_))
     ));
-    let p = plan(1, 32768, &auto.with_split(SplitChoice::Tokens(256))).unwrap();
+    let p = plan(1, 32768, &auto.clone().with_split(SplitChoice::Tokens(256))).unwrap();
     assert_eq!(p.split.num_splits, 128);
     assert!(!p.merge.on);
+    // MLA 576/512 (the wide kernel, 8 splits at 32 × 8192: its merge measured 1.5× slower)
+    // and head dim 96 (CUDA cores: not measured) keep the combine kernel under Auto, not
+    // under InKernel.
+    let mla = problem(Dtype::E4m3, Dtype::Bf16, 16, 1, (576, 512), 32, 1, 8192);
+    let p = plan_decode(&mla, &auto).unwrap();
+    assert_eq!(p.routine.strategy(), DecodeStrategy::Wide);
+    assert!(p.split.num_splits <= 16);
+    assert!(!p.merge.on);
+    assert!(
+        plan_decode(&mla, &with(CombineChoice::InKernel))
+            .unwrap()
+            .merge
+            .on
+    );
+    let d96 = problem(Dtype::E4m3, Dtype::Bf16, 32, 8, (96, 96), 32, 1, 4096);
+    let p = plan_decode(&d96, &auto).unwrap();
+    assert_eq!(p.routine.strategy(), DecodeStrategy::CudaCores);
+    assert!(p.split.num_splits <= 16);
+    assert!(!p.merge.on);
+    assert!(
+        plan_decode(&d96, &with(CombineChoice::InKernel))
+            .unwrap()
+            .merge
+            .on
+    );
     // Sinks join the merge only where it is on.
     let mut sinks = with(CombineChoice::Auto);
     sinks.attention.sinks = Some(vec![0.5; 32]);
