@@ -195,11 +195,17 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #                                         that reaches every kernel and path), every (tool,
 #                                         binary) its own process at once, logs in $OUT
 # FP8KV_TEST_BINS="a b" limits `tests` to those binaries (to split the suite over calls).
+# Every mode shares CubeCL's PTX cache in /tmp/fp8kv-ptx-cache (a cubecl.toml written into
+# the repository copy unless one is there; FP8KV_PTX_CACHE=0 leaves it out), so the suite's
+# and the sanitizers' processes compile each kernel with NVRTC once per machine.
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Binaries expect to run from the repository root, as under `cargo test`.
 cd "$pack/.."
+if [ "${FP8KV_PTX_CACHE:-1}" != 0 ] && [ ! -e cubecl.toml ]; then
+  printf '[compilation]\ncache = { file = "/tmp/fp8kv-ptx-cache" }\n' >cubecl.toml
+fi
 # The pack travels gzipped (the 64 MiB transfer limit): unpack what is still packed.
 for gz in "$pack"/xtask.gz "$pack"/tests/*.gz "$pack"/benches/*.gz; do
   gunzip -f "$gz" && chmod +x "${gz%.gz}"
