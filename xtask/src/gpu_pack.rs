@@ -208,6 +208,7 @@ if [ "${FP8KV_PTX_CACHE:-1}" != 0 ] && [ ! -e cubecl.toml ]; then
 fi
 # The pack travels gzipped (the 64 MiB transfer limit): unpack what is still packed.
 for gz in "$pack"/xtask.gz "$pack"/tests/*.gz "$pack"/benches/*.gz; do
+  [ -e "$gz" ] || continue # unpacked already (xtask.gz is named, not globbed)
   gunzip -f "$gz" && chmod +x "${gz%.gz}"
 done
 mode="${1:-tests}"
