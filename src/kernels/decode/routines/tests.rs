@@ -215,28 +215,31 @@ fn auto_merges_in_the_split_kernel_up_to_16_splits() {
     // MLA 576/512 (the wide kernel, 8 splits at 32 × 8192: its merge measured 1.5× slower)
     // and head dim 96 (CUDA cores: not measured) keep the combine kernel under Auto, not
     // under InKernel.
-    let mla = problem(Dtype::E4m3, Dtype::Bf16, 16, 1, (576, 512), 32, 1, 8192);
-    let p = plan_decode(&mla, &auto).unwrap();
-    assert_eq!(p.routine.strategy(), DecodeStrategy::Wide);
-    assert!(p.split.num_splits <= 16);
-    assert!(!p.merge.on);
-    assert!(
-        plan_decode(&mla, &with(CombineChoice::InKernel))
-            .unwrap()
-            .merge
-            .on
-    );
-    let d96 = problem(Dtype::E4m3, Dtype::Bf16, 32, 8, (96, 96), 32, 1, 4096);
-    let p = plan_decode(&d96, &auto).unwrap();
-    assert_eq!(p.routine.strategy(), DecodeStrategy::CudaCores);
-    assert!(p.split.num_splits <= 16);
-    assert!(!p.merge.on);
-    assert!(
-        plan_decode(&d96, &with(CombineChoice::InKernel))
-            .unwrap()
-            .merge
-            .on
-    );
+    for (heads, kv_heads, dims, kv_len, strategy) in [
+        (16, 1, (576, 512), 8192, DecodeStrategy::Wide),
+        (32, 8, (96, 96), 4096, DecodeStrategy::CudaCores),
+    ] {
+        let p = problem(
+            Dtype::E4m3,
+            Dtype::Bf16,
+            heads,
+            kv_heads,
+            dims,
+            32,
+            1,
+            kv_len,
+        );
+        let auto_plan = plan_decode(&p, &auto).unwrap();
+        assert_eq!(auto_plan.routine.strategy(), strategy);
+        assert!(auto_plan.split.num_splits <= 16);
+        assert!(!auto_plan.merge.on, "{strategy}");
+        assert!(
+            plan_decode(&p, &with(CombineChoice::InKernel))
+                .unwrap()
+                .merge
+                .on
+        );
+    }
     // Sinks join the merge only where it is on.
     let mut sinks = with(CombineChoice::Auto);
     sinks.attention.sinks = Some(vec![0.5; 32]);
