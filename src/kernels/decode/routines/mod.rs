@@ -48,10 +48,11 @@ pub(crate) use tensor_cores::mma_supported;
 /// and 64 splits it was not measured: those plans keep the combine kernel.
 ///
 /// Only the tensor-core routines merge under Auto ([`auto_merges`]). H100, 2026-12-07, the
-/// same bench (second pass): the tensor-core and key-major kernels 0.89–0.99 at every
-/// catalogue shape but SmolLM2 32 × 8192 (1.137 at its 5-split plan of then), the wide
-/// kernel at MLA 576/512 32 × 8192 1.523 (8 splits: one cube per sequence merges 16 rows of
-/// 512 while the combine kernel spreads them over 16 cubes).
+/// same bench (second pass): the tensor-core and key-major kernels 0.74–0.99 at every
+/// shape of at most 16 splits but SmolLM2 32 × 8192 (1.137 at its 5-split plan of then) and
+/// the bf16 cache's single split (1.007); the wide kernel at MLA 576/512 32 × 8192 1.523 (8
+/// splits: one cube per sequence merges 16 rows of 512 while the combine kernel spreads them
+/// over 16 cubes).
 const AUTO_FUSED_MAX_SPLITS: usize = 16;
 const _: () = assert!(AUTO_FUSED_MAX_SPLITS <= FUSED_MAX_SPLITS as usize);
 
