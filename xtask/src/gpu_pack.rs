@@ -47,6 +47,16 @@ pub fn run(args: &[String], root: &Path) -> Result<(), String> {
     total += gzip(&demo)?;
     let script = pack.join("run.sh");
     std::fs::write(&script, RUN_SH).map_err(|e| format!("{}: {e}", script.display()))?;
+    // CubeCL keys its PTX cache by kernel id, not by kernel source: a pack built from changed
+    // kernels must not find the previous pack's PTX on a warm machine, so each pack caches
+    // under its own build id.
+    let id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| format!("clock: {e}"))?
+        .as_nanos();
+    let id_file = pack.join("build-id");
+    std::fs::write(&id_file, format!("{id}\n"))
+        .map_err(|e| format!("{}: {e}", id_file.display()))?;
     println!(
         "gpu-pack: {} test and {} bench binaries, {:.1} MiB in {}",
         tests.len(),
@@ -195,16 +205,26 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 #                                         that reaches every kernel and path), every (tool,
 #                                         binary) its own process at once, logs in $OUT
 # FP8KV_TEST_BINS="a b" limits `tests` to those binaries (to split the suite over calls).
-# Every mode shares CubeCL's PTX cache in /tmp/fp8kv-ptx-cache (a cubecl.toml written into
-# the repository copy unless one is there; FP8KV_PTX_CACHE=0 leaves it out), so the suite's
-# and the sanitizers' processes compile each kernel with NVRTC once per machine.
+# `suite` and `sanitize` share CubeCL's PTX cache in /tmp/fp8kv-ptx-cache/<the pack's
+# build-id> (a cubecl.toml written into the repository copy; FP8KV_PTX_CACHE=0 leaves it
+# out), so their processes compile each kernel with NVRTC once per machine. The other modes
+# remove that file: the demo and the benches time their first compile as a user's would be.
 set -uo pipefail
 shopt -s nullglob
 pack="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Binaries expect to run from the repository root, as under `cargo test`.
 cd "$pack/.."
-if [ "${FP8KV_PTX_CACHE:-1}" != 0 ] && [ ! -e cubecl.toml ]; then
-  printf '[compilation]\ncache = { file = "/tmp/fp8kv-ptx-cache" }\n' >cubecl.toml
+# Ours only (a user's own cubecl.toml is left alone); ignored files outlive a device call.
+if [ ! -e cubecl.toml ] || grep -q fp8kv-ptx-cache cubecl.toml; then
+  rm -f cubecl.toml
+  case "${1:-tests}" in
+  suite | sanitize)
+    if [ "${FP8KV_PTX_CACHE:-1}" != 0 ]; then
+      printf '[compilation]\ncache = { file = "/tmp/fp8kv-ptx-cache/%s" }\n' \
+        "$(cat "$pack/build-id" 2>/dev/null || echo unknown)" >cubecl.toml
+    fi
+    ;;
+  esac
 fi
 # The pack travels gzipped (the 64 MiB transfer limit): unpack what is still packed.
 for gz in "$pack"/xtask.gz "$pack"/tests/*.gz "$pack"/benches/*.gz; do
