@@ -273,15 +273,24 @@ fn fill_side<F: Float, Q: Float, N: Size>(
                 let idx = page * page_stride + slot * slot_stride + head * head_stride + dv;
                 if comptime![stats] {
                     let xf = Vector::<f32, N>::cast_from(vals[(cur + u) as usize]);
+                    // `max` is CUDA's fmaxf: a NaN operand yields the other one, so a NaN is
+                    // never the amax.
+                    let mut vmax = 0.0f32;
                     #[unroll]
                     for i in 0..vec {
-                        let a = f32::abs(xf[i as usize]);
-                        // A NaN fails both comparisons: never the amax, never counted.
-                        if a > amax {
-                            amax = a;
-                        }
-                        if a > limit {
-                            count += 1;
+                        vmax = f32::max(vmax, f32::abs(xf[i as usize]));
+                    }
+                    amax = f32::max(amax, vmax);
+                    // Rare (a value past the limit): count the vector's values past it, reading
+                    // it again rather than keeping its f32 copy live (registers).
+                    if vmax > limit {
+                        let again = Vector::<f32, N>::cast_from(
+                            input[((q_start + token) * row_stride + v) as usize],
+                        );
+                        #[unroll]
+                        for i in 0..vec {
+                            // A NaN fails the comparison: never counted.
+                            count += select(f32::abs(again[i as usize]) > limit, 1u32, 0u32);
                         }
                     }
                 }
