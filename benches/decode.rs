@@ -17,8 +17,10 @@
 //! `-- --bench --paths` instead compares the CUDA-core and tensor-core split kernels on a few
 //! shapes (e4m3 and bf16, page 64); `-- --bench --shape 1x32768` runs one e4m3 shape alone,
 //! with `--split-tokens N` at that split length instead of the planned one, `--model NAME`
-//! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`) and `--depth N` at that
-//! pipeline depth.
+//! at a catalogue model's heads and dims (e.g. `SmolLM2-135M`), `--depth N` at that
+//! pipeline depth, `--combine in-kernel|separate` with that merge and `--cache bf16` on the
+//! unquantized cache. At batch 1 a line also prints the host's µs per call in bursts of 32
+//! calls after a sync (a long run's figure is the device's once the launch queue fills).
 //! `--key-major` runs every tensor-core shape of any mode on the key-major kernel
 //! (`DecodeStrategy::KeyMajor`, the wide kernel at the MLA dims) instead of Auto's pick; `-- --bench --ab` compares it, A B A B, with the other kernel for each shape
 //! class of Auto's table (the tensor-core kernel, or CUDA cores at the MLA dims) and prints
@@ -111,8 +113,33 @@ fn read_tbps(client: &ComputeClient<Cuda>) -> f64 {
     bytes as f64 / (us * 1e-6) / 1e12
 }
 
-/// The host's µs per launch of [`read_kernel`] on one cube (two arrays and a comptime value):
-/// CubeCL's own cost of a launch, the floor under any kernel's.
+/// Calls per burst in [`burst_host_us`]: far below the depth of CUDA's launch queue, so no call
+/// waits for a slot in it.
+const BURST: usize = 32;
+
+/// The host's µs per call of `f` issued in bursts of [`BURST`] calls, each after a device sync
+/// (median of 40 bursts): what a call costs the host while the device keeps up. A long run of
+/// back-to-back calls measures the device instead wherever the device is the slower: once
+/// CUDA's launch queue is full, each launch waits for a kernel to finish (the bench's long-run
+/// host figure at batch 1 was 0.93–0.95 of the device time, at 1 × 32768 30 µs).
+fn burst_host_us(client: &ComputeClient<Cuda>, f: &(dyn Fn(usize) + Sync)) -> f64 {
+    let mut per_call: Vec<f64> = (0..40)
+        .map(|r| {
+            cubecl::future::block_on(client.sync()).expect("device sync");
+            let t = std::time::Instant::now();
+            for i in 0..BURST {
+                f(r * BURST + i);
+            }
+            t.elapsed().as_secs_f64() * 1e6 / BURST as f64
+        })
+        .collect();
+    cubecl::future::block_on(client.sync()).expect("device sync");
+    per_call.sort_by(f64::total_cmp);
+    per_call[per_call.len() / 2]
+}
+
+/// The host's µs per launch of [`read_kernel`] on one cube (two arrays and a comptime value),
+/// in bursts ([`burst_host_us`]): CubeCL's own cost of a launch, the floor under any kernel's.
 fn small_launch_host_us(client: &ComputeClient<Cuda>) -> f64 {
     let src = client.empty(4096);
     let sink = client.empty(4);
@@ -126,7 +153,7 @@ fn small_launch_host_us(client: &ComputeClient<Cuda>) -> f64 {
             1,
         )
     };
-    median_device_host_us(client, &f).1
+    burst_host_us(client, &f)
 }
 
 /// Device microseconds of `f` per call (`calls` back-to-back calls inside one profile), and
@@ -437,7 +464,9 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
         }
         let plan_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
         format!(
-            "; plan {plan_us:.2} µs/call, a 2-argument launch {:.1} µs",
+            "; in bursts of {BURST} after a sync {:.1} µs/call, of which the plan {plan_us:.2}; a \
+             2-argument launch {:.1} µs",
+            burst_host_us(client, &f),
             small_launch_host_us(client)
         )
     } else {
@@ -487,7 +516,7 @@ fn bench_shape(client: &ComputeClient<Cuda>, s: &Shape, copy: f64) -> Result<f64
     // The host's cost per call at batch 1, and wherever it is at least half the device time:
     // near or above it, the device time includes waits for the host.
     let host = if host_us * 2.0 >= us || s.batch == 1 {
-        format!("  (host {host_us:.1} µs/call{breakdown})")
+        format!("  (host {host_us:.1} µs/call in a long run{breakdown})")
     } else {
         String::new()
     };
@@ -633,10 +662,36 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
             },
             None => None,
         };
+        // `--combine in-kernel|separate`: where the splits merge instead of Auto's choice.
+        let combine = match args.iter().position(|a| a == "--combine") {
+            Some(at) => match args.get(at + 1).map(String::as_str) {
+                Some("in-kernel") => CombineChoice::InKernel,
+                Some("separate") => CombineChoice::Separate,
+                _ => {
+                    println!("--combine wants in-kernel or separate");
+                    return;
+                }
+            },
+            None => CombineChoice::Auto,
+        };
+        // `--cache bf16`: the unquantized bf16 cache instead of e4m3.
+        let policy = match args.iter().position(|a| a == "--cache") {
+            Some(at) => match args.get(at + 1).map(String::as_str) {
+                Some("bf16") => QuantPolicy::None,
+                Some("e4m3") => QuantPolicy::Fp8E4m3,
+                _ => {
+                    println!("--cache wants e4m3 or bf16");
+                    return;
+                }
+            },
+            None => QuantPolicy::Fp8E4m3,
+        };
         let shape = Shape {
             split,
             model,
             depth,
+            combine,
+            policy,
             ..Shape::e4m3(batch, context, 64)
         };
         if let Err(err) = bench_shape(&client, &shape, copy) {

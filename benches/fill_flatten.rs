@@ -7,7 +7,8 @@
 //! (`Vector<u32, 4>` per thread) measured in the same run. Without a device it prints why and
 //! exits 0. Criterion drives the timed repetitions (`benches/common`), so `cargo bench` also
 //! prints its statistics and throughput and keeps its reports. `-- --bench --fill-shape 256,4,1`
-//! (or `--flatten-shape`) runs with that streaming launch shape instead of the defaults.
+//! (or `--flatten-shape`) runs with that streaming launch shape instead of the defaults;
+//! `-- --bench --ab-stats` times `fill_with_stats` against the plain fill, A B A B.
 
 mod common;
 
@@ -162,6 +163,105 @@ fn report(name: &str, secs: f64, bytes: usize, copy_gbs: f64) {
     );
 }
 
+/// A fill problem's device data: `SETS` caches and new K/V rows to rotate over, the batch, and
+/// `fill_with_stats`' accumulator (16 bytes; its atomics add no measurable traffic).
+struct FillCase {
+    caches: Vec<PagedKvCache<Cuda>>,
+    ks: Vec<DeviceRows<Cuda>>,
+    vs: Vec<DeviceRows<Cuda>>,
+    dbatch: DeviceBatch<Cuda>,
+    acc: DeviceKvStats<Cuda>,
+    tokens: usize,
+    /// Bytes a call moves: bf16 K and V rows read, FP8 codes written.
+    bytes: usize,
+}
+
+impl FillCase {
+    fn new(
+        client: &ComputeClient<Cuda>,
+        batch: usize,
+        q_len: usize,
+        page: usize,
+        scales: (f32, f32),
+    ) -> Self {
+        let (layout, meta, tokens) = problem(batch, q_len, q_len, page);
+        let scales = KvScales::new(scales.0, scales.1).unwrap();
+        let row = 8 * 128;
+        let mut rng = Rng::new(7);
+        let data: Vec<f32> = (0..tokens * row).map(|_| rng.normal() as f32).collect();
+        let rows = || -> Vec<DeviceRows<Cuda>> {
+            (0..SETS)
+                .map(|_| {
+                    DeviceRows::from_f32(client, &data, Dtype::Bf16, tokens, row, row).unwrap()
+                })
+                .collect()
+        };
+        FillCase {
+            caches: (0..SETS)
+                .map(|_| {
+                    PagedKvCache::new(client, layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales)
+                        .unwrap()
+                })
+                .collect(),
+            ks: rows(),
+            vs: rows(),
+            dbatch: DeviceBatch::new(client, meta, &layout, tokens).unwrap(),
+            acc: DeviceKvStats::new(client),
+            tokens,
+            bytes: tokens * 2 * row * (2 + 1),
+        }
+    }
+
+    /// One call on set `i`: `fill`, or `fill_with_stats` with `stats`.
+    fn call(&mut self, i: usize, stats: bool) {
+        if stats {
+            fill_with_stats(
+                &mut self.caches[i],
+                &self.ks[i],
+                &self.vs[i],
+                &self.dbatch,
+                &mut self.acc,
+            )
+            .unwrap()
+        } else {
+            fill(&mut self.caches[i], &self.ks[i], &self.vs[i], &self.dbatch).unwrap()
+        }
+    }
+}
+
+/// `--ab-stats`: `fill_with_stats` against the plain `fill` on the 8 × 2048 prefill (page 64,
+/// calibrated scales), A B A B in one process on the same data, each pass this bench's own
+/// timer (median of `REPS` runs of 50 calls between two syncs); prints both and the ratio.
+fn ab_stats(client: &ComputeClient<Cuda>, copy_gbs: f64) {
+    let mut case = FillCase::new(client, 8, 2048, 64, (0.15, 0.05));
+    let mut ratios = Vec::new();
+    for pass in 1..=4 {
+        let with = time_launches(client, 50, |i| case.call(i, true));
+        let plain = time_launches(client, 50, |i| case.call(i, false));
+        report(
+            &format!("fill+stats prefill 8x2048 (pass {pass})"),
+            with,
+            case.bytes,
+            copy_gbs,
+        );
+        report(
+            &format!("fill prefill 8x2048 (pass {pass})"),
+            plain,
+            case.bytes,
+            copy_gbs,
+        );
+        println!("  fill+stats / fill (pass {pass}): {:.3}", with / plain);
+        ratios.push(with / plain);
+    }
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "fill+stats / fill, median of 4 passes: {:.3} (range {:.3}-{:.3})",
+        (ratios[1] + ratios[2]) / 2.0,
+        ratios[0],
+        ratios[3]
+    );
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench_fill(
     client: &ComputeClient<Cuda>,
@@ -173,35 +273,10 @@ fn bench_fill(
     stats: bool,
     copy_gbs: f64,
 ) {
-    let (layout, meta, tokens) = problem(batch, q_len, q_len, page);
-    // `fill_with_stats`' accumulator (16 bytes; its atomics add no measurable traffic).
-    let mut acc = DeviceKvStats::new(client);
-    let scales = KvScales::new(scales.0, scales.1).unwrap();
-    let row = 8 * 128;
-    let mut rng = Rng::new(7);
-    let data: Vec<f32> = (0..tokens * row).map(|_| rng.normal() as f32).collect();
-    let mut caches: Vec<PagedKvCache<Cuda>> = (0..SETS)
-        .map(|_| {
-            PagedKvCache::new(client, layout, QuantPolicy::Fp8E4m3, Dtype::E4m3, scales).unwrap()
-        })
-        .collect();
-    let ks: Vec<_> = (0..SETS)
-        .map(|_| DeviceRows::from_f32(client, &data, Dtype::Bf16, tokens, row, row).unwrap())
-        .collect();
-    let vs: Vec<_> = (0..SETS)
-        .map(|_| DeviceRows::from_f32(client, &data, Dtype::Bf16, tokens, row, row).unwrap())
-        .collect();
-    let dbatch = DeviceBatch::new(client, meta, &layout, tokens).unwrap();
-    // Bytes: read bf16 K and V rows, write FP8 codes.
-    let bytes = tokens * 2 * row * (2 + 1);
+    let mut case = FillCase::new(client, batch, q_len, page, scales);
+    let (tokens, bytes) = (case.tokens, case.bytes);
     let iters = if tokens > 1000 { 50 } else { 2000 };
-    let Some(t) = time_case(client, name, bytes, iters, |i| {
-        if stats {
-            fill_with_stats(&mut caches[i], &ks[i], &vs[i], &dbatch, &mut acc).unwrap()
-        } else {
-            fill(&mut caches[i], &ks[i], &vs[i], &dbatch).unwrap()
-        }
-    }) else {
+    let Some(t) = time_case(client, name, bytes, iters, |i| case.call(i, stats)) else {
         return;
     };
     report(name, t, bytes, copy_gbs);
@@ -211,7 +286,7 @@ fn bench_fill(
         let n = 2000;
         let t0 = Instant::now();
         for i in 0..n {
-            fill(&mut caches[i % SETS], &ks[i % SETS], &vs[i % SETS], &dbatch).unwrap();
+            case.call(i % SETS, false);
         }
         let host = t0.elapsed().as_secs_f64() / n as f64;
         sync(client);
@@ -306,9 +381,14 @@ fn main() {
     common::start(
         !args
             .iter()
-            .any(|a| a == "--fill-shape" || a == "--flatten-shape"),
+            .any(|a| a == "--fill-shape" || a == "--flatten-shape" || a == "--ab-stats"),
     );
     println!("device-to-device copy (Vector<u32,4>/thread, 512 MiB, {SETS} buffers rotated): {copy:.1} GB/s");
+    if args.iter().any(|a| a == "--ab-stats") {
+        ab_stats(&client, copy);
+        common::finish();
+        return;
+    }
     // Calibrated scales (0.15, 0.05) take the Markstein division; power-of-two scales (1.0,
     // the uncalibrated default) a single multiply.
     let calibrated = (0.15, 0.05);
