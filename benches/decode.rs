@@ -27,10 +27,14 @@
 //! Auto's pick. `-- --bench --ab-combine` compares the in-kernel merge with the combine
 //! kernel, and `-- --bench --ab-depth` two 16-token blocks in flight per warp in the
 //! tensor-core kernels with one, each A B A B.
+//! `-- --bench --read-probe` measures the streaming read alone at the split kernels'
+//! occupancies (cubes of 128 threads, 2–8 a SM) against the bytes in flight, register loads and
+//! `memcpy_async` into shared memory.
 //! Decode through the Burn extension is `cargo bench -p fp8kv-burn --bench burn_decode`.
 
 mod common;
 
+use cubecl::prelude::barrier::Barrier;
 use cubecl::prelude::*;
 
 use fp8kv::device::{cuda_client, Cuda, DeviceBatch, DeviceRows, PagedKvCache};
@@ -86,6 +90,182 @@ fn read_kernel(src: &Array<Vector<u32, Const<4>>>, sink: &mut Array<u32>, #[comp
     }
     if x == 0x9E37_79B9u32 {
         sink[CUBE_POS] = x;
+    }
+}
+
+/// `--read-probe`: a persistent streaming read at a chosen occupancy. `CUBE_COUNT` cubes walk
+/// the buffer in steps of the whole grid; each thread issues `unroll` 16-byte loads, folds
+/// them, then issues the next step's (so `unroll` loads a thread are in flight at a time, as a
+/// split kernel's warp keeps one block in flight while it computes).
+#[cube(launch_unchecked)]
+fn read_probe_kernel(
+    src: &Array<Vector<u32, Const<4>>>,
+    sink: &mut Array<u32>,
+    #[comptime] unroll: u32,
+) {
+    let grid_step = CUBE_COUNT as u32 * CUBE_DIM * unroll;
+    let n = src.len() as u32;
+    let mut base = CUBE_POS as u32 * CUBE_DIM * unroll + UNIT_POS;
+    let mut x = 0u32;
+    let mut v = Array::<Vector<u32, Const<4>>>::new(comptime![unroll as usize]);
+    while base + (unroll - 1) * CUBE_DIM < n {
+        #[unroll]
+        for u in 0..unroll {
+            v[u as usize] = src[(base + u * CUBE_DIM) as usize];
+        }
+        #[unroll]
+        for u in 0..unroll {
+            let w = v[u as usize];
+            x ^= w[0] ^ w[1] ^ w[2] ^ w[3];
+        }
+        base += grid_step;
+    }
+    if x == 0x9E37_79B9u32 {
+        sink[CUBE_POS] = x;
+    }
+}
+
+/// `--read-probe`'s shared-memory variant: each cube streams chunks of `chunk` 16-byte vectors
+/// through two shared-memory stages filled by `Barrier::memcpy_async` (one unit issues the
+/// copy; on sm_90 a 16-byte-aligned element takes libcu++'s bulk-copy path), so the bytes in
+/// flight need no registers: while the cube folds one stage, the other is loading.
+#[cube(launch_unchecked)]
+fn read_bulk_probe_kernel(
+    src: &Array<Vector<u32, Const<4>>>,
+    sink: &mut Array<u32>,
+    #[comptime] chunk: u32,
+) {
+    let mut smem = SharedMemory::<Vector<u32, Const<4>>>::new(comptime![(2 * chunk) as usize]);
+    let b0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let b1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    sync_cube();
+    let chunks = src.len() as u32 / chunk;
+    let step = CUBE_COUNT as u32;
+    let first = CUBE_POS as u32;
+    if UNIT_POS == 0 {
+        if first < chunks {
+            let at = (first * chunk) as usize;
+            b0.memcpy_async(
+                &src.slice(at, at + chunk as usize),
+                &mut smem.slice_mut(0usize, chunk as usize),
+            );
+        }
+        if first + step < chunks {
+            let at = ((first + step) * chunk) as usize;
+            b1.memcpy_async(
+                &src.slice(at, at + chunk as usize),
+                &mut smem.slice_mut(chunk as usize, (2 * chunk) as usize),
+            );
+        }
+    }
+    let mut x = 0u32;
+    let mut c = first;
+    let mut i = 0u32;
+    while c < chunks {
+        let stage = i % 2;
+        if stage == 0 {
+            b0.arrive_and_wait();
+        } else {
+            b1.arrive_and_wait();
+        }
+        let mut k = UNIT_POS;
+        while k < chunk {
+            let w = smem[(stage * chunk + k) as usize];
+            x ^= w[0] ^ w[1] ^ w[2] ^ w[3];
+            k += CUBE_DIM;
+        }
+        // Every unit is done with this stage before it is refilled.
+        sync_cube();
+        let next = c + 2 * step;
+        if UNIT_POS == 0 && next < chunks {
+            let at = (next * chunk) as usize;
+            let to = (stage * chunk) as usize;
+            if stage == 0 {
+                b0.memcpy_async(
+                    &src.slice(at, at + chunk as usize),
+                    &mut smem.slice_mut(to, to + chunk as usize),
+                );
+            } else {
+                b1.memcpy_async(
+                    &src.slice(at, at + chunk as usize),
+                    &mut smem.slice_mut(to, to + chunk as usize),
+                );
+            }
+        }
+        c += step;
+        i += 1;
+    }
+    if x == 0x9E37_79B9u32 {
+        sink[CUBE_POS] = x;
+    }
+}
+
+/// `--read-probe`: the streaming read rate at the occupancies the split kernels run at (cubes
+/// of 128 threads, `cubes` a SM) against the bytes each keeps in flight, register loads
+/// ([`read_probe_kernel`], 1–8 vectors a thread) and shared-memory stages filled by
+/// `memcpy_async` ([`read_bulk_probe_kernel`]). Prints TB/s and the share of the read limit.
+fn read_probe(client: &ComputeClient<Cuda>) {
+    let vecs = (1usize << 30) / 16;
+    let src = client.empty(vecs * 16);
+    let sms = client
+        .properties()
+        .hardware
+        .num_streaming_multiprocessors
+        .unwrap_or(132);
+    let read = READ_TBPS.get().copied().unwrap_or(f64::NAN);
+    let threads = 128u32;
+    for cubes in [2u32, 3, 4, 6, 8] {
+        let grid = sms * cubes;
+        let sink = client.empty(grid as usize * 4);
+        for unroll in [1u32, 2, 4, 8] {
+            let f = |_: usize| unsafe {
+                read_probe_kernel::launch_unchecked::<Cuda>(
+                    client,
+                    CubeCount::Static(grid, 1, 1),
+                    CubeDim::new_1d(threads),
+                    // In u32 scalars: the kernels read `src.len()` in vectors of 4.
+                    ArrayArg::from_raw_parts(src.clone(), vecs * 4),
+                    ArrayArg::from_raw_parts(sink.clone(), grid as usize),
+                    unroll,
+                )
+            };
+            // Whole grid steps only (the kernel leaves the last partial one).
+            let step = (grid * threads * unroll) as usize;
+            let read_bytes = vecs / step * step * 16;
+            let tbps = read_bytes as f64 / (median_us(client, &f) * 1e-6) / 1e12;
+            println!(
+                "read probe: registers, {cubes} cubes of {threads} a SM, {unroll} x 16 B a thread \
+                 ({} KiB in flight a SM): {tbps:.2} TB/s, {:.1}% of read",
+                cubes * threads * unroll * 16 / 1024,
+                100.0 * tbps / read
+            );
+        }
+    }
+    for cubes in [2u32, 3, 4, 6] {
+        let grid = sms * cubes;
+        let sink = client.empty(grid as usize * 4);
+        for chunk_kib in [4u32, 8, 16] {
+            let chunk = chunk_kib * 1024 / 16;
+            let f = |_: usize| unsafe {
+                read_bulk_probe_kernel::launch_unchecked::<Cuda>(
+                    client,
+                    CubeCount::Static(grid, 1, 1),
+                    CubeDim::new_1d(threads),
+                    // In u32 scalars: the kernels read `src.len()` in vectors of 4.
+                    ArrayArg::from_raw_parts(src.clone(), vecs * 4),
+                    ArrayArg::from_raw_parts(sink.clone(), grid as usize),
+                    chunk,
+                )
+            };
+            let read_bytes = vecs / chunk as usize * chunk as usize * 16;
+            let tbps = read_bytes as f64 / (median_us(client, &f) * 1e-6) / 1e12;
+            println!(
+                "read probe: memcpy_async, {cubes} cubes of {threads} a SM, two stages of {chunk_kib} \
+                 KiB ({} KiB in flight a SM): {tbps:.2} TB/s, {:.1}% of read",
+                cubes * chunk_kib * 2,
+                100.0 * tbps / read
+            );
+        }
     }
 }
 
@@ -601,6 +781,7 @@ fn main() {
         "--paths",
         "--key-major",
         "--shape",
+        "--read-probe",
     ];
     let has = |flag: &str| args.iter().any(|a| a == flag);
     // Criterion times every mode but `--shape` (a
@@ -697,6 +878,10 @@ fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
         if let Err(err) = bench_shape(&client, &shape, copy) {
             println!("  error: {err}");
         }
+        return;
+    }
+    if std::env::args().any(|a| a == "--read-probe") {
+        read_probe(&client);
         return;
     }
     if std::env::args().any(|a| a == "--models") {
