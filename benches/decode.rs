@@ -76,6 +76,15 @@ fn copy_kernel(
     }
 }
 
+/// Stores a read kernel's fold only in the never-taken case that it hits a constant, so the
+/// compiler keeps the loads and nothing but them costs.
+#[cube]
+fn keep_fold(sink: &mut Array<u32>, x: u32) {
+    if x == 0x9E37_79B9u32 {
+        sink[CUBE_POS] = x;
+    }
+}
+
 /// A streaming read: each thread loads `unroll` 16-byte vectors and folds them, so nothing but
 /// the reads costs (the fold is stored only in the never-taken case that it hits a constant).
 /// Its rate is the read limit each line's share is of.
@@ -88,9 +97,7 @@ fn read_kernel(src: &Array<Vector<u32, Const<4>>>, sink: &mut Array<u32>, #[comp
         let v = src[(base + u * CUBE_DIM) as usize];
         x ^= v[0] ^ v[1] ^ v[2] ^ v[3];
     }
-    if x == 0x9E37_79B9u32 {
-        sink[CUBE_POS] = x;
-    }
+    keep_fold(sink, x);
 }
 
 /// `--read-probe`: a persistent streaming read at a chosen occupancy. `CUBE_COUNT` cubes walk
@@ -120,9 +127,7 @@ fn read_probe_kernel(
         }
         base += grid_step;
     }
-    if x == 0x9E37_79B9u32 {
-        sink[CUBE_POS] = x;
-    }
+    keep_fold(sink, x);
 }
 
 /// `--read-probe`'s shared-memory variant: each cube streams chunks of `chunk` 16-byte vectors
@@ -195,9 +200,7 @@ fn read_bulk_probe_kernel(
         c += step;
         i += 1;
     }
-    if x == 0x9E37_79B9u32 {
-        sink[CUBE_POS] = x;
-    }
+    keep_fold(sink, x);
 }
 
 /// `--read-probe`: the streaming read rate at the occupancies the split kernels run at (cubes
@@ -793,90 +796,80 @@ fn main() {
     common::finish();
 }
 
+/// The value after flag `name` in `args`, parsed by `parse`: `None` where the flag is absent,
+/// an error naming what it `wants` where its value is missing or does not parse.
+fn flag<T>(
+    args: &[String],
+    name: &str,
+    wants: &str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, String> {
+    let Some(at) = args.iter().position(|a| a == name) else {
+        return Ok(None);
+    };
+    match args.get(at + 1).and_then(|v| parse(v)) {
+        Some(v) => Ok(Some(v)),
+        None => Err(format!("{name} wants {wants}")),
+    }
+}
+
 /// The mode the command line asks for (see the module docs).
 fn run_mode(client: &ComputeClient<Cuda>, copy: f64, args: &[String]) {
     let client = client.clone();
     // `--shape BxC`: only that shape, e4m3, page 64, Auto (for a profiler run).
-    if let Some(at) = args.iter().position(|a| a == "--shape") {
-        let parsed = args.get(at + 1).and_then(|v| {
-            let (b, c) = v.split_once('x')?;
-            Some((b.parse().ok()?, c.parse().ok()?))
-        });
-        let Some((batch, context)) = parsed else {
-            println!("--shape wants BATCHxCONTEXT, e.g. 1x32768");
-            return;
+    if args.iter().any(|a| a == "--shape") {
+        let flags = || -> Result<Shape, String> {
+            let (batch, context) = flag(args, "--shape", "BATCHxCONTEXT, e.g. 1x32768", |v| {
+                let (b, c) = v.split_once('x')?;
+                Some((b.parse().ok()?, c.parse().ok()?))
+            })?
+            .unwrap_or_default();
+            // `--split-tokens N`: that split length instead of the planned one (to test the plan).
+            let split = flag(args, "--split-tokens", "a token count, e.g. 512", |v| {
+                v.parse().ok().map(SplitChoice::Tokens)
+            })?
+            .unwrap_or(SplitChoice::Auto);
+            // `--model NAME`: a catalogue model's heads and dims instead of Llama-3-8B's.
+            let names: Vec<_> = CATALOGUE.iter().map(|m| m.name).collect();
+            let model = flag(args, "--model", &format!("one of {names:?}"), |v| {
+                CATALOGUE
+                    .iter()
+                    .find(|m| m.name.eq_ignore_ascii_case(v))
+                    .copied()
+            })?
+            .unwrap_or(LLAMA3_8B);
+            // `--depth N`: the tensor-core kernels' loads N blocks ahead instead of the default.
+            let depth = flag(args, "--depth", "1 or 2", |v| v.parse().ok())?;
+            // `--combine in-kernel|separate`: where the splits merge instead of Auto's choice.
+            let combine = flag(args, "--combine", "in-kernel or separate", |v| match v {
+                "in-kernel" => Some(CombineChoice::InKernel),
+                "separate" => Some(CombineChoice::Separate),
+                _ => None,
+            })?
+            .unwrap_or(CombineChoice::Auto);
+            // `--cache bf16`: the unquantized bf16 cache instead of e4m3.
+            let policy = flag(args, "--cache", "e4m3 or bf16", |v| match v {
+                "bf16" => Some(QuantPolicy::None),
+                "e4m3" => Some(QuantPolicy::Fp8E4m3),
+                _ => None,
+            })?
+            .unwrap_or(QuantPolicy::Fp8E4m3);
+            Ok(Shape {
+                split,
+                model,
+                depth,
+                combine,
+                policy,
+                ..Shape::e4m3(batch, context, 64)
+            })
         };
-        // `--split-tokens N`: that split length instead of the planned one (to test the plan).
-        let split = match args.iter().position(|a| a == "--split-tokens") {
-            Some(at) => match args.get(at + 1).and_then(|v| v.parse().ok()) {
-                Some(n) => SplitChoice::Tokens(n),
-                None => {
-                    println!("--split-tokens wants a token count, e.g. 512");
-                    return;
-                }
-            },
-            None => SplitChoice::Auto,
-        };
-        // `--model NAME`: a catalogue model's heads and dims instead of Llama-3-8B's.
-        let model = match args.iter().position(|a| a == "--model") {
-            Some(at) => {
-                let name = args.get(at + 1).map_or("", String::as_str);
-                match CATALOGUE.iter().find(|m| m.name.eq_ignore_ascii_case(name)) {
-                    Some(m) => *m,
-                    None => {
-                        let names: Vec<_> = CATALOGUE.iter().map(|m| m.name).collect();
-                        println!("--model wants one of {names:?}");
-                        return;
-                    }
+        match flags() {
+            Ok(shape) => {
+                if let Err(err) = bench_shape(&client, &shape, copy) {
+                    println!("  error: {err}");
                 }
             }
-            None => LLAMA3_8B,
-        };
-        // `--depth N`: the tensor-core kernels' loads N blocks ahead instead of the default.
-        let depth = match args.iter().position(|a| a == "--depth") {
-            Some(at) => match args.get(at + 1).and_then(|v| v.parse().ok()) {
-                Some(d) => Some(d),
-                None => {
-                    println!("--depth wants 1 or 2");
-                    return;
-                }
-            },
-            None => None,
-        };
-        // `--combine in-kernel|separate`: where the splits merge instead of Auto's choice.
-        let combine = match args.iter().position(|a| a == "--combine") {
-            Some(at) => match args.get(at + 1).map(String::as_str) {
-                Some("in-kernel") => CombineChoice::InKernel,
-                Some("separate") => CombineChoice::Separate,
-                _ => {
-                    println!("--combine wants in-kernel or separate");
-                    return;
-                }
-            },
-            None => CombineChoice::Auto,
-        };
-        // `--cache bf16`: the unquantized bf16 cache instead of e4m3.
-        let policy = match args.iter().position(|a| a == "--cache") {
-            Some(at) => match args.get(at + 1).map(String::as_str) {
-                Some("bf16") => QuantPolicy::None,
-                Some("e4m3") => QuantPolicy::Fp8E4m3,
-                _ => {
-                    println!("--cache wants e4m3 or bf16");
-                    return;
-                }
-            },
-            None => QuantPolicy::Fp8E4m3,
-        };
-        let shape = Shape {
-            split,
-            model,
-            depth,
-            combine,
-            policy,
-            ..Shape::e4m3(batch, context, 64)
-        };
-        if let Err(err) = bench_shape(&client, &shape, copy) {
-            println!("  error: {err}");
+            Err(usage) => println!("{usage}"),
         }
         return;
     }
