@@ -164,7 +164,7 @@ fn report(name: &str, secs: f64, bytes: usize, copy_gbs: f64) {
 }
 
 /// A fill problem's device data: `SETS` caches and new K/V rows to rotate over, the batch, and
-/// `fill_with_stats`' accumulator (16 bytes; its atomics add no measurable traffic).
+/// `fill_with_stats`' accumulator.
 struct FillCase {
     caches: Vec<PagedKvCache<Cuda>>,
     ks: Vec<DeviceRows<Cuda>>,

@@ -1,11 +1,11 @@
 //! Statistics of a batch's new K and V rows on the device, for calibration and saturation
 //! checks: each side's amax (largest finite magnitude) and how many values the fill kernel
 //! would clamp at the cache's current scales. One launch for both sides, accumulated into a
-//! 16-byte device buffer ([`DeviceKvStats`]) across as many calls (layers, steps) as wanted,
-//! read back once.
+//! 4 KiB device buffer ([`DeviceKvStats`]: 32 copies of four words, so that the warps' atomics
+//! spread over 32 addresses) across as many calls (layers, steps) as wanted, read back once.
 //!
 //! Deterministic: a maximum and an integer count do not depend on the order in which the
-//! cubes' atomics land. Definitions (the crate's tests hold a CPU copy of them):
+//! warps' atomics land. Definitions (the crate's tests hold a CPU copy of them):
 //! - amax: the largest `|x|` over the rows, NaN skipped (an infinity counts: it makes
 //!   [`KvStats::calibrate`] fail, as it should), 0 for no rows;
 //! - saturated: the values with `|x| > MAX · scale`, the product rounded to f32 (NaN is never
@@ -26,8 +26,8 @@ const THREADS: u32 = 256;
 /// Vectors per thread (each thread folds them before the cube's reduction and one atomic).
 const PER_THREAD: u32 = 8;
 
-/// One side of [`kv_stats_kernel`]: folds the thread's vectors, reduces over the cube, and
-/// unit 0 adds the cube's result to `stats[slot]` (amax bits) and `stats[slot + 2]` (count).
+/// One side of [`kv_stats_kernel`]: folds the thread's vectors, then [`add_side_stats`] adds
+/// each warp's result to its copy of `stats[slot]` (amax bits) and `stats[slot + 2]` (count).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn side_stats<F: Float, N: Size>(
@@ -51,31 +51,62 @@ fn side_stats<F: Float, N: Size>(
             let row = item / vec_per_row;
             let v = item % vec_per_row;
             let x = Vector::<f32, N>::cast_from(input[(row * row_stride + v) as usize]);
-            #[unroll]
-            for i in 0..vec {
-                let a = f32::abs(x[i as usize]);
-                // A NaN fails both comparisons: never the amax, never counted.
-                if a > amax {
-                    amax = a;
-                }
-                if a > limit {
-                    count += 1;
-                }
+            let m = vector_amax::<N>(x, vec);
+            amax = f32::max(amax, m);
+            if m > limit {
+                count += vector_count_over::<N>(x, limit, vec);
             }
         }
     }
     add_side_stats(stats, slot, amax, count, THREADS);
 }
 
+/// The largest `|x|` of a vector's `vec` values, 0 for none above 0. `max` is CUDA's `fmaxf`:
+/// a NaN operand yields the other one, so a NaN is never the result.
+#[cube]
+pub(crate) fn vector_amax<N: Size>(x: Vector<f32, N>, #[comptime] vec: u32) -> f32 {
+    let mut m = 0.0f32;
+    #[unroll]
+    for i in 0..vec {
+        m = f32::max(m, f32::abs(x[i as usize]));
+    }
+    m
+}
+
+/// How many of a vector's `vec` values have `|x| > limit` (a NaN fails the comparison: never
+/// counted). Callers run it only where [`vector_amax`] passed the limit, which is rare.
+#[cube]
+pub(crate) fn vector_count_over<N: Size>(
+    x: Vector<f32, N>,
+    limit: f32,
+    #[comptime] vec: u32,
+) -> u32 {
+    let mut c = 0u32;
+    #[unroll]
+    for i in 0..vec {
+        c += select(f32::abs(x[i as usize]) > limit, 1u32, 0u32);
+    }
+    c
+}
+
+/// Copies of the four statistics words in a [`DeviceKvStats`] buffer: each warp adds to copy
+/// `warp index % STATS_COPIES`, so the atomics of a launch spread over this many
+/// addresses instead of queueing on one; [`DeviceKvStats::read`] folds the copies.
+pub(crate) const STATS_COPIES: u32 = 32;
+/// Words between two copies: 32 `u32`s, one 128-byte L2 line each.
+pub(crate) const STATS_COPY_STRIDE: u32 = 32;
+/// `u32` words of a [`DeviceKvStats`] buffer.
+pub(crate) const STATS_WORDS: usize = (STATS_COPIES * STATS_COPY_STRIDE) as usize;
+
 /// Adds one side's statistics (`slot` 0 = K, 1 = V) of every unit of the cube to `stats`:
-/// a warp reduction, the warps' results through shared memory, then unit 0's atomics
-/// (`stats[slot]` the amax bits, `stats[slot + 2]` the count), skipped when there is nothing
-/// to add. Every unit of the cube must call it (it synchronizes the cube); `threads` is the
-/// cube's size, planes are 32 lanes.
+/// a warp reduction, then each warp's lane 0 adds the warp's to copy
+/// `(CUBE_POS_X · warps + warp) % STATS_COPIES` (word `slot` the amax bits, `slot + 2` the
+/// count), skipping an atomic with nothing to add. `threads` is the cube's size, planes are 32
+/// lanes; every unit of a plane must call it (plane reductions).
 ///
-/// One atomic per cube rather than per warp: every cube of a side updates the same two
-/// words, and same-address atomics serialize in L2 (one per warp cost `fill_with_stats`
-/// 1.5× the plain fill on an H200).
+/// Per warp and spread, not per cube on one word: same-address atomics serialize in L2 (one
+/// per warp on one word cost `fill_with_stats` 1.5× the plain fill on an H200), and a cube
+/// reduction costs shared memory and a barrier before the cube can retire.
 #[cube]
 pub(crate) fn add_side_stats(
     stats: &mut Array<Atomic<u32>>,
@@ -85,30 +116,17 @@ pub(crate) fn add_side_stats(
     #[comptime] threads: u32,
 ) {
     let warps = comptime![threads.div_ceil(PLANE_LANES)];
-    let mut amax_s = SharedMemory::<f32>::new(warps as usize);
-    let mut count_s = SharedMemory::<u32>::new(warps as usize);
     let m = plane_max(amax);
     let c = plane_sum(count);
-    let warp = UNIT_POS / PLANE_LANES;
     if UNIT_POS_PLANE == 0 {
-        amax_s[warp as usize] = m;
-        count_s[warp as usize] = c;
-    }
-    sync_cube();
-    if UNIT_POS == 0 {
-        let mut cube_max = 0.0f32;
-        let mut cube_count = 0u32;
-        #[unroll]
-        for w in 0..warps {
-            cube_max = f32::max(cube_max, amax_s[w as usize]);
-            cube_count += count_s[w as usize];
-        }
+        let warp = UNIT_POS / PLANE_LANES;
+        let base = slot + ((CUBE_POS_X * warps + warp) % STATS_COPIES) * STATS_COPY_STRIDE;
         // Non-negative floats order as their bit patterns: an integer max is a float max.
-        if cube_max > 0.0 {
-            stats[slot as usize].fetch_max(u32::reinterpret(cube_max));
+        if m > 0.0 {
+            stats[base as usize].fetch_max(u32::reinterpret(m));
         }
-        if cube_count > 0 {
-            stats[(slot + 2) as usize].fetch_add(cube_count);
+        if c > 0 {
+            stats[(base + 2) as usize].fetch_add(c);
         }
     }
 }
@@ -178,8 +196,9 @@ impl KvStats {
     }
 }
 
-/// A device accumulator of [`KvStats`]: four `u32`s that [`kv_stats`] and
-/// [`crate::kernels::fill::fill_with_stats`] update with atomics. It must be used with buffers
+/// A device accumulator of [`KvStats`]: 32 copies of four `u32`s (4 KiB) that [`kv_stats`] and
+/// [`crate::kernels::fill::fill_with_stats`] update with atomics, each warp on one copy;
+/// [`DeviceKvStats::read`] folds them. It must be used with buffers
 /// of the client it was made on (not checked: CubeCL 0.10 gives clients no identity).
 pub struct DeviceKvStats<R: Runtime> {
     pub(crate) client: ComputeClient<R>,
@@ -191,12 +210,12 @@ impl<R: Runtime> DeviceKvStats<R> {
     pub fn new(client: &ComputeClient<R>) -> Self {
         DeviceKvStats {
             client: client.clone(),
-            handle: client.create_from_slice(bytemuck::cast_slice(&[0u32; 4])),
+            handle: client.create_from_slice(bytemuck::cast_slice(&[0u32; STATS_WORDS])),
         }
     }
 
-    /// Reads the accumulated statistics (one device → host copy of 16 bytes; it waits for
-    /// the launches before it). Counts are `u32`: read and start a new accumulator before
+    /// Reads the accumulated statistics (one device → host copy of 4 KiB, folded here; it waits
+    /// for the launches before it). Counts are `u32`: read and start a new accumulator before
     /// 2^32 values saturate.
     pub fn read(&self) -> Result<KvStats> {
         let bytes = self
@@ -205,15 +224,29 @@ impl<R: Runtime> DeviceKvStats<R> {
             .map_err(|e| Fp8KvError::Runtime(format!("read failed: {e:?}")))?;
         let w: Vec<u32> = bytes
             .chunks_exact(4)
-            .take(4)
+            .take(STATS_WORDS)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        Ok(KvStats {
-            k_amax: f32::from_bits(w[0]),
-            v_amax: f32::from_bits(w[1]),
-            k_saturated: w[2],
-            v_saturated: w[3],
-        })
+        Ok(fold_copies(&w))
+    }
+}
+
+/// Folds a [`DeviceKvStats`] buffer's copies: the largest amax bits (non-negative floats
+/// order as their bits) and the sum of the counts (wrapping, as the device's atomics do).
+fn fold_copies(words: &[u32]) -> KvStats {
+    let stride = STATS_COPY_STRIDE as usize;
+    let (mut amax, mut sat) = ([0u32; 2], [0u32; 2]);
+    for copy in words.chunks(stride).take(STATS_COPIES as usize) {
+        for side in 0..2 {
+            amax[side] = amax[side].max(copy[side]);
+            sat[side] = sat[side].wrapping_add(copy[side + 2]);
+        }
+    }
+    KvStats {
+        k_amax: f32::from_bits(amax[0]),
+        v_amax: f32::from_bits(amax[1]),
+        k_saturated: sat[0],
+        v_saturated: sat[1],
     }
 }
 
@@ -286,8 +319,8 @@ pub fn kv_stats<R: Runtime>(
     // `r · row_stride / vec + v` with `v < row_elems / vec`, which `DeviceRows`' constructors
     // keep inside the buffer (they cover `(rows − 1) · row_stride + row_elems` elements);
     // `access_elems` made `vec` divide both row widths, strides and buffer offsets; every index
-    // fits in 32 bits (`check_u32_vectors` above); `stats` holds the 4 `u32`s the kernel
-    // addresses (slots 0..=3).
+    // fits in 32 bits (`check_u32_vectors` above); `stats` holds the `STATS_WORDS` `u32`s
+    // the kernel addresses (`copy · STATS_COPY_STRIDE + slot`, copy < `STATS_COPIES`, slot ≤ 3).
     unsafe {
         kv_stats_kernel::launch_unchecked::<R>(
             &stats.client,
@@ -296,7 +329,7 @@ pub fn kv_stats<R: Runtime>(
             vec,
             ArrayArg::from_raw_parts(k_new.handle().clone(), array_len(k_new.handle(), es)),
             ArrayArg::from_raw_parts(v_new.handle().clone(), array_len(v_new.handle(), es)),
-            ArrayArg::from_raw_parts(stats.handle.clone(), 4),
+            ArrayArg::from_raw_parts(stats.handle.clone(), STATS_WORDS),
             rows as u32,
             (k_new.row_stride() / vec) as u32,
             (v_new.row_stride() / vec) as u32,
@@ -347,5 +380,37 @@ pub fn reference_stats(
         v_amax,
         k_saturated,
         v_saturated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The device spreads its atomics over the copies; reading must take the largest amax and
+    /// the sum of the counts across all of them, and ignore the padding between copies.
+    #[test]
+    fn read_folds_every_copy() {
+        let stride = STATS_COPY_STRIDE as usize;
+        let mut w = vec![0u32; STATS_WORDS];
+        // Copy 0: K amax 1.5, V amax 0.25, counts 3 and 1.
+        w[0] = 1.5f32.to_bits();
+        w[1] = 0.25f32.to_bits();
+        w[2] = 3;
+        w[3] = 1;
+        // The last copy holds the largest K amax; a middle one the largest V amax.
+        let last = (STATS_COPIES as usize - 1) * stride;
+        w[last] = 7.0f32.to_bits();
+        w[last + 2] = 10;
+        w[5 * stride + 1] = 2.0f32.to_bits();
+        // Wraps with copy 0's 1, as the device's atomicAdd does.
+        w[5 * stride + 3] = u32::MAX;
+        // Padding words are never written by the kernels; a stray value there must not count.
+        w[4] = 99;
+        let s = fold_copies(&w);
+        assert_eq!(s.k_amax, 7.0);
+        assert_eq!(s.v_amax, 2.0);
+        assert_eq!(s.k_saturated, 13);
+        assert_eq!(s.v_saturated, 0);
     }
 }

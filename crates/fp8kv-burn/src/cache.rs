@@ -227,7 +227,7 @@ impl<B: PagedKvBackend> KvCache<B> {
 
     /// How many values of `k` / `v` this cache would clamp to ±MAX at its current scales (all
     /// zero for the `none` policy, without a launch): the library's statistics kernel
-    /// ([`PagedKvBackend::kv_stats`]), one launch and one 16-byte read.
+    /// ([`PagedKvBackend::kv_stats`]), one launch and one 4 KiB read.
     pub fn saturation<const D: usize>(
         &self,
         k: &Tensor<B, D>,

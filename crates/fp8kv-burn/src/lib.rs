@@ -148,7 +148,7 @@ pub trait PagedKvBackend: Backend {
 
     /// Per side, the largest `|x|` of `k` / `v` (`[rows, heads, dim]`, f32/f16/bf16) and how
     /// many values lie beyond `MAX · scale` under `policy` (none for `none`): the library's
-    /// statistics kernel on GPU backends (one launch, one 16-byte read), its CPU definition on
+    /// statistics kernel on GPU backends (one launch, one 4 KiB read), its CPU definition on
     /// NdArray. Reads the result back (a device sync).
     fn kv_stats(
         k: FloatTensor<Self>,

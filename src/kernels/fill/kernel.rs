@@ -7,7 +7,7 @@ use crate::kernels::meta as batch_meta;
 use super::FillConfig;
 use crate::fp8::Fp8Format;
 use crate::kernels::codec::{fp8_quantize_vector, ScaleDiv};
-use crate::kernels::stats::add_side_stats;
+use crate::kernels::stats::{add_side_stats, vector_amax, vector_count_over};
 use crate::kernels::CacheGeometry;
 
 /// Writes each sequence's new K and V rows into its cache slots, quantizing on write.
@@ -60,11 +60,11 @@ pub fn fill_kernel<F: Float, Q: Float, N: Size>(
     );
 }
 
-/// [`fill_kernel`] that also adds the statistics of the rows it writes to `stats`
-/// (`[k_amax_bits, v_amax_bits, k_saturated, v_saturated]`, the layout and definitions of
+/// [`fill_kernel`] that also adds the statistics of the rows it writes to `stats` (copies of
+/// `[k_amax_bits, v_amax_bits, k_saturated, v_saturated]`, the layout and definitions of
 /// [`crate::kernels::stats`]: amax `|x|` with NaN skipped, saturated `|x| > limit` where
-/// `*_limit = MAX · scale` in f32): per thread while it quantizes, then one cube reduction
-/// and at most two atomics per cube.
+/// `*_limit = MAX · scale` in f32): per thread while it quantizes, then one warp reduction
+/// and at most two atomics per warp.
 ///
 /// The grid, arguments and stores are [`fill_kernel`]'s.
 #[cube(launch_unchecked)]
@@ -239,8 +239,8 @@ fn fill_side<F: Float, Q: Float, N: Size>(
         let item = base + u * threads;
         let token = item / vec_per_row;
         if token < q_len {
-            let v = item % vec_per_row;
-            vals[u as usize] = input[((q_start + token) * row_stride + v) as usize];
+            vals[u as usize] =
+                new_row_vector(input, q_start, row_stride, token, item % vec_per_row);
         }
     }
     #[unroll]
@@ -253,9 +253,8 @@ fn fill_side<F: Float, Q: Float, N: Size>(
                 let item = base + (r + 1) * chunk + u * threads;
                 let token = item / vec_per_row;
                 if token < q_len {
-                    let v = item % vec_per_row;
                     vals[(next + u) as usize] =
-                        input[((q_start + token) * row_stride + v) as usize];
+                        new_row_vector(input, q_start, row_stride, token, item % vec_per_row);
                 }
             }
         }
@@ -272,26 +271,17 @@ fn fill_side<F: Float, Q: Float, N: Size>(
                 let slot = pos % page_size;
                 let idx = page * page_stride + slot * slot_stride + head * head_stride + dv;
                 if comptime![stats] {
-                    let xf = Vector::<f32, N>::cast_from(vals[(cur + u) as usize]);
-                    // `max` is CUDA's fmaxf: a NaN operand yields the other one, so a NaN is
-                    // never the amax.
-                    let mut vmax = 0.0f32;
-                    #[unroll]
-                    for i in 0..vec {
-                        vmax = f32::max(vmax, f32::abs(xf[i as usize]));
-                    }
+                    let vmax = vector_amax::<N>(
+                        Vector::<f32, N>::cast_from(vals[(cur + u) as usize]),
+                        vec,
+                    );
                     amax = f32::max(amax, vmax);
                     // Rare (a value past the limit): count the vector's values past it, reading
                     // it again rather than keeping its f32 copy live (registers).
                     if vmax > limit {
-                        let again = Vector::<f32, N>::cast_from(
-                            input[((q_start + token) * row_stride + v) as usize],
-                        );
-                        #[unroll]
-                        for i in 0..vec {
-                            // A NaN fails the comparison: never counted.
-                            count += select(f32::abs(again[i as usize]) > limit, 1u32, 0u32);
-                        }
+                        let again = new_row_vector(input, q_start, row_stride, token, v);
+                        count +=
+                            vector_count_over::<N>(Vector::<f32, N>::cast_from(again), limit, vec);
                     }
                 }
                 cache[idx as usize] = quantize_vector::<F, Q, N>(
@@ -306,6 +296,19 @@ fn fill_side<F: Float, Q: Float, N: Size>(
         }
     }
     (amax, count)
+}
+
+/// Vector `v` of new row `token` of a sequence whose rows start at `q_start` (`row_stride`
+/// vectors apart): the one place the fill forms an input index.
+#[cube]
+fn new_row_vector<F: Float, N: Size>(
+    input: &Array<Vector<F, N>>,
+    q_start: u32,
+    row_stride: u32,
+    token: u32,
+    v: u32,
+) -> Vector<F, N> {
+    input[((q_start + token) * row_stride + v) as usize]
 }
 
 /// Converts one vector to the cache element: FP8 codes through the hardware's saturating

@@ -12,7 +12,7 @@ use super::FillConfig;
 use crate::device::{storage_type, DeviceBatch, DeviceRows, PagedKvCache};
 use crate::error::{KvSide, Result};
 use crate::kernels::codec::ScaleDiv;
-use crate::kernels::stats::{limit, DeviceKvStats};
+use crate::kernels::stats::{limit, DeviceKvStats, STATS_WORDS};
 use crate::kernels::{access_elems, array_len, check_copy_vectors, copy_cube_shape, CacheGeometry};
 
 /// Vectors per thread on the big path (from `COPY_UNROLL_THRESHOLD_VECS` vectors on).
@@ -148,8 +148,9 @@ pub(crate) fn launch_fill<R: Runtime>(
                 dtypes,
             );
         },
-        // SAFETY: as above, and `stats` holds the 4 `u32`s the kernel addresses (slots
-        // `CUBE_POS_Z` and `CUBE_POS_Z + 2`, with grid z = 2).
+        // SAFETY: as above, and `stats` holds the `STATS_WORDS` `u32`s the kernel addresses
+        // (`copy · STATS_COPY_STRIDE + slot`, copy < `STATS_COPIES`, slot `CUBE_POS_Z` or
+        // `CUBE_POS_Z + 2` with grid z = 2).
         Some(stats) => unsafe {
             let policy = cache.policy();
             fill_stats_kernel::launch_unchecked::<R>(
@@ -170,7 +171,7 @@ pub(crate) fn launch_fill<R: Runtime>(
                 scales.v(),
                 1.0 / scales.k(),
                 1.0 / scales.v(),
-                ArrayArg::from_raw_parts(stats.handle.clone(), 4),
+                ArrayArg::from_raw_parts(stats.handle.clone(), STATS_WORDS),
                 limit(policy, scales.k()),
                 limit(policy, scales.v()),
                 cfg,
