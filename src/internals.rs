@@ -1,7 +1,8 @@
 //! Kernel internals for this workspace's own tests, benches and xtask (the `internals`
 //! feature; not part of the supported API): the FP8 codec's `#[cube]` functions, the split
 //! planner and its constants, the partial-state merge the combine implements, and the
-//! streaming launch-shape override the fill/flatten bench tunes with, and the tensor-core
+//! streaming launch-shape override the fill/flatten bench tunes with, the statistics buffer's
+//! layout, and the tensor-core
 //! decode kernels' pipeline-depth override (`--ab-depth`). The one gated module:
 //! everything else stays `pub(crate)` whatever the features.
 
@@ -13,6 +14,14 @@ pub use crate::kernels::decode::definition::split::{
     TILE_TOKENS,
 };
 pub use crate::kernels::decode::routines::cuda_cores::MAX_ROWS_PER_CUBE;
+
+/// A [`crate::DeviceKvStats`] buffer's layout, `(copies, words between copies)`: each copy is
+/// `[k_amax_bits, v_amax_bits, k_saturated, v_saturated]` (for `cargo xtask emulate`'s
+/// statistics driver, which allocates and folds the buffer itself).
+pub const STATS_LAYOUT: (u32, u32) = (
+    crate::kernels::stats::STATS_COPIES,
+    crate::kernels::stats::STATS_COPY_STRIDE,
+);
 
 /// Tuning runs only (benches, under the `internals` feature): makes every later fill
 /// (`family` `"FILL"`) or flatten (`"FLATTEN"`) launch big enough for the streaming path use

@@ -1,7 +1,7 @@
 //! `cargo xtask emulate [--nvrtc DIR] [--out DIR] [--depth 1|2]`: runs the decode split kernels' generated
 //! CUDA C++ (CUDA-core, tensor-core and key-major) on the CPU, without a GPU, and checks what
-//! they compute; and the statistics kernel (`emu/stats_driver.cpp`), whose cube reduction
-//! `fill_with_stats` shares.
+//! they compute; and the statistics kernel (`emu/stats_driver.cpp`), whose warp reduction
+//! and spread atomics `fill_with_stats` shares.
 //!
 //! For each case below the launch goes through the real entry (`paged_decode` with a forced `DecodeStrategy`) on the
 //! offline runtime of `codegen`, which captures the split kernel's source exactly as the CUDA
@@ -362,9 +362,9 @@ fn captured(
 }
 
 /// The statistics kernel (bf16 rows, K 1024 and V 512 wide): captured from `kv_stats`, run
-/// by `emu/stats_driver.cpp` on random rows with a NaN per side and pitched rows, its four
-/// accumulated words checked exactly against a CPU fold. It covers the cube reduction that
-/// `fill_with_stats` shares (shared memory, the barrier, one atomic per cube).
+/// by `emu/stats_driver.cpp` on random rows with a NaN per side and pitched rows, its copies
+/// of the four accumulated words folded and checked exactly against a CPU fold. It covers the
+/// warp reduction and the spread atomics that `fill_with_stats` shares.
 fn emulate_stats(emu: &Path, includes: &[PathBuf], out_dir: &Path) -> Result<(), String> {
     let e = |x: fp8kv::Fp8KvError| x.to_string();
     let client = OfflineCuda::client(&Default::default());
@@ -401,6 +401,8 @@ fn emulate_stats(emu: &Path, includes: &[PathBuf], out_dir: &Path) -> Result<(),
         format!("-DVVPR={}", vw / 8),
         format!("-DTHREADS={threads}"),
         format!("-DPER_CUBE={per_cube}"),
+        format!("-DSTATS_COPIES={}", fp8kv::internals::STATS_LAYOUT.0),
+        format!("-DSTATS_STRIDE={}", fp8kv::internals::STATS_LAYOUT.1),
     ];
     let args: Vec<&str> = defines.iter().map(String::as_str).collect();
     gxx(emu, includes, &args, "stats_driver.cpp", &bin)?;
