@@ -323,11 +323,10 @@ pub(crate) fn quantize_vector<F: Float, Q: Float, N: Size>(
     #[comptime] vec: u32,
 ) -> Vector<Q, N> {
     match comptime![fp8] {
-        Some(format) => Vector::<Q, N>::reinterpret(fp8_quantize_vector::<Q, N>(
+        Some(_) => Vector::<Q, N>::reinterpret(fp8_quantize_vector::<Q, N>(
             Vector::<f32, N>::cast_from(x),
             scale,
             inv_scale,
-            format,
             div,
             vec,
         )),

@@ -8,15 +8,18 @@
 //!
 //! Fill never fails on a value: it validates shapes and metadata, not activations. What a
 //! non-finite input becomes (the CPU reference, the software codec [`crate::fp8`], the integer
-//! encoder and the kernel's hardware convert in `crate::kernels::codec` agree bit for bit):
+//! encoder and the kernel's hardware convert in `crate::kernels::codec` agree bit for bit on
+//! every input but NaN, where the GPU promises a NaN code, not its bits):
 //!
 //! | input | E4M3 code | E5M2 code | f16/bf16 cache |
 //! |---|---|---|---|
-//! | NaN (sign `s`) | `s·0x80 \| 0x7F` (its only NaN) | `s·0x80 \| 0x7E` | NaN (payload not kept: CUDA's f32 → bf16 gives `0x7FFF`) |
+//! | NaN (sign `s`) | a NaN code (`0x7F` / `0xFF`, its only two); the CPU writes `s·0x80 \| 0x7F` | a NaN code (`0x7D`–`0x7F` / `0xFD`–`0xFF`, the convert's own); the CPU writes `s·0x80 \| 0x7E` | NaN (payload not kept: CUDA's f32 → bf16 gives `0x7FFF`) |
 //! | +inf / −inf | `0x7E` / `0xFE` (±448, saturated) | `0x7B` / `0xFB` (±57344, saturated) | ±inf |
 //! | finite beyond ±MAX·scale | ±MAX, as ±inf | ±MAX, as ±inf | rounded (f16: ±inf past 65504) |
 //!
-//! So an FP8 cache never holds an infinity, and a NaN only where the input was NaN.
+//! So an FP8 cache never holds an infinity, and a NaN only where the input was NaN. The GPU
+//! leaves NaN's code to the hardware convert because fixing every code up after it (a NaN
+//! select and the sign, byte by byte) cost 7 of the fill's 19 instructions an element.
 //!
 //! What decode then computes over a sequence holding such a slot `j`
 //! ([`crate::reference::paged_decode`] documents it; flatten returns `NaN · scale = NaN` and
@@ -97,10 +100,11 @@ fn check_rows<R: Runtime>(
 /// any row stride) go to cache positions `[kv_seqlens[b] - q_seq_length[b], kv_seqlens[b])`
 /// through the block table.
 ///
-/// Non-finite inputs (the same as [`crate::reference::fill`], bit for bit): a NaN activation
-/// is stored as the format's NaN code with the input's sign (E4M3 `0x7F`/`0xFF`, E5M2
-/// `0x7E`/`0xFE`); ±inf saturates to ±MAX like any finite value beyond it (E4M3
-/// `0x7E`/`0xFE`, E5M2 `0x7B`/`0xFB`). See the [module docs](self) for what decode then does.
+/// Non-finite inputs (the same as [`crate::reference::fill`], bit for bit, but for NaN's
+/// code): a NaN activation is stored as a NaN code of the format (the hardware convert's, not
+/// necessarily the reference's `sign | nan_code`); ±inf saturates to ±MAX like any finite
+/// value beyond it (E4M3 `0x7E`/`0xFE`, E5M2 `0x7B`/`0xFB`). See the [module docs](self) for
+/// what decode then does.
 ///
 /// Errors: a batch uploaded with [`DeviceBatch::for_reads`] ([`Fp8KvError::InvalidOption`])
 /// or for another layout ([`Fp8KvError::ShapeMismatch`]), rows of the wrong width or fewer
