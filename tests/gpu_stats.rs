@@ -175,8 +175,8 @@ fn written_rows_stats(p: &Problem, scales: &KvScales, policy: QuantPolicy) -> Kv
 
 /// Cache bytes equal, except that the cache may hold any NaN code where the reference holds
 /// one: the hardware converts return their own NaN (CUDA's f32 → bf16 gives 0x7FFF, the FP8
-/// convert its canonical code without the sign), the CPU keeps the sign (and the bf16
-/// payload); the fill docs promise a NaN, not its bits.
+/// convert a NaN code of its choosing), the CPU keeps the sign (and the bf16 payload); the
+/// fill docs promise a NaN, not its bits.
 fn same_codes(dtype: Dtype, got: &[u8], want: &[u8]) -> bool {
     if let Some(format) = dtype.fp8_format() {
         let nan = |c: u8| format.decode(c).is_nan();
