@@ -23,7 +23,7 @@ use crate::scales::KvScales;
 
 /// Threads per cube.
 const THREADS: u32 = 256;
-/// Vectors per thread (each thread folds them before the cube's reduction and one atomic).
+/// Vectors per thread (each thread folds them before its warp's reduction and atomics).
 const PER_THREAD: u32 = 8;
 
 /// One side of [`kv_stats_kernel`]: folds the thread's vectors, then [`add_side_stats`] adds

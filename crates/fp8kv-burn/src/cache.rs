@@ -212,7 +212,7 @@ impl<B: PagedKvBackend> KvCache<B> {
 
     /// Scales that map this batch's K and V amax onto the FP8 format's largest value
     /// ([`KvScales::calibrate`]): the library's statistics kernel ([`PagedKvBackend::kv_stats`],
-    /// one launch and one 16-byte read; deterministic: a max does not depend on the order of
+    /// one launch and one 4 KiB read; deterministic: a max does not depend on the order of
     /// the reduction). Call it on a prefill's K/V, then [`Self::set_scales`]; 1.0 for the
     /// `none` policy.
     pub fn calibrate<const D: usize>(
